@@ -1,0 +1,261 @@
+"""Public entry point: :func:`pisa_attention`.
+
+It validates and normalises the arguments once (layouts, token order, masks, ranges), routes, and
+dispatches to the Triton kernels or to the PyTorch reference.  Both backends share the routing and
+the block geometry, so they compute the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+from . import reference
+from .backend import resolve_backend
+from .routing import QUERY_TILE, forced_blocks_from_tokens, num_blocks, route, topk_count
+
+Ranges = Union[Sequence[Sequence[int]], torch.Tensor, None]
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+BLOCK_SIZES = (64, 128)
+#: Largest head dim of the Triton kernels (one register tile per row); larger ones use the reference.
+TRITON_MAX_HEAD_DIM = 128
+
+
+@dataclass(frozen=True)
+class PisaStats:
+    """What one call did (cheap: no device synchronisation)."""
+
+    backend: str
+    blocks: int  # key blocks per head
+    exact_blocks: int  # key blocks computed exactly per query tile (top-k + forced)
+    density: float  # exact_blocks / blocks
+    order: int
+    dense_rows: int  # query rows that attended every key exactly (dense_q)
+
+
+def _norm_order(order) -> int:
+    if order in (1, "1"):
+        return 1
+    if order in (0, "0"):
+        return 0
+    if order in (-1, "-1", "drop"):
+        return -1
+    raise ValueError(f"order must be 1, 0, 'drop' or -1, got {order!r}")
+
+
+def _token_mask(arg: Ranges, n: int, device: torch.device, name: str) -> torch.Tensor | None:
+    """Ranges ``[(start, end), ...]`` (or a bool tensor ``[N]``) -> bool ``[N]``, or None if empty."""
+    if arg is None:
+        return None
+    if isinstance(arg, torch.Tensor):
+        if arg.dtype != torch.bool or arg.shape != (n,):
+            raise ValueError(f"{name} as a tensor must be bool of shape ({n},), got {arg.dtype} {tuple(arg.shape)}")
+        mask = arg.to(device)
+    else:
+        mask = torch.zeros(n, dtype=torch.bool)
+        for r in arg:
+            if len(r) != 2:
+                raise ValueError(f"{name} entries must be (start, end) pairs, got {r!r}")
+            s, e = int(r[0]), int(r[1])
+            if not 0 <= s <= e <= n:
+                raise ValueError(f"{name} range ({s}, {e}) is outside [0, {n}]")
+            mask[s:e] = True
+        mask = mask.to(device)
+    return mask if bool(mask.any()) else None
+
+
+def _valid_mask(kv_valid, b: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """``kv_valid`` (bool ``[B, N]`` or int lengths ``[B]``) -> bool ``[B, N]``, or None if all valid."""
+    if kv_valid is None:
+        return None
+    if not isinstance(kv_valid, torch.Tensor):
+        kv_valid = torch.as_tensor(kv_valid)
+    kv_valid = kv_valid.to(device)
+    if kv_valid.dtype == torch.bool:
+        if kv_valid.shape != (b, n):
+            raise ValueError(f"kv_valid mask must have shape ({b}, {n}), got {tuple(kv_valid.shape)}")
+        mask = kv_valid
+    elif not kv_valid.is_floating_point() and kv_valid.shape == (b,):
+        if bool((kv_valid < 0).any()) or bool((kv_valid > n).any()):
+            raise ValueError(f"kv_valid lengths must be in [0, {n}]")
+        mask = torch.arange(n, device=device).unsqueeze(0) < kv_valid.unsqueeze(1)
+    else:
+        raise ValueError("kv_valid must be a bool mask [B, N] or integer lengths [B]")
+    return None if bool(mask.all()) else mask
+
+
+def _check_perm(perm, n: int, device: torch.device) -> torch.Tensor | None:
+    if perm is None:
+        return None
+    if not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.numel() != n or perm.is_floating_point():
+        raise ValueError(f"token_perm must be an integer tensor of {n} entries")
+    perm = perm.to(device=device, dtype=torch.int64)
+    if not bool((torch.bincount(perm.clamp(0, n - 1), minlength=n) == 1).all()) or \
+            bool((perm < 0).any()) or bool((perm >= n).any()):
+        raise ValueError("token_perm must be a permutation of range(N)")
+    return perm
+
+
+def _validate_qkv(q, k, v, layout: str):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions ({layout}), got shape {tuple(t.shape)}")
+    if layout not in ("BHND", "BNHD"):
+        raise ValueError(f"layout must be 'BHND' or 'BNHD', got {layout!r}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same shape (self-attention), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} is not supported (use bf16, fp16, fp32 or fp64)")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    if q.numel() == 0:
+        raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
+
+
+def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsity: float = 0.875,
+                   block_size: int = 64, order: Union[int, str] = 1, scale: float | None = None,
+                   layout: str = "BHND", sink_kv: Ranges = None, dense_q: Ranges = None, kv_valid=None,
+                   token_perm: torch.Tensor | None = None, routing: str = "topk", backend: str = "auto",
+                   return_stats: bool = False):
+    """Piecewise sparse attention (self-attention).
+
+    Args:
+        q, k, v: ``[B, H, N, D]`` (``layout="BHND"``) or ``[B, N, H, D]`` (``layout="BNHD"``), bf16,
+            fp16, fp32 (or fp64 on the reference backend).  Any strides; any ``N``.
+        sparsity: fraction of key blocks per query tile that are *not* computed exactly, in
+            ``[0, 1)``.  The exact count is ``max(1, floor((1 - sparsity) * NB))``; ``0`` is dense.
+        block_size: key block size, 64 or 128 tokens.  Query tiles are always 128 tokens.
+        order: ``1`` PISA (exact + zeroth-order + hybrid first-order tail), ``0`` zeroth order only,
+            ``"drop"`` / ``-1`` plain block-sparse (the tail is dropped).
+        scale: softmax scale, default ``D ** -0.5``.
+        sink_kv: key-token ranges ``[(start, end), ...]`` (input positions) whose blocks every query
+            tile computes exactly, on top of the top-k budget (e.g. the text of joint attention).
+        dense_q: query-token ranges that attend every key exactly (e.g. text queries).
+        kv_valid: bool ``[B, N]`` (True = valid) or int lengths ``[B]``.  Invalid keys get exactly zero
+            weight in the exact part, the tail and the statistics.
+        token_perm: processing order: ``token_perm[i]`` is the input position of the i-th token.  Blocks
+            are runs of this order (see :mod:`pisa_kernels.tiling`); the output is in input order.
+        routing: ``"topk"`` (pooled score) or ``"cov"`` (pooled score + ``log ||H_j||_F``: blocks whose
+            first-order residual is large are computed exactly).
+        backend: ``"triton"``, ``"reference"`` or ``"auto"`` (Triton where it runs, else reference).
+        return_stats: also return a :class:`PisaStats`.
+
+    Returns:
+        The attention output, same shape, layout and dtype as ``q`` (and the stats if asked).
+    """
+    _validate_qkv(q, k, v, layout)
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
+            or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    order_i = _norm_order(order)
+    if routing not in ("topk", "cov"):
+        raise ValueError(f"routing must be 'topk' or 'cov', got {routing!r}")
+
+    # Canonical [B, H, N, D] views (no copies unless the head dim is strided).
+    qh, kh, vh = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v))
+    b, h, n, d = qh.shape
+    if scale is None:
+        scale = d ** -0.5
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    scale = float(scale)
+    dev = q.device
+    sink = _token_mask(sink_kv, n, dev, "sink_kv")
+    dense_rows = _token_mask(dense_q, n, dev, "dense_q")
+    valid = _valid_mask(kv_valid, b, n, dev)
+    perm = _check_perm(token_perm, n, dev)
+
+    be = resolve_backend(backend, dev)
+    if be == "triton" and (d > TRITON_MAX_HEAD_DIM or q.dtype == torch.float64):
+        if backend == "triton":
+            raise ValueError(f"backend='triton' supports head dim <= {TRITON_MAX_HEAD_DIM} and "
+                             f"bf16/fp16/fp32; got D={d}, {q.dtype}")
+        be = "reference"
+
+    nb = num_blocks(n, block_size)
+    k_top = topk_count(sparsity, nb)
+    forced = forced_blocks_from_tokens(sink[perm] if (sink is not None and perm is not None) else sink,
+                                       block_size)
+
+    def route_fn(stats):
+        return route(stats, scale=scale, k=k_top, heads=h, forced_blocks=forced, cov=routing == "cov")
+
+    if be == "triton":
+        out_h = _triton_path(qh, kh, vh, perm=perm, valid=valid, scale=scale, block=block_size,
+                             order=order_i, cov=routing == "cov", route_fn=route_fn, layout=layout, like=q)
+    else:
+        out_h = _reference_path(qh, kh, vh, perm=perm, valid=valid, scale=scale, block=block_size,
+                                order=order_i, cov=routing == "cov", route_fn=route_fn, layout=layout, like=q)
+
+    n_dense = 0
+    if dense_rows is not None:
+        n_dense = int(dense_rows.sum())
+        _dense_rows_inplace(qh, kh, vh, out_h, dense_rows, valid, scale)
+
+    out = out_h if layout == "BHND" else out_h.transpose(1, 2)
+    if not return_stats:
+        return out
+    kt = min(nb, k_top + (int(forced.sum()) if forced is not None else 0))
+    stats = PisaStats(backend=be, blocks=nb, exact_blocks=kt, density=kt / nb, order=order_i,
+                      dense_rows=n_dense)
+    return out, stats
+
+
+def _empty_like_layout(like: torch.Tensor, layout: str) -> torch.Tensor:
+    """A fresh output in the caller's layout, returned as a ``[B, H, N, D]`` view."""
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    return out if layout == "BHND" else out.transpose(1, 2)
+
+
+def _triton_path(qh, kh, vh, *, perm, valid, scale, block, order, cov, route_fn, layout, like):
+    from . import triton_kernels as tk
+
+    qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
+    perm32 = perm.to(torch.int32).contiguous() if perm is not None else None
+    valid8 = valid.to(torch.int8).contiguous() if valid is not None else None
+    stats = tk.pool(qh, kh, vh, perm=perm32, valid=valid8, block=block, first_order=order == 1, cov=cov)
+    sel = route_fn(stats)
+    out = _empty_like_layout(like, layout)
+    return tk.attend(qh, kh, vh, out, perm=perm32, valid=valid8, stats=stats, sel=sel, scale=scale,
+                     block=block, order=order)
+
+
+def _reference_path(qh, kh, vh, *, perm, valid, scale, block, order, cov, route_fn, layout, like):
+    if perm is not None:
+        qh, kh, vh = (t.index_select(2, perm) for t in (qh, kh, vh))
+        valid = valid.index_select(1, perm) if valid is not None else None
+    res = reference.reference_forward(qh, kh, vh, valid, scale=scale, block=block, order=order, cov=cov,
+                                      route_fn=route_fn)
+    out = _empty_like_layout(like, layout)
+    if perm is not None:
+        out.index_copy_(2, perm, res.to(out.dtype))
+    else:
+        out.copy_(res)
+    return out
+
+
+def _dense_rows_inplace(qh, kh, vh, out_h, rows: torch.Tensor, valid, scale: float) -> None:
+    """Overwrite the output of ``rows`` (bool [N]) with exact attention over all (valid) keys."""
+    idx = rows.nonzero().squeeze(1)
+    qr = qh.index_select(2, idx)
+    mask = None if valid is None else valid[:, None, None, :]
+    # Chunk the rows so the math fallback of SDPA never builds a huge [rows, N] matrix per head.
+    step = max(1, (1 << 26) // max(1, qh.shape[0] * qh.shape[1] * kh.shape[2]))
+    for s in range(0, idx.numel(), step):
+        o = torch.nn.functional.scaled_dot_product_attention(qr[:, :, s:s + step], kh, vh, attn_mask=mask,
+                                                             scale=scale)
+        out_h.index_copy_(2, idx[s:s + step], o.to(out_h.dtype))
+
+
+__all__ = ["pisa_attention", "PisaStats", "QUERY_TILE"]

@@ -1,0 +1,80 @@
+"""Which backend can run where, decided once per device and explained in words.
+
+The Triton kernels need a CUDA GPU of compute capability 8.0 or newer (sm80: A100; sm86/89:
+RTX 30/40; sm90: H100) and an importable Triton.  Under ``TRITON_INTERPRET=1`` they also run on
+CPU tensors (slowly), which is how CI checks them.  Everything else uses the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+
+        from . import triton_kernels  # noqa: F401
+    except Exception as exc:  # ImportError, or an old Triton lacking what the kernels use
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_reason(index: int) -> str | None:
+    cap = torch.cuda.get_device_capability(index)
+    if torch.version.hip is not None:
+        return "ROCm GPU: the Triton kernels are only validated on NVIDIA GPUs"
+    if cap < MIN_CAPABILITY:
+        return f"GPU capability sm{cap[0]}{cap[1]} is below sm80"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """``None`` if the Triton backend can run on ``device``, else why not (one sentence)."""
+    err = _triton_import_error()
+    if err is not None:
+        return f"Triton is not usable ({err})"
+    if device.type == "cuda":
+        return _cuda_reason(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    return f"device {device.type} has no Triton backend"
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """Map ``"auto"`` to ``"triton"`` or ``"reference"``; refuse ``"triton"`` where it cannot run."""
+    if requested not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {requested!r}")
+    if requested == "reference":
+        return "reference"
+    reason = triton_unavailable_reason(device)
+    if reason is None:
+        # On CPU the interpreter is a test vehicle, not a speed path: auto keeps the reference.
+        if requested == "auto" and device.type != "cuda":
+            return "reference"
+        return "triton"
+    if requested == "triton":
+        raise ValueError(f"backend='triton' cannot run here: {reason}")
+    return "reference"
+
+
+def describe(device: torch.device | str | None = None) -> str:
+    """One line for logs: what PISA runs on this device and why."""
+    device = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    reason = triton_unavailable_reason(device)
+    if reason is None and device.type == "cuda":
+        return f"PISA runs the Triton kernels on {torch.cuda.get_device_name(device)}"
+    return f"PISA runs the PyTorch reference on {device.type} ({reason or 'Triton interpreter only'})"

@@ -1,0 +1,115 @@
+"""Block statistics and routing, shared by the reference and the Triton backend.
+
+Routing decides, per (batch, head, query tile), which key blocks are computed exactly.  It works on
+pooled statistics (block means of q and k), so it is cheap: an ``NQ x NB`` score map per head, far
+smaller than the ``N x N`` attention matrix.  Both backends call :func:`route` with the same pooled
+statistics layout, so they select the same blocks on the same inputs (up to rounding of the means).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: Rows per query tile.  Every query tile shares one exact set, so routing pools 128 queries; a
+#: tile of 128 rows is also the shape the tensor cores of sm80+ GPUs run most efficiently.
+QUERY_TILE = 128
+
+#: Added to the block's first-order residual norm before its log (covariance routing).
+COV_EPS = 1e-5
+
+#: Bytes of scratch the score map may take per routing chunk.
+_ROUTING_CHUNK_BYTES = 64 << 20
+
+
+@dataclass
+class PooledStats:
+    """Per-block statistics of one attention call, in the processing order.
+
+    ``BH`` is batch x heads (batch-major).  All tensors are float32.
+    """
+
+    qbar: torch.Tensor  # [BH, NQ, D]  mean query of each query tile
+    kbar: torch.Tensor  # [BH, NB, D]  mean of the valid keys of each key block (0 if none)
+    vsum: torch.Tensor  # [BH, NB, D]  SUM of the values of the valid keys of each key block
+    blen: torch.Tensor  # [B, NB]      number of valid keys of each key block
+    hmean: torch.Tensor | None  # [BH, D, D]  sum_j sum_n (k - kbar_j) v^T, divided by the valid keys
+    covnorm: torch.Tensor | None  # [BH, NB]  ||H_j||_F, for covariance routing
+
+
+def num_blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+def topk_count(sparsity: float, n_blocks: int) -> int:
+    """Key blocks per query tile chosen by score: ``max(1, floor(density * NB))``.
+
+    The small epsilon keeps ``density * NB`` that is an integer in exact arithmetic from rounding
+    down (e.g. 0.125 * 1184).
+    """
+    density = 1.0 - float(sparsity)
+    return max(1, min(n_blocks, int(math.floor(density * n_blocks + 1e-6))))
+
+
+@dataclass
+class Selection:
+    """The exact key blocks of every query tile."""
+
+    idx: torch.Tensor  # [BH, NQ, KT] int32, ascending block indices
+    mask: torch.Tensor  # [BH, NQ, NB] int8, 1 where selected
+    count: int  # KT, the same for every query tile (load balance)
+
+    @property
+    def all_blocks(self) -> bool:
+        return self.count == self.mask.shape[-1]
+
+
+def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks: torch.Tensor | None,
+          cov: bool) -> Selection:
+    """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
+
+    ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
+    first-order residual is large go to the exact path, where the Taylor tail would be least
+    accurate).  Forced blocks come on top of the ``k`` budget; blocks without any valid key are
+    never preferred over a block with one.
+    """
+    bh, nq, _ = stats.qbar.shape
+    nb = stats.kbar.shape[1]
+    n_forced = int(forced_blocks.sum()) if forced_blocks is not None else 0
+    kt = min(nb, k + n_forced)
+    device = stats.qbar.device
+    idx = torch.empty(bh, nq, kt, dtype=torch.int32, device=device)
+    mask = torch.zeros(bh, nq, nb, dtype=torch.int8, device=device)
+    if kt == nb:
+        idx.copy_(torch.arange(nb, dtype=torch.int32, device=device).expand(bh, nq, nb))
+        mask.fill_(1)
+        return Selection(idx, mask, kt)
+    rows = max(1, _ROUTING_CHUNK_BYTES // max(1, nq * nb * 4))
+    empty = stats.blen <= 0  # [B, NB]
+    for s in range(0, bh, rows):
+        e = min(bh, s + rows)
+        score = torch.bmm(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2)).mul_(scale)
+        if cov and stats.covnorm is not None:
+            score.add_(torch.log(stats.covnorm[s:e] + COV_EPS).unsqueeze(1))
+        batch_of_row = torch.arange(s, e, device=device) // heads
+        score.masked_fill_(empty[batch_of_row].unsqueeze(1), -torch.inf)
+        if forced_blocks is not None and n_forced:
+            score.masked_fill_(forced_blocks.view(1, 1, nb), torch.inf)
+        top = torch.topk(score, kt, dim=-1, sorted=False).indices
+        top, _ = torch.sort(top, dim=-1)
+        idx[s:e] = top.to(torch.int32)
+        mask[s:e].scatter_(-1, top, 1)
+    return Selection(idx, mask, kt)
+
+
+def forced_blocks_from_tokens(sink_tokens: torch.Tensor | None, block: int) -> torch.Tensor | None:
+    """Blocks (in the processing order) that contain any sink token.  ``sink_tokens``: bool [N]."""
+    if sink_tokens is None or not bool(sink_tokens.any()):
+        return None
+    n = sink_tokens.numel()
+    nb = num_blocks(n, block)
+    padded = torch.zeros(nb * block, dtype=torch.bool, device=sink_tokens.device)
+    padded[:n] = sink_tokens
+    return padded.view(nb, block).any(dim=1)

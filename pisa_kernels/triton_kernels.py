@@ -1,0 +1,273 @@
+"""Triton kernels of PISA: a fused pre-scan (pooling) and one fused forward kernel.
+
+Design (see docs/kernels.md for the measurements):
+
+* ``_pool_k_kernel``: one program per (chunk of key blocks, batch x head).  It streams K and V once
+  and writes the block mean of the valid keys, the value sums and the valid counts; it accumulates
+  the first-order moment ``sum_j sum_n (k_n - kbar_j) v_n^T`` of its chunk in registers (one
+  ``D x D`` tile) and writes that partial, so no ``[B, H, NB, D, D]`` temporary ever exists.  With
+  covariance routing it also writes ``||H_j||_F`` per block, reduced on the fly.
+* ``_pool_q_kernel``: the mean query of each 128-row query tile (routing input).
+* ``_pisa_fwd_kernel``: one program per (query tile, batch x head).  Phase 1 runs exact
+  FlashAttention-style attention over the selected key blocks (gathered by index); phase 2 scans all
+  block centroids in groups, skipping the selected ones through a byte mask, adding the zeroth-order
+  term and the tail mass ``g`` to the same online softmax (``acc``, ``l`` *and* ``g`` are rescaled
+  whenever the running max moves); phase 3 adds the hybrid first-order term ``g * q @ Hmean``.
+
+Sequence length, block counts and the number of selected blocks are runtime arguments and are not
+specialised (``do_not_specialize``), so a new resolution never recompiles.  Inputs are addressed
+through strides (``[B, H, N, D]`` and ``[B, N, H, D]`` views without copies) and, optionally,
+through a token permutation (tiled orders without gathered copies).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
+
+LOG2E = 1.4426950408889634
+
+#: Centroids per step of the tail scan.
+TAIL_GROUP = 64
+
+#: Upper bound on the programs of the pooling kernel per (batch x head): the first-order partials
+#: are ``POOL_CHUNKS x D x D`` floats per head, summed afterwards.
+POOL_CHUNKS = 8
+
+_RUNTIME_INTS = ["N", "NB", "NQ", "KT", "blocks_per_prog"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def _pool_k_kernel(K, V, VALID, PERM, KBAR, VSUM, BLEN, HPART, COVN,
+                   skb, skh, skn, svb, svh, svn, s_valid_b,
+                   N, NB, H, D, blocks_per_prog,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
+                   PERMUTED: tl.constexpr, MOMENT: tl.constexpr, COV: tl.constexpr):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kbase = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    vbase = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    hacc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    j0 = chunk * blocks_per_prog
+    n_here = tl.minimum(blocks_per_prog, NB - j0)
+    for jj in range(0, n_here):
+        j = j0 + jj
+        offs = j * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < N
+        if PERMUTED:
+            rows = tl.load(PERM + offs, mask=inb, other=0)
+        else:
+            rows = offs
+        w = inb
+        if HAS_VALID:
+            w = w & (tl.load(VALID + b.to(tl.int64) * s_valid_b + rows, mask=inb, other=0) != 0)
+        m2 = w[:, None] & dmask[None, :]
+        k = tl.load(kbase + rows[:, None].to(tl.int64) * skn + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        v = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        cnt = tl.sum(w.to(tl.float32), axis=0)
+        kbar = tl.sum(k, axis=0) / tl.maximum(cnt, 1.0)
+        vsum = tl.sum(v, axis=0)
+        out_off = (bh.to(tl.int64) * NB + j) * D + offs_d
+        tl.store(KBAR + out_off, kbar, mask=dmask)
+        tl.store(VSUM + out_off, vsum, mask=dmask)
+        if h == 0:
+            tl.store(BLEN + b * NB + j, cnt)
+        if MOMENT or COV:
+            kc = tl.where(m2, k - kbar[None, :], 0.0)
+            hj = tl.dot(tl.trans(kc), v)
+            if MOMENT:
+                hacc += hj
+            if COV:
+                tl.store(COVN + bh.to(tl.int64) * NB + j, tl.sqrt(tl.sum(tl.sum(hj * hj, axis=1), axis=0)))
+    if MOMENT:
+        hp = HPART + (bh.to(tl.int64) * tl.num_programs(0) + chunk) * D * D
+        tl.store(hp + offs_d[:, None] * D + offs_d[None, :], hacc, mask=dmask[:, None] & dmask[None, :])
+
+
+@triton.jit(do_not_specialize=["N", "NQ"])
+def _pool_q_kernel(Q, PERM, QBAR, sqb, sqh, sqn, N, NQ, H, D,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    inb = offs < N
+    rows = tl.load(PERM + offs, mask=inb, other=0) if PERMUTED else offs
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn + offs_d[None, :],
+                mask=inb[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    cnt = tl.sum(inb.to(tl.float32), axis=0)
+    tl.store(QBAR + (bh.to(tl.int64) * NQ + qt) * D + offs_d, tl.sum(q, axis=0) / cnt, mask=dmask)
+
+
+@triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
+def _pisa_fwd_kernel(Q, K, V, O, PERM, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, s_valid_b,
+                     N, NB, NQ, H, D, KT, qk_scale,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     GROUP: tl.constexpr, ORDER: tl.constexpr, HAS_VALID: tl.constexpr,
+                     PERMUTED: tl.constexpr):
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    mrow = offs_m < N
+    rows_m = tl.load(PERM + offs_m, mask=mrow, other=0) if PERMUTED else offs_m
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q = tl.load(Q + b64 * sqb + h64 * sqh + rows_m[:, None].to(tl.int64) * sqn + offs_d[None, :],
+                mask=mrow[:, None] & dmask[None, :], other=0.0)
+    kbase = K + b64 * skb + h64 * skh
+    vbase = V + b64 * svb + h64 * svh
+
+    # Finite "minus infinity" for the running max: a fully masked block then yields p = 0 and
+    # alpha = 1 instead of NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    g_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Phase 1: exact attention over the selected key blocks.
+    tile = bh.to(tl.int64) * NQ + qt
+    idx_base = IDX + tile * KT
+    for i in range(0, KT):
+        j = tl.load(idx_base + i)
+        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        rows_n = tl.load(PERM + offs_n, mask=nmask, other=0) if PERMUTED else offs_n
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(kbase + rows_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vbase + rows_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        kok = nmask
+        if HAS_VALID:
+            kok = kok & (tl.load(VALID + b64 * s_valid_b + rows_n, mask=nmask, other=0) != 0)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.where(kok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Phase 2: zeroth-order tail over every non-selected, non-empty block (centroid logits).
+    if ORDER >= 0:
+        sel_base = SEL + tile * NB
+        for j0 in range(0, NB, GROUP):
+            offs_j = j0 + tl.arange(0, GROUP)
+            jm = offs_j < NB
+            cmask = jm[:, None] & dmask[None, :]
+            coff = (bh.to(tl.int64) * NB + offs_j[:, None]) * D + offs_d[None, :]
+            kb = tl.load(KBAR + coff, mask=cmask, other=0.0)
+            zc = tl.dot(q, tl.trans(kb)) * qk_scale
+            chosen = tl.load(sel_base + offs_j, mask=jm, other=1)
+            nj = tl.load(BLEN + b64 * NB + offs_j, mask=jm, other=0.0)
+            ok = (chosen == 0) & (nj > 0)
+            zc = tl.where(ok[None, :], zc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(zc, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            w = tl.math.exp2(zc - m_new[:, None])
+            vs = tl.load(VSUM + coff, mask=cmask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(w.to(vs.dtype), vs)
+            l_i = l_i * alpha
+            g_i = g_i * alpha + tl.sum(w * nj[None, :], axis=1)
+            m_i = m_new
+        # Phase 3: hybrid first order, g * (scale * q @ Hmean); HMEAN already holds scale * Hmean.
+        if ORDER == 1:
+            hm = tl.load(HMEAN + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :],
+                         mask=dmask[:, None] & dmask[None, :], other=0.0)
+            acc += g_i[:, None] * tl.dot(q, hm)
+
+    den = l_i + g_i
+    out = acc / tl.where(den > 0, den, 1.0)[:, None]
+    tl.store(O + b64 * sob + h64 * soh + rows_m[:, None].to(tl.int64) * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
+
+
+def _launch_config(block_d: int, device: torch.device) -> tuple[int, int]:
+    """(num_warps, num_stages) for the forward kernel: 8 warps for 128-row tiles of D=128;
+    three pipeline stages where shared memory allows (sm90: 228 KB; sm80: 164 KB; sm86/89: 100 KB)."""
+    warps = 8 if block_d >= 128 else 4
+    stages = 2
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 9 or (major, minor) == (8, 0):
+            stages = 3
+    return warps, stages
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def pool(q, k, v, *, perm, valid, block: int, first_order: bool, cov: bool) -> PooledStats:
+    """Pooled statistics with the Triton pre-scan.  q, k, v: ``[B, H, N, D]`` views (unit stride on D)."""
+    b, h, n, d = q.shape
+    nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
+    dev = q.device
+    bd = _block_d(d)
+    kbar = torch.empty(b * h, nb, d, dtype=torch.float32, device=dev)
+    vsum = torch.empty_like(kbar)
+    blen = torch.empty(b, nb, dtype=torch.float32, device=dev)
+    moment = first_order
+    bpp = -(-nb // POOL_CHUNKS)
+    chunks = -(-nb // bpp)
+    hpart = torch.empty(b * h, chunks, d, d, dtype=torch.float32, device=dev) if moment else kbar
+    covn = torch.empty(b * h, nb, dtype=torch.float32, device=dev) if cov else kbar
+    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+    valid_t = valid if valid is not None else dummy
+    perm_t = perm if perm is not None else dummy
+    _pool_k_kernel[(chunks, b * h)](
+        k, v, valid_t, perm_t, kbar, vsum, blen, hpart, covn,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        valid_t.stride(0) if valid is not None else 0,
+        n, nb, h, d, bpp,
+        BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, PERMUTED=perm is not None,
+        MOMENT=moment, COV=cov, num_warps=4)
+    qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
+    _pool_q_kernel[(nq, b * h)](q, perm_t, qbar, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
+                                BLOCK_M=QUERY_TILE, BLOCK_D=bd, PERMUTED=perm is not None, num_warps=4)
+    hmean = None
+    if moment:
+        total = blen.sum(dim=-1).clamp_min(1.0).repeat_interleave(h).view(b * h, 1, 1)
+        hmean = hpart.sum(dim=1) / total
+    return PooledStats(qbar=qbar, kbar=kbar, vsum=vsum, blen=blen, hmean=hmean,
+                       covnorm=covn if cov else None)
+
+
+def attend(q, k, v, out, *, perm, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
+           order: int) -> torch.Tensor:
+    """Run the fused forward kernel, writing into ``out`` (a ``[B, H, N, D]`` view)."""
+    b, h, n, d = q.shape
+    nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
+    dev = q.device
+    lp = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    eff_order = order if not sel.all_blocks else -1
+    kbar = stats.kbar.to(lp)
+    vsum = stats.vsum.to(lp)
+    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+    hmean = (stats.hmean * scale).to(lp) if eff_order == 1 else kbar
+    valid_t = valid if valid is not None else dummy
+    perm_t = perm if perm is not None else dummy
+    warps, stages = _launch_config(_block_d(d), dev)
+    _pisa_fwd_kernel[(nq, b * h)](
+        q, k, v, out, perm_t, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hmean,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        valid_t.stride(0) if valid is not None else 0,
+        n, nb, nq, h, d, sel.count, scale * LOG2E,
+        BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
+        HAS_VALID=valid is not None, PERMUTED=perm is not None, num_warps=warps, num_stages=stages)
+    return out

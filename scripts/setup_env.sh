@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and install what the pack,
+# its tests and its demo need. Safe to run repeatedly.
+#
+# torch: a plain `pip install torch` on a fresh Linux machine pulls a multi-GB CUDA build.
+# PISA_TORCH_SPEC picks the torch to install (default: the CPU build where the machine
+# provides one, else the newest torch/torchvision pair pip resolves). ComfyUI's tests also
+# need a torchvision built for the same torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${PISA_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
+  if [ -n "${PISA_TORCH_SPEC:-}" ]; then
+    "${PIP[@]}" $PISA_TORCH_SPEC
+  elif [ -f /etc/xdg/pip/constraints.txt ] && grep -q "torch<=2.14.1" /etc/xdg/pip/constraints.txt; then
+    # This workplace's machines keep torch 2.14.1 + torchvision 0.29.1 on local disk.
+    "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
+  else
+    "${PIP[@]}" torch torchvision
+  fi
+fi
+"${PIP[@]}" -r requirements-dev.txt
+# ComfyUI's own requirements, when a checkout is present (the node tests import the real `comfy`).
+for c in "${COMFYUI_PATH:-$HOME/comfy/ComfyUI}" ${PISA_EXTRA_COMFYUI:-}; do
+  if [ -f "$c/requirements.txt" ]; then
+    grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$c/requirements.txt" \
+      | grep -v -E '^\s*(#|$)' > "$VENV/comfy-reqs.txt"
+    "${PIP[@]}" -r "$VENV/comfy-reqs.txt" || echo "warning: some ComfyUI requirements of $c did not install" >&2
+  fi
+done
+echo "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
