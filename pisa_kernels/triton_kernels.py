@@ -196,9 +196,15 @@ def _pisa_fwd_kernel(Q, K, V, O, PERM, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
              out.to(O.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
 
 
+#: (num_warps, num_stages) forced by the tuning script (scripts/gpu_session.py); None in normal use.
+CONFIG_OVERRIDE: tuple[int, int] | None = None
+
+
 def _launch_config(block_d: int, device: torch.device) -> tuple[int, int]:
     """(num_warps, num_stages) for the forward kernel: 8 warps for 128-row tiles of D=128;
     three pipeline stages where shared memory allows (sm90: 228 KB; sm80: 164 KB; sm86/89: 100 KB)."""
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE
     warps = 8 if block_d >= 128 else 4
     stages = 2
     if device.type == "cuda":

@@ -1,0 +1,201 @@
+"""Kernel benchmark: PISA against dense SDPA (cuDNN and flash backends) and, when importable,
+ComfyUI's Sol-Attn kernel (``comfy_kitchen.sol_attn``), at DiT shapes, in one process.
+
+    python -m pisa_kernels.bench                      # all shapes, table on stdout
+    python -m pisa_kernels.bench --shapes wan720 --json out.json
+
+Times are medians of CUDA-event timings (``triton.testing.do_bench``) after warm-up.  The error
+column is the relative L2 error against the cuDNN output on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+
+import torch
+
+from .api import pisa_attention
+
+#: name -> (tokens N, heads H); B = 1, D = 128, bf16 (issue #2).
+SHAPES = {
+    "wan720": (75600, 40),
+    "hunyuan720": (119056, 24),
+    "wan480": (32760, 40),
+    "flux1024": (4608, 24),
+}
+SPARSITIES = (0.75, 0.875, 0.9)
+ORDERS = (1, 0, "drop")
+
+
+def dense_flops(b: int, h: int, n: int, d: int) -> float:
+    """Two GEMMs of N x N x D per head: 4 N^2 D."""
+    return 4.0 * b * h * n * n * d
+
+
+def time_ms(fn, warmup_ms: int = 30, rep_ms: int = 150) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm())
+
+
+def make_inputs(kind: str, b: int, h: int, n: int, d: int, seed: int, device) -> tuple[torch.Tensor, ...]:
+    """``[B, N, H, D]`` bf16 inputs.  ``random``: i.i.d. normal; ``dit``: the structured DiT-like set
+    of :mod:`pisa_kernels.workloads` when present (spatially smooth, RoPE, concentrated heads)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if kind == "random":
+        return tuple(torch.randn(b, n, h, d, generator=g).to(device=device, dtype=torch.bfloat16) for _ in range(3))
+    from . import workloads  # noqa: PLC0415 - optional module (issue #5)
+
+    return workloads.bench_inputs(b, h, n, d, seed=seed, device=device)
+
+
+def sdpa(q, k, v, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    with sdpa_kernel([backend]):
+        return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)
+
+
+def _sol_attn():
+    try:
+        import comfy_kitchen
+
+        if hasattr(comfy_kitchen, "sol_attn") and comfy_kitchen.sol_attn_is_available(torch.device("cuda")):
+            return comfy_kitchen.sol_attn
+    except Exception as exc:  # noqa: BLE001 - any import failure just means "no peer"
+        print(f"[bench] comfy_kitchen.sol_attn unavailable: {exc}", file=sys.stderr)
+    return None
+
+
+def _peak_extra_mb(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+    del out
+    return peak / 2**20
+
+
+def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64) -> float:
+    """Time of the pre-scan plus routing alone, the fixed overhead of a PISA call."""
+    from . import triton_kernels as tk
+    from .routing import num_blocks, route, topk_count
+
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    h = qh.shape[1]
+    kk = topk_count(sparsity, num_blocks(qh.shape[2], block))
+    scale = qh.shape[-1] ** -0.5
+
+    def run():
+        st = tk.pool(qh, kh, vh, perm=None, valid=None, block=block, first_order=True, cov=False)
+        return route(st, scale=scale, k=kk, heads=h, forced_blocks=None, cov=False)
+
+    return time_ms(run)
+
+
+def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 128, seed: int = 0,
+                sparsities=SPARSITIES, orders=ORDERS, block: int = 64) -> list[dict]:
+    from torch.nn.attention import SDPBackend
+
+    dev = torch.device("cuda")
+    q, k, v = make_inputs(data, b, h, n, d, seed, dev)
+    flops = dense_flops(b, h, n, d)
+    rows = []
+
+    def add(method, sparsity, ms, out, ref, **extra):
+        rows.append(dict(shape=name, N=n, H=h, data=data, method=method, sparsity=sparsity, ms=ms,
+                         tflops=flops / ms / 1e9, err=rel_l2(out, ref) if ref is not None else 0.0, **extra))
+
+    ref = sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
+    add("dense-cudnn", 0.0, time_ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)), ref, None)
+    out = sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
+    add("dense-flash", 0.0, time_ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)), out, ref)
+    for sp in sparsities:
+        for order in orders:
+            fn = lambda: pisa_attention(q, k, v, sparsity=sp, order=order, layout="BNHD", block_size=block,
+                                        backend="triton")
+            out = fn()
+            extra = {}
+            if order == 1 and sp == 0.875:
+                extra = dict(prescan_routing_ms=prescan_routing_ms(q, k, v, sp, block),
+                             extra_mem_mb=_peak_extra_mb(fn),
+                             qkv_mb=3 * q.numel() * q.element_size() / 2**20)
+            add(f"pisa-o{order}", sp, time_ms(fn), out, ref, **extra)
+    sol = _sol_attn()
+    if sol is not None:
+        for sp in sparsities:
+            fn = lambda: sol(q, k, v, topk_ratio=1.0 - sp)
+            out = fn()
+            add("sol-attn-topk", sp, time_ms(fn), out, ref)
+        fn = lambda: sol(q, k, v, tau=1.3)
+        out = fn()
+        add("sol-attn-tau1.3", float("nan"), time_ms(fn), out, ref)
+    del q, k, v, ref, out
+    torch.cuda.empty_cache()
+    return rows
+
+
+def environment() -> dict:
+    import triton
+
+    return dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(0),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(), python=platform.python_version())
+
+
+def format_table(rows: list[dict]) -> str:
+    base = {(r["shape"], r["data"]): r["ms"] for r in rows if r["method"] == "dense-cudnn"}
+    lines = [f"{'shape':<11} {'data':<6} {'method':<16} {'sparsity':>8} {'ms':>9} {'vs cuDNN':>8} "
+             f"{'TFLOP/s':>8} {'rel L2':>8}"]
+    for r in rows:
+        sp = "-" if (r["sparsity"] == 0.0 or math.isnan(r["sparsity"])) else f"{r['sparsity']:.3f}"
+        lines.append(f"{r['shape']:<11} {r['data']:<6} {r['method']:<16} {sp:>8} {r['ms']:>9.3f} "
+                     f"{base[(r['shape'], r['data'])] / r['ms']:>7.2f}x {r['tflops']:>8.1f} {r['err']:>8.4f}")
+        if "prescan_routing_ms" in r:
+            lines.append(f"{'':<11} {'':<6} {'  pre-scan+route':<16} {'':>8} {r['prescan_routing_ms']:>9.3f} "
+                         f"({100 * r['prescan_routing_ms'] / r['ms']:.1f}% of the call); extra memory "
+                         f"{r['extra_mem_mb']:.0f} MiB = {100 * r['extra_mem_mb'] / r['qkv_mb']:.1f}% of q+k+v")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--data", nargs="*", default=["random"], choices=["random", "dit"])
+    ap.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
+    ap.add_argument("--block-size", type=int, default=64, choices=[64, 128])
+    ap.add_argument("--json", help="write rows and environment to this file")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("pisa_kernels.bench needs a CUDA GPU (the kernels are timed against cuDNN); "
+              "run `python -m pisa_kernels.demo` for the CPU demo.", file=sys.stderr)
+        return 2
+    env = environment()
+    print(json.dumps(env))
+    rows = []
+    for data in args.data:
+        for name in args.shapes:
+            n, h = SHAPES[name]
+            sps = tuple(args.sparsities) + ((0.85,) if name == "flux1024" and 0.85 not in args.sparsities else ())
+            rows += bench_shape(name, n, h, data=data, sparsities=sps, block=args.block_size)
+            print(format_table([r for r in rows if r["shape"] == name and r["data"] == data]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=env, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""One device call that checks and times the kernels (METHOD.md: few, full calls).
+
+    python scripts/gpu_session.py [--quick]
+
+1. environment; 2. Triton vs reference (bf16/fp16, all orders, masks, token order) at moderate
+shapes; 3. Wan 720p timing breakdown (pre-scan, routing, forward) and a launch-config sweep.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+from pisa_kernels import pisa_attention, tiling  # noqa: E402
+from pisa_kernels import triton_kernels as tk  # noqa: E402
+from pisa_kernels.bench import environment, rel_l2, sdpa, time_ms  # noqa: E402
+from pisa_kernels.routing import num_blocks, route, topk_count  # noqa: E402
+
+
+def check_correctness():
+    torch.manual_seed(0)
+    worst = 0.0
+    for (b, h, n, d, dt) in [(2, 4, 3000, 128, torch.bfloat16), (1, 3, 2100, 64, torch.float16),
+                              (1, 2, 1000, 128, torch.float32)]:
+        q, k, v = (torch.randn(b, n, h, d, device="cuda").to(dt) for _ in range(3))
+        valid = torch.ones(b, n, dtype=torch.bool, device="cuda")
+        valid[0, n - 300:] = False
+        perm = tiling.tile_permutation((3, 10, n // 30), block_size=64, device="cuda") if n % 30 == 0 else None
+        for order in (1, 0, "drop"):
+            for kw in ({}, {"kv_valid": valid}, {"token_perm": perm}, {"routing": "cov", "sink_kv": [(0, 70)],
+                                                                       "dense_q": [(10, 40)]}):
+                if "token_perm" in kw and perm is None:
+                    continue
+                r = pisa_attention(q, k, v, sparsity=0.8, order=order, layout="BNHD", backend="reference", **kw)
+                o = pisa_attention(q, k, v, sparsity=0.8, order=order, layout="BNHD", backend="triton", **kw)
+                e = rel_l2(o, r)
+                worst = max(worst, e)
+                print(f"check {dt} n={n} d={d} order={order} {list(kw)} rel_l2={e:.2e}")
+        o = pisa_attention(q, k, v, sparsity=0.0, layout="BNHD", backend="triton")
+        ref = sdpa(q.float(), k.float(), v.float(), torch.nn.attention.SDPBackend.MATH)
+        print(f"sparsity0 vs dense {dt}: {rel_l2(o, ref):.2e}")
+    print(f"worst triton-vs-reference rel L2: {worst:.2e}")
+
+
+def breakdown(n=75600, h=40, d=128, sparsity=0.875):
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    nb = num_blocks(n, 64)
+    kk = topk_count(sparsity, nb)
+    st = tk.pool(qh, kh, vh, perm=None, valid=None, block=64, first_order=True, cov=False)
+    sel = route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False)
+    out = torch.empty_like(q).transpose(1, 2)
+    res = {}
+    res["pool_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, perm=None, valid=None, block=64, first_order=True, cov=False))
+    res["route_ms"] = time_ms(lambda: route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False))
+    for order in (1, -1):
+        for cfg in [(8, 2), (8, 3), (4, 2), (4, 3), (8, 4)]:
+            tk.CONFIG_OVERRIDE = cfg
+            try:
+                ms = time_ms(lambda: tk.attend(qh, kh, vh, out, perm=None, valid=None, stats=st, sel=sel,
+                                               scale=d ** -0.5, block=64, order=order))
+                res[f"attend_o{order}_w{cfg[0]}s{cfg[1]}_ms"] = ms
+            except Exception as exc:  # noqa: BLE001
+                res[f"attend_o{order}_w{cfg[0]}s{cfg[1]}_ms"] = f"fail {type(exc).__name__}"
+    tk.CONFIG_OVERRIDE = None
+    res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
+    res["pisa_total_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD"))
+    perm = tiling.tile_permutation((21, 45, 80), block_size=64, device="cuda")
+    res["pisa_total_tiled_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD",
+                                                                token_perm=perm))
+    print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    print(json.dumps(environment()))
+    t = time.time()
+    if not args.skip_check:
+        check_correctness()
+    print(f"check took {time.time() - t:.1f}s")
+    breakdown()
