@@ -162,12 +162,12 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
     if routing not in ("topk", "cov"):
         raise ValueError(f"routing must be 'topk' or 'cov', got {routing!r}")
 
-    # Canonical [B, H, N, D] views (no copies unless the head dim is strided).
-    qh, kh, vh = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v))
-    b, h, n, d = qh.shape
+    seq_dim = 2 if layout == "BHND" else 1
+    b, n, d = q.shape[0], q.shape[seq_dim], q.shape[3]
+    h = q.shape[1] if layout == "BHND" else q.shape[2]
     if scale is None:
         scale = d ** -0.5
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     scale = float(scale)
     dev = q.device
@@ -185,64 +185,48 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
 
     nb = num_blocks(n, block_size)
     k_top = topk_count(sparsity, nb)
-    forced = forced_blocks_from_tokens(sink[perm] if (sink is not None and perm is not None) else sink,
-                                       block_size)
+    cov = routing == "cov"
+
+    # Processing order: one gathered copy along the sequence (cheaper than gathers in the kernel).
+    qp, kp, vp, valid_p = q, k, v, valid
+    if perm is not None:
+        qp, kp, vp = (t.index_select(seq_dim, perm) for t in (q, k, v))
+        valid_p = valid.index_select(1, perm) if valid is not None else None
+        sink = sink[perm] if sink is not None else None
+    forced = forced_blocks_from_tokens(sink, block_size)
 
     def route_fn(stats):
-        return route(stats, scale=scale, k=k_top, heads=h, forced_blocks=forced, cov=routing == "cov")
+        return route(stats, scale=scale, k=k_top, heads=h, forced_blocks=forced, cov=cov)
 
+    qh, kh, vh = (t if layout == "BHND" else t.transpose(1, 2) for t in (qp, kp, vp))
+    out = torch.empty(q.shape, dtype=q.dtype, device=dev)  # caller's layout, processing order
+    out_h = out if layout == "BHND" else out.transpose(1, 2)
     if be == "triton":
-        out_h = _triton_path(qh, kh, vh, perm=perm, valid=valid, scale=scale, block=block_size,
-                             order=order_i, cov=routing == "cov", route_fn=route_fn, layout=layout, like=q)
+        from . import triton_kernels as tk
+
+        qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
+        valid8 = valid_p.to(torch.int8).contiguous() if valid_p is not None else None
+        stats = tk.pool(qh, kh, vh, valid=valid8, block=block_size, first_order=order_i == 1, cov=cov)
+        tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats), scale=scale,
+                  block=block_size, order=order_i)
     else:
-        out_h = _reference_path(qh, kh, vh, perm=perm, valid=valid, scale=scale, block=block_size,
-                                order=order_i, cov=routing == "cov", route_fn=route_fn, layout=layout, like=q)
+        out_h.copy_(reference.reference_forward(qh, kh, vh, valid_p, scale=scale, block=block_size,
+                                                order=order_i, cov=cov, route_fn=route_fn))
+    if perm is not None:
+        out = torch.empty_like(out).index_copy_(seq_dim, perm, out)
 
     n_dense = 0
     if dense_rows is not None:
         n_dense = int(dense_rows.sum())
-        _dense_rows_inplace(qh, kh, vh, out_h, dense_rows, valid, scale)
+        views = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out))
+        _dense_rows_inplace(*views, dense_rows, valid, scale)
 
-    out = out_h if layout == "BHND" else out_h.transpose(1, 2)
     if not return_stats:
         return out
     kt = min(nb, k_top + (int(forced.sum()) if forced is not None else 0))
     stats = PisaStats(backend=be, blocks=nb, exact_blocks=kt, density=kt / nb, order=order_i,
                       dense_rows=n_dense)
     return out, stats
-
-
-def _empty_like_layout(like: torch.Tensor, layout: str) -> torch.Tensor:
-    """A fresh output in the caller's layout, returned as a ``[B, H, N, D]`` view."""
-    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-    return out if layout == "BHND" else out.transpose(1, 2)
-
-
-def _triton_path(qh, kh, vh, *, perm, valid, scale, block, order, cov, route_fn, layout, like):
-    from . import triton_kernels as tk
-
-    qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
-    perm32 = perm.to(torch.int32).contiguous() if perm is not None else None
-    valid8 = valid.to(torch.int8).contiguous() if valid is not None else None
-    stats = tk.pool(qh, kh, vh, perm=perm32, valid=valid8, block=block, first_order=order == 1, cov=cov)
-    sel = route_fn(stats)
-    out = _empty_like_layout(like, layout)
-    return tk.attend(qh, kh, vh, out, perm=perm32, valid=valid8, stats=stats, sel=sel, scale=scale,
-                     block=block, order=order)
-
-
-def _reference_path(qh, kh, vh, *, perm, valid, scale, block, order, cov, route_fn, layout, like):
-    if perm is not None:
-        qh, kh, vh = (t.index_select(2, perm) for t in (qh, kh, vh))
-        valid = valid.index_select(1, perm) if valid is not None else None
-    res = reference.reference_forward(qh, kh, vh, valid, scale=scale, block=block, order=order, cov=cov,
-                                      route_fn=route_fn)
-    out = _empty_like_layout(like, layout)
-    if perm is not None:
-        out.index_copy_(2, perm, res.to(out.dtype))
-    else:
-        out.copy_(res)
-    return out
 
 
 def _dense_rows_inplace(qh, kh, vh, out_h, rows: torch.Tensor, valid, scale: float) -> None:

@@ -99,7 +99,7 @@ def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64) -> float:
     scale = qh.shape[-1] ** -0.5
 
     def run():
-        st = tk.pool(qh, kh, vh, perm=None, valid=None, block=block, first_order=True, cov=False)
+        st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=False)
         return route(st, scale=scale, k=kk, heads=h, forced_blocks=None, cov=False)
 
     return time_ms(run)
@@ -142,8 +142,6 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
         fn = lambda: sol(q, k, v, tau=1.3)
         out = fn()
         add("sol-attn-tau1.3", float("nan"), time_ms(fn), out, ref)
-    del q, k, v, ref, out
-    torch.cuda.empty_cache()
     return rows
 
 

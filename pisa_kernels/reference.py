@@ -77,7 +77,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
     softmax.  Returns ``[B, H, N, D]`` in the compute dtype."""
     b, h, n, d = q.shape
     ct = _compute_dtype(q)
-    nb = num_blocks(n, block)
     nq = num_blocks(n, QUERY_TILE)
     out = torch.empty(b, h, n, d, dtype=ct, device=q.device)
     key_ok = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid

@@ -6,7 +6,8 @@ Design (see docs/kernels.md for the measurements):
   and writes the block mean of the valid keys, the value sums and the valid counts; it accumulates
   the first-order moment ``sum_j sum_n (k_n - kbar_j) v_n^T`` of its chunk in registers (one
   ``D x D`` tile) and writes that partial, so no ``[B, H, NB, D, D]`` temporary ever exists.  With
-  covariance routing it also writes ``||H_j||_F`` per block, reduced on the fly.
+  covariance routing it also writes ``||H_j||_F`` per block, reduced on the fly.  The partial
+  moments of the chunks meet through fp32 atomics in one ``D x D`` tile per head.
 * ``_pool_q_kernel``: the mean query of each 128-row query tile (routing input).
 * ``_pisa_fwd_kernel``: one program per (query tile, batch x head).  Phase 1 runs exact
   FlashAttention-style attention over the selected key blocks (gathered by index); phase 2 scans all
@@ -16,8 +17,9 @@ Design (see docs/kernels.md for the measurements):
 
 Sequence length, block counts and the number of selected blocks are runtime arguments and are not
 specialised (``do_not_specialize``), so a new resolution never recompiles.  Inputs are addressed
-through strides (``[B, H, N, D]`` and ``[B, N, H, D]`` views without copies) and, optionally,
-through a token permutation (tiled orders without gathered copies).
+through strides (``[B, H, N, D]`` and ``[B, N, H, D]`` views without copies).  Token orders are
+applied by the caller with one gathered copy: reading rows through a permutation inside the kernel
+was measured 20% slower at Wan 720p (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -33,19 +35,21 @@ LOG2E = 1.4426950408889634
 #: Centroids per step of the tail scan.
 TAIL_GROUP = 64
 
-#: Upper bound on the programs of the pooling kernel per (batch x head): the first-order partials
-#: are ``POOL_CHUNKS x D x D`` floats per head, summed afterwards.
-POOL_CHUNKS = 8
+#: Programs of the pooling kernel per (batch x head), for parallelism at small batch x heads;
+#: each adds its first-order partial into the head's ``D x D`` fp32 tile with atomics.
+POOL_CHUNKS = 32
+#: ... but at least this many blocks per program, so the atomics stay a small share of the work.
+POOL_MIN_BLOCKS = 8
 
 _RUNTIME_INTS = ["N", "NB", "NQ", "KT", "blocks_per_prog"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _pool_k_kernel(K, V, VALID, PERM, KBAR, VSUM, BLEN, HPART, COVN,
+def _pool_k_kernel(K, V, VALID, KBAR, VSUM, BLEN, HSUM, COVN,
                    skb, skh, skn, svb, svh, svn, s_valid_b,
                    N, NB, H, D, blocks_per_prog,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
-                   PERMUTED: tl.constexpr, MOMENT: tl.constexpr, COV: tl.constexpr):
+                   MOMENT: tl.constexpr, COV: tl.constexpr):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -61,10 +65,7 @@ def _pool_k_kernel(K, V, VALID, PERM, KBAR, VSUM, BLEN, HPART, COVN,
         j = j0 + jj
         offs = j * BLOCK + tl.arange(0, BLOCK)
         inb = offs < N
-        if PERMUTED:
-            rows = tl.load(PERM + offs, mask=inb, other=0)
-        else:
-            rows = offs
+        rows = offs
         w = inb
         if HAS_VALID:
             w = w & (tl.load(VALID + b.to(tl.int64) * s_valid_b + rows, mask=inb, other=0) != 0)
@@ -87,20 +88,22 @@ def _pool_k_kernel(K, V, VALID, PERM, KBAR, VSUM, BLEN, HPART, COVN,
             if COV:
                 tl.store(COVN + bh.to(tl.int64) * NB + j, tl.sqrt(tl.sum(tl.sum(hj * hj, axis=1), axis=0)))
     if MOMENT:
-        hp = HPART + (bh.to(tl.int64) * tl.num_programs(0) + chunk) * D * D
-        tl.store(hp + offs_d[:, None] * D + offs_d[None, :], hacc, mask=dmask[:, None] & dmask[None, :])
+        # fp32 atomics into one D x D tile per head: no per-chunk partial buffers.
+        hp = HSUM + bh.to(tl.int64) * D * D
+        tl.atomic_add(hp + offs_d[:, None] * D + offs_d[None, :], hacc, mask=dmask[:, None] & dmask[None, :],
+                      sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["N", "NQ"])
-def _pool_q_kernel(Q, PERM, QBAR, sqb, sqh, sqn, N, NQ, H, D,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr):
+def _pool_q_kernel(Q, QBAR, sqb, sqh, sqn, N, NQ, H, D,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     inb = offs < N
-    rows = tl.load(PERM + offs, mask=inb, other=0) if PERMUTED else offs
+    rows = offs
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn + offs_d[None, :],
@@ -110,12 +113,11 @@ def _pool_q_kernel(Q, PERM, QBAR, sqb, sqh, sqn, N, NQ, H, D,
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
-def _pisa_fwd_kernel(Q, K, V, O, PERM, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
+def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, s_valid_b,
                      N, NB, NQ, H, D, KT, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     GROUP: tl.constexpr, ORDER: tl.constexpr, HAS_VALID: tl.constexpr,
-                     PERMUTED: tl.constexpr):
+                     GROUP: tl.constexpr, ORDER: tl.constexpr, HAS_VALID: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -124,7 +126,7 @@ def _pisa_fwd_kernel(Q, K, V, O, PERM, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
     h64 = h.to(tl.int64)
     offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     mrow = offs_m < N
-    rows_m = tl.load(PERM + offs_m, mask=mrow, other=0) if PERMUTED else offs_m
+    rows_m = offs_m
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows_m[:, None].to(tl.int64) * sqn + offs_d[None, :],
@@ -146,7 +148,7 @@ def _pisa_fwd_kernel(Q, K, V, O, PERM, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
         j = tl.load(idx_base + i)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        rows_n = tl.load(PERM + offs_n, mask=nmask, other=0) if PERMUTED else offs_n
+        rows_n = offs_n
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(kbase + rows_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(vbase + rows_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -200,14 +202,17 @@ def _pisa_fwd_kernel(Q, K, V, O, PERM, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
 CONFIG_OVERRIDE: tuple[int, int] | None = None
 
 
-def _launch_config(block_d: int, device: torch.device) -> tuple[int, int]:
+def _launch_config(block_d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
     """(num_warps, num_stages) for the forward kernel: 8 warps for 128-row tiles of D=128;
-    three pipeline stages where shared memory allows (sm90: 228 KB; sm80: 164 KB; sm86/89: 100 KB)."""
+    three pipeline stages where shared memory allows (sm90: 228 KB; sm80: 164 KB; sm86/89: 100 KB).
+    fp32 tiles are twice as large: one stage."""
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
     warps = 8 if block_d >= 128 else 4
     stages = 2
-    if device.type == "cuda":
+    if dtype == torch.float32:
+        stages = 1
+    elif device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major >= 9 or (major, minor) == (8, 0):
             stages = 3
@@ -218,8 +223,9 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def pool(q, k, v, *, perm, valid, block: int, first_order: bool, cov: bool) -> PooledStats:
-    """Pooled statistics with the Triton pre-scan.  q, k, v: ``[B, H, N, D]`` views (unit stride on D)."""
+def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool) -> PooledStats:
+    """Pooled statistics with the Triton pre-scan.  q, k, v: ``[B, H, N, D]`` views (unit stride on D),
+    in the processing order; ``valid``: int8 ``[B, N]`` or None."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     dev = q.device
@@ -227,33 +233,29 @@ def pool(q, k, v, *, perm, valid, block: int, first_order: bool, cov: bool) -> P
     kbar = torch.empty(b * h, nb, d, dtype=torch.float32, device=dev)
     vsum = torch.empty_like(kbar)
     blen = torch.empty(b, nb, dtype=torch.float32, device=dev)
-    moment = first_order
-    bpp = -(-nb // POOL_CHUNKS)
+    bpp = max(POOL_MIN_BLOCKS, -(-nb // POOL_CHUNKS))
     chunks = -(-nb // bpp)
-    hpart = torch.empty(b * h, chunks, d, d, dtype=torch.float32, device=dev) if moment else kbar
+    hsum = torch.zeros(b * h, d, d, dtype=torch.float32, device=dev) if first_order else kbar
     covn = torch.empty(b * h, nb, dtype=torch.float32, device=dev) if cov else kbar
-    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
-    valid_t = valid if valid is not None else dummy
-    perm_t = perm if perm is not None else dummy
+    valid_t = valid if valid is not None else blen
     _pool_k_kernel[(chunks, b * h)](
-        k, v, valid_t, perm_t, kbar, vsum, blen, hpart, covn,
+        k, v, valid_t, kbar, vsum, blen, hsum, covn,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        valid_t.stride(0) if valid is not None else 0,
+        valid.stride(0) if valid is not None else 0,
         n, nb, h, d, bpp,
-        BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, PERMUTED=perm is not None,
-        MOMENT=moment, COV=cov, num_warps=4)
+        BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, num_warps=4)
     qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
-    _pool_q_kernel[(nq, b * h)](q, perm_t, qbar, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
-                                BLOCK_M=QUERY_TILE, BLOCK_D=bd, PERMUTED=perm is not None, num_warps=4)
+    _pool_q_kernel[(nq, b * h)](q, qbar, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
+                                BLOCK_M=QUERY_TILE, BLOCK_D=bd, num_warps=4)
     hmean = None
-    if moment:
+    if first_order:
         total = blen.sum(dim=-1).clamp_min(1.0).repeat_interleave(h).view(b * h, 1, 1)
-        hmean = hpart.sum(dim=1) / total
+        hmean = hsum / total
     return PooledStats(qbar=qbar, kbar=kbar, vsum=vsum, blen=blen, hmean=hmean,
                        covnorm=covn if cov else None)
 
 
-def attend(q, k, v, out, *, perm, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
+def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
            order: int) -> torch.Tensor:
     """Run the fused forward kernel, writing into ``out`` (a ``[B, H, N, D]`` view)."""
     b, h, n, d = q.shape
@@ -263,17 +265,15 @@ def attend(q, k, v, out, *, perm, valid, stats: PooledStats, sel: Selection, sca
     eff_order = order if not sel.all_blocks else -1
     kbar = stats.kbar.to(lp)
     vsum = stats.vsum.to(lp)
-    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
     hmean = (stats.hmean * scale).to(lp) if eff_order == 1 else kbar
-    valid_t = valid if valid is not None else dummy
-    perm_t = perm if perm is not None else dummy
-    warps, stages = _launch_config(_block_d(d), dev)
+    valid_t = valid if valid is not None else stats.blen
+    warps, stages = _launch_config(_block_d(d), dev, q.dtype)
     _pisa_fwd_kernel[(nq, b * h)](
-        q, k, v, out, perm_t, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hmean,
+        q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hmean,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        valid_t.stride(0) if valid is not None else 0,
+        valid.stride(0) if valid is not None else 0,
         n, nb, nq, h, d, sel.count, scale * LOG2E,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
-        HAS_VALID=valid is not None, PERMUTED=perm is not None, num_warps=warps, num_stages=stages)
+        HAS_VALID=valid is not None, num_warps=warps, num_stages=stages)
     return out

@@ -49,22 +49,33 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     nb = num_blocks(n, 64)
     kk = topk_count(sparsity, nb)
-    st = tk.pool(qh, kh, vh, perm=None, valid=None, block=64, first_order=True, cov=False)
+    st = tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False)
     sel = route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False)
     out = torch.empty_like(q).transpose(1, 2)
     res = {}
-    res["pool_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, perm=None, valid=None, block=64, first_order=True, cov=False))
+    res["pool_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False))
     res["route_ms"] = time_ms(lambda: route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False))
     for order in (1, -1):
         for cfg in [(8, 2), (8, 3), (4, 2), (4, 3), (8, 4)]:
             tk.CONFIG_OVERRIDE = cfg
             try:
-                ms = time_ms(lambda: tk.attend(qh, kh, vh, out, perm=None, valid=None, stats=st, sel=sel,
+                ms = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=sel,
                                                scale=d ** -0.5, block=64, order=order))
                 res[f"attend_o{order}_w{cfg[0]}s{cfg[1]}_ms"] = ms
             except Exception as exc:  # noqa: BLE001
                 res[f"attend_o{order}_w{cfg[0]}s{cfg[1]}_ms"] = f"fail {type(exc).__name__}"
     tk.CONFIG_OVERRIDE = None
+    for group in (32, 128):
+        tk.TAIL_GROUP = group
+        res[f"attend_o1_group{group}_ms"] = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=sel,
+                                                                   scale=d ** -0.5, block=64, order=1))
+    tk.TAIL_GROUP = 64
+    sc = torch.bmm(st.qbar, st.kbar.transpose(1, 2))
+    res["topk_fp32_ms"] = time_ms(lambda: torch.topk(sc, kk, dim=-1, sorted=False))
+    sc16 = sc.half()
+    res["topk_fp16_ms"] = time_ms(lambda: torch.topk(sc16, kk, dim=-1, sorted=False))
+    res["sort_fp32_ms"] = time_ms(lambda: torch.sort(sc, dim=-1, descending=True))
+    res["kthvalue_ms"] = time_ms(lambda: torch.kthvalue(sc, sc.shape[-1] - kk + 1, dim=-1))
     res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
     res["pisa_total_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD"))
     perm = tiling.tile_permutation((21, 45, 80), block_size=64, device="cuda")
