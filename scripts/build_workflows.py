@@ -39,7 +39,7 @@ SOCKETS = {
     "MarkdownNote": ([], []),
 }
 SIZES = {"UNETLoader": [350, 82], "CLIPLoader": [350, 106], "DualCLIPLoader": [350, 130],
-         "VAELoader": [350, 58], "ModelSamplingSD3": [300, 58], "PISAPatch": [330, 330],
+         "VAELoader": [350, 58], "ModelSamplingSD3": [300, 58], "PISAPatch": [340, 400],
          "CLIPTextEncode": [420, 170], "FluxGuidance": [300, 58], "EmptyHunyuanLatentVideo": [320, 130],
          "EmptySD3LatentImage": [320, 106], "KSampler": [320, 262], "KSamplerAdvanced": [320, 334],
          "VAEDecode": [210, 46], "VAEDecodeTiled": [270, 150], "ImageStitch": [270, 150],
@@ -239,9 +239,9 @@ def wan22():
     vae = g.add("VAELoader", (0, 400), [WAN_VAE[0]], models=[WAN_VAE])
     latent = g.add("EmptyHunyuanLatentVideo", (0, 510), [1280, 720, 81, 1])
     ms_hi = g.add("ModelSamplingSD3", (420, 0), [8.0])
-    ms_lo = g.add("ModelSamplingSD3", (420, 460), [8.0])
+    ms_lo = g.add("ModelSamplingSD3", (420, 580), [8.0])
     p_hi = pisa(g, (420, 100), title="PISA Patch (high noise)", dense_steps=4)
-    p_lo = pisa(g, (420, 560), title="PISA Patch (low noise)", dense_steps=0)
+    p_lo = pisa(g, (420, 680), title="PISA Patch (low noise)", dense_steps=0)
     pos = text_encode(g, clip, (800, 0), VIDEO_PROMPT)
     neg = text_encode(g, clip, (800, 220), WAN_NEGATIVE, negative=True)
     k_hi = g.add("KSamplerAdvanced", (1260, 0),

@@ -15,7 +15,7 @@ import os
 import sys
 
 
-def _describe(cls):
+def describe(cls):
     inputs = cls.INPUT_TYPES()
     return {
         "input": inputs,
@@ -40,7 +40,7 @@ def main(comfy_root, pack_dir):
     defs = {}
     for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
         try:
-            defs[name] = _describe(cls)
+            defs[name] = describe(cls)
         except Exception as e:  # one broken optional node must not hide the others
             defs[name] = {"error": repr(e)}
     import comfyui_version

@@ -1,0 +1,27 @@
+"""Fixtures of the packaging tests. This folder goes on sys.path for its helper modules
+(`workflow_graph`, `comfy_checkouts`, `comfy_server`, `cdp`): the suite runs in importlib mode."""
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from comfy_checkouts import comfy_defs, comfy_roots, import_pack_node  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pisa_def():
+    """PISAPatch as a real ComfyUI loaded it, else as imported directly; skip when neither works."""
+    reasons = []
+    for root in comfy_roots():
+        defs = comfy_defs(root)
+        if isinstance(defs, dict) and defs["pack_loaded"]:
+            return defs["nodes"]["PISAPatch"]
+        reasons.append(defs if isinstance(defs, str) else f"ComfyUI {defs['version']} did not load the pack")
+    direct = import_pack_node()
+    if isinstance(direct, dict):
+        return direct
+    pytest.skip("PISAPatch definition unavailable: " + "; ".join(reasons + [direct]))
