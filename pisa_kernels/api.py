@@ -196,7 +196,8 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
     forced = forced_blocks_from_tokens(sink, block_size)
 
     def route_fn(stats):
-        return route(stats, scale=scale, k=k_top, heads=h, forced_blocks=forced, cov=cov)
+        return route(stats, scale=scale, k=k_top, heads=h, forced_blocks=forced, cov=cov,
+                     may_have_empty=valid is not None)
 
     qh, kh, vh = (t if layout == "BHND" else t.transpose(1, 2) for t in (qp, kp, vp))
     out = torch.empty(q.shape, dtype=q.dtype, device=dev)  # caller's layout, processing order

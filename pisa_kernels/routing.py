@@ -57,7 +57,7 @@ def topk_count(sparsity: float, n_blocks: int) -> int:
 class Selection:
     """The exact key blocks of every query tile."""
 
-    idx: torch.Tensor  # [BH, NQ, KT] int32, ascending block indices
+    idx: torch.Tensor  # [BH, NQ, KT] int32, in no particular order
     mask: torch.Tensor  # [BH, NQ, NB] int8, 1 where selected
     count: int  # KT, the same for every query tile (load balance)
 
@@ -67,13 +67,14 @@ class Selection:
 
 
 def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks: torch.Tensor | None,
-          cov: bool) -> Selection:
+          cov: bool, may_have_empty: bool = True) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
     first-order residual is large go to the exact path, where the Taylor tail would be least
     accurate).  Forced blocks come on top of the ``k`` budget; blocks without any valid key are
-    never preferred over a block with one.
+    never preferred over a block with one (``may_have_empty=False`` skips that step when the
+    caller knows every block has a valid key).
     """
     bh, nq, _ = stats.qbar.shape
     nb = stats.kbar.shape[1]
@@ -87,19 +88,19 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
         mask.fill_(1)
         return Selection(idx, mask, kt)
     rows = max(1, _ROUTING_CHUNK_BYTES // max(1, nq * nb * 4))
-    empty = stats.blen <= 0  # [B, NB]
     for s in range(0, bh, rows):
         e = min(bh, s + rows)
         score = torch.bmm(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2)).mul_(scale)
         if cov and stats.covnorm is not None:
             score.add_(torch.log(stats.covnorm[s:e] + COV_EPS).unsqueeze(1))
-        batch_of_row = torch.arange(s, e, device=device) // heads
-        score.masked_fill_(empty[batch_of_row].unsqueeze(1), -torch.inf)
+        if may_have_empty:
+            batch_of_row = torch.arange(s, e, device=device) // heads
+            score.masked_fill_((stats.blen <= 0)[batch_of_row].unsqueeze(1), -torch.inf)
         if forced_blocks is not None and n_forced:
             score.masked_fill_(forced_blocks.view(1, 1, nb), torch.inf)
+        # Unsorted: the kernel visits the exact blocks in any order (online softmax).
         top = torch.topk(score, kt, dim=-1, sorted=False).indices
-        top, _ = torch.sort(top, dim=-1)
-        idx[s:e] = top.to(torch.int32)
+        idx[s:e] = top
         mask[s:e].scatter_(-1, top, 1)
     return Selection(idx, mask, kt)
 

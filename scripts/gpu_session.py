@@ -54,33 +54,27 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     out = torch.empty_like(q).transpose(1, 2)
     res = {}
     res["pool_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False))
-    res["route_ms"] = time_ms(lambda: route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False))
-    for order in (1, -1):
-        for cfg in [(8, 2), (8, 3), (4, 2), (4, 3), (8, 4)]:
-            tk.CONFIG_OVERRIDE = cfg
-            try:
-                ms = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=sel,
-                                               scale=d ** -0.5, block=64, order=order))
-                res[f"attend_o{order}_w{cfg[0]}s{cfg[1]}_ms"] = ms
-            except Exception as exc:  # noqa: BLE001
-                res[f"attend_o{order}_w{cfg[0]}s{cfg[1]}_ms"] = f"fail {type(exc).__name__}"
-    tk.CONFIG_OVERRIDE = None
-    for group in (32, 128):
-        tk.TAIL_GROUP = group
-        res[f"attend_o1_group{group}_ms"] = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=sel,
-                                                                   scale=d ** -0.5, block=64, order=1))
-    tk.TAIL_GROUP = 64
-    sc = torch.bmm(st.qbar, st.kbar.transpose(1, 2))
-    res["topk_fp32_ms"] = time_ms(lambda: torch.topk(sc, kk, dim=-1, sorted=False))
-    sc16 = sc.half()
-    res["topk_fp16_ms"] = time_ms(lambda: torch.topk(sc16, kk, dim=-1, sorted=False))
-    res["sort_fp32_ms"] = time_ms(lambda: torch.sort(sc, dim=-1, descending=True))
-    res["kthvalue_ms"] = time_ms(lambda: torch.kthvalue(sc, sc.shape[-1] - kk + 1, dim=-1))
+    res["pool_nomoment_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=False, cov=False))
+    res["route_ms"] = time_ms(lambda: route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False,
+                                            may_have_empty=False))
     res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
-    res["pisa_total_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD"))
+    for block in (64, 128):
+        for order in (1, "drop"):
+            for group in (32, 64):
+                for cfg in [(8, 2), (8, 3), (8, 4)]:
+                    if order == "drop" and group == 32:
+                        continue
+                    tk.CONFIG_OVERRIDE, tk.TAIL_GROUP = cfg, group
+                    try:
+                        ms = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", order=order,
+                                                            block_size=block))
+                    except Exception as exc:  # noqa: BLE001
+                        ms = f"fail {type(exc).__name__}"
+                    res[f"pisa_b{block}_o{order}_g{group}_w{cfg[0]}s{cfg[1]}_ms"] = ms
+    tk.CONFIG_OVERRIDE, tk.TAIL_GROUP = None, 64
     perm = tiling.tile_permutation((21, 45, 80), block_size=64, device="cuda")
-    res["pisa_total_tiled_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD",
-                                                                token_perm=perm))
+    res["pisa_default_tiled_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD",
+                                                                  token_perm=perm))
     print(json.dumps(res, indent=1))
     return res
 
