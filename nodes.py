@@ -1,0 +1,93 @@
+"""ComfyUI node classes of this pack (V1 mappings, so they load on v0.3.64 and v0.19.3 alike).
+
+The widget names and their order are a contract (docs/architecture.md): saved workflows store
+``widgets_values`` by position.
+"""
+
+from .pisa_comfy import PisaSettings, patch_model
+from .pisa_comfy.settings import BLOCK_SIZES, ROUTINGS, TAYLOR_ORDERS, TOKEN_ORDERS
+
+
+class PISAPatch:
+    """Patch a model so its self-attention runs PISA piecewise sparse attention."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The Wan, HunyuanVideo or FLUX model to patch. The input model "
+                                               "itself stays unpatched; the output is a patched copy."}),
+                "sparsity": ("FLOAT", {
+                    "default": 0.875, "min": 0.0, "max": 0.99, "step": 0.005,
+                    "tooltip": "Fraction of key blocks each query tile does NOT compute exactly (they enter "
+                               "through PISA's Taylor approximation instead). Higher is faster but less "
+                               "faithful; 0.875 keeps 1 block in 8 exact (the paper's setting), 0 computes "
+                               "every block exactly."}),
+                "block_size": (list(BLOCK_SIZES), {
+                    "default": "64",
+                    "tooltip": "Tokens per key block. 64 routes more finely (better quality at a given "
+                               "sparsity); 128 has less routing overhead on very long sequences."}),
+                "taylor_order": (list(TAYLOR_ORDERS), {
+                    "default": "1",
+                    "tooltip": "How the blocks that are not computed exactly are approximated. 1: PISA "
+                               "(zeroth + first order, best quality). 0: zeroth order only (slightly "
+                               "faster, blurrier). drop: ignore them (plain block-sparse attention, for "
+                               "comparison; lowest quality)."}),
+                "dense_steps": ("INT", {
+                    "default": 10, "min": 0, "max": 10000,
+                    "tooltip": "The first N sampling steps run full attention; the layout forms there, so "
+                               "dense early steps keep composition intact (the paper: 10 of 50). More is "
+                               "safer but slower. A sampler that continues where the previous one stopped "
+                               "(KSamplerAdvanced split) continues the count."}),
+                "dense_blocks": ("STRING", {
+                    "default": "0", "multiline": False,
+                    "tooltip": "Transformer blocks that always run full attention, e.g. '0' or '0, 1, "
+                               "38-39' (FLUX/HunyuanVideo count single blocks after the double blocks). "
+                               "Keeping the first block dense protects quality for little time; each extra "
+                               "block costs speed. Empty: none."}),
+                "min_tokens": ("INT", {
+                    "default": 4096, "min": 0, "max": 1000000, "step": 256,
+                    "tooltip": "Attention over fewer tokens than this runs dense: short sequences gain "
+                               "little from sparsity (e.g. FLUX at 1024x1024 has 4,352 tokens). Lower it "
+                               "to sparsify smaller images, at a smaller speed-up per call."}),
+                "token_order": (list(TOKEN_ORDERS), {
+                    "default": "auto",
+                    "tooltip": "auto: group the image/video tokens into compact 2-D/3-D tiles before "
+                               "forming blocks (Wan, HunyuanVideo, FLUX), so a block is a small "
+                               "neighbourhood instead of a stripe of a row; better quality at the same "
+                               "speed. raster: the model's own order (for comparison)."}),
+                "routing": (list(ROUTINGS), {
+                    "default": "auto",
+                    "tooltip": "How each query tile picks its exact blocks. topk: highest pooled attention "
+                               "score. covariance: also favour blocks the Taylor approximation fits worst "
+                               "(a little more pre-processing). auto: covariance for images (FLUX), topk "
+                               "for video."}),
+                "verbose": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Also log the node's settings and, once each, why attention calls ran dense "
+                               "(dense step, dense block, short sequence, cross-attention). The per-run "
+                               "summary is always logged and shown on the node."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The patched model: connect it to the sampler.",)
+    FUNCTION = "patch"
+    CATEGORY = "model/patch"
+    DESCRIPTION = ("Runs the model's self-attention with PISA piecewise sparse attention: important key "
+                   "blocks exactly, the rest through a first-order Taylor approximation. Faster sampling "
+                   "for Wan 2.1/2.2, HunyuanVideo and FLUX; cross-attention, short sequences, the first "
+                   "steps and the chosen blocks stay dense. Needs no training.")
+
+    def patch(self, model, sparsity, block_size, taylor_order, dense_steps, dense_blocks, min_tokens,
+              token_order, routing, verbose, unique_id=None):
+        settings = PisaSettings.from_widgets(
+            sparsity=sparsity, block_size=block_size, taylor_order=taylor_order, dense_steps=dense_steps,
+            dense_blocks=dense_blocks, min_tokens=min_tokens, token_order=token_order, routing=routing,
+            verbose=verbose)
+        return (patch_model(model, settings, unique_id),)
+
+
+NODE_CLASS_MAPPINGS = {"PISAPatch": PISAPatch}
+NODE_DISPLAY_NAME_MAPPINGS = {"PISAPatch": "PISA Patch"}

@@ -1,0 +1,53 @@
+"""Facts about one model forward, shared by all attention calls of that forward.
+
+The ``DIFFUSION_MODEL`` wrapper computes them once per forward (the step, the token layout) and
+stores the context in that forward's own ``transformer_options`` (ComfyUI builds a fresh dict for
+every model call, so concurrent forwards never share one).  Attention calls then only read it,
+apart from two per-forward caches: the count of main-sequence calls, which is the block index on
+cores that do not publish ``block_index`` (v0.3.64), and the reading of each mask tensor (reading
+a mask's values waits for the device, so it happens once per mask, not once per block).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import key_padding_valid
+from .token_layout import TokenLayout, side_from_padding
+
+#: Key of the context in the per-forward ``transformer_options``.
+FORWARD_KEY = "pisa_forward"
+
+
+class ForwardContext:
+    def __init__(self, layout: TokenLayout | None, step: int | None, double_blocks: int, whole_forward: bool):
+        self.layout = layout
+        self.step = step  # global step index (split schedules continue counting), None if unknown
+        self.double_blocks = double_blocks  # FLUX/HunyuanVideo: single blocks are numbered after these
+        self._main_calls = 0 if whole_forward else None  # counting needs to see the whole forward
+        self._masks: dict[int, tuple[torch.Tensor, torch.Tensor | None, str | None]] = {}
+
+    def block_index(self, transformer_options: dict) -> int | None:
+        """Index of this main-sequence call's transformer block, counted through the whole network
+        (FLUX/HunyuanVideo single blocks follow the double blocks), or None if unknown.  Call once
+        per main call."""
+        counted = self._main_calls
+        if counted is not None:
+            self._main_calls += 1
+        index = transformer_options.get("block_index")
+        if index is None:
+            return counted
+        if transformer_options.get("block_type") == "single":
+            return int(index) + self.double_blocks
+        return int(index)
+
+    def read_mask(self, mask: torch.Tensor, batch: int, n: int, n_extra: int) -> tuple[torch.Tensor | None, str | None]:
+        """``(kv_valid, side of the padded tokens)`` of a mask; ``kv_valid`` None if it is not a
+        key-padding mask."""
+        cached = self._masks.get(id(mask))
+        if cached is None or cached[0] is not mask:
+            valid = key_padding_valid(mask, batch, n)
+            side = side_from_padding(valid, n_extra) if valid is not None else None
+            cached = (mask, valid, side)  # keeps the mask alive, so its id stays unique
+            self._masks[id(mask)] = cached
+        return cached[1], cached[2]

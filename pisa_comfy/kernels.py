@@ -1,0 +1,51 @@
+"""The one place the node layer reaches into ``pisa_kernels``.
+
+ComfyUI imports the repository as a package named after its folder, so ``pisa_kernels`` is a
+sibling package reached relatively; tests and tools may also import ``pisa_comfy`` top-level next
+to a top-level ``pisa_kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from ..pisa_kernels import backend as _backend
+    from ..pisa_kernels import pisa_attention as _pisa_attention
+    from ..pisa_kernels.tiling import tile_permutation
+except ImportError:  # pisa_comfy imported as a top-level package
+    from pisa_kernels import backend as _backend
+    from pisa_kernels import pisa_attention as _pisa_attention
+    from pisa_kernels.tiling import tile_permutation
+
+__all__ = ["run_pisa", "backend_choice", "tile_permutation"]
+
+
+def _compiler_disabled(fn):
+    """Keep ``torch.compile`` (TorchCompileModel) out of the kernel call: a predictable graph break."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+@_compiler_disabled
+def run_pisa(q, k, v, **kwargs):
+    """``pisa_attention(..., return_stats=True)``: ``(out, PisaStats)``."""
+    return _pisa_attention(q, k, v, return_stats=True, **kwargs)
+
+
+def backend_choice(requested: str, device: torch.device) -> tuple[str | None, str]:
+    """The backend PISA uses on ``device`` (None: none can run, so attention stays dense) and the
+    log sentence "PISA runs on <backend> on <device> because <reason>"."""
+    try:
+        chosen = _backend.resolve_backend(requested, device)
+    except ValueError as exc:
+        return None, f"PISA runs on dense attention on {device} because {exc}"
+    if requested == "reference":
+        why = "the reference backend was requested"
+    elif chosen == "triton":
+        why = "the Triton kernels support this device"
+    else:
+        reason = _backend.triton_unavailable_reason(device)
+        why = "the Triton interpreter is a test vehicle, not a speed path" if reason is None \
+            else reason[0].lower() + reason[1:]
+    return chosen, f"PISA runs on {chosen} on {device} because {why}"

@@ -1,0 +1,100 @@
+"""What happened during one sampling run: attention calls, how many ran PISA, why the others ran
+dense, the effective density and the time spent in attention.
+
+Effective density weighs every call by its attention work (``B * H * Nq * Nk``): 1.0 means all
+attention was computed exactly, 0.2 means a fifth of it was.  Time on CUDA is measured with events
+(read once at the end of the run, so no call waits for the GPU); elsewhere with the wall clock.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+
+import torch
+
+
+class RunStats:
+    """Counters of one sampling run.  Not thread-safe by itself; the owner serialises updates."""
+
+    def __init__(self, step_offset: int, schedule: list[float] | None):
+        self.step_offset = step_offset
+        self.schedule = schedule
+        self.calls = 0
+        self.pisa_calls = 0
+        self.dense_by_reason: Counter[str] = Counter()
+        self._work = 0.0
+        self._exact_work = 0.0
+        self._seconds = 0.0
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def record(self, *, work: float, density: float, reason: str | None, timing) -> None:
+        """One call: ``reason`` None for PISA, else why it ran dense (density 1)."""
+        self.calls += 1
+        if reason is None:
+            self.pisa_calls += 1
+        else:
+            self.dense_by_reason[reason] += 1
+        self._work += work
+        self._exact_work += work * density
+        if isinstance(timing, tuple):
+            self._events.append(timing)
+        else:
+            self._seconds += timing
+
+    @property
+    def dense_calls(self) -> int:
+        return sum(self.dense_by_reason.values())
+
+    @property
+    def density(self) -> float:
+        return self._exact_work / self._work if self._work else 1.0
+
+    def attention_ms(self) -> float:
+        """Total attention time; waits for the run's last recorded CUDA events (at run end only)."""
+        gpu_ms = 0.0
+        for start, end in self._events:
+            end.synchronize()
+            gpu_ms += start.elapsed_time(end)
+        return 1000.0 * self._seconds + gpu_ms
+
+    def summary(self, backend: str | None) -> dict:
+        """The ``pisa.stats`` payload (without the node id) and its one-line text."""
+        ms = self.attention_ms()
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.dense_by_reason.most_common())
+        text = (f"PISA: {self.pisa_calls}/{self.calls} attention calls sparse"
+                f"{f' (dense: {reasons})' if reasons else ''}, effective density {self.density:.3f}, "
+                f"attention {ms / 1000.0:.2f} s{f' on {backend}' if backend else ''}")
+        return {"text": text, "calls": self.calls, "pisa_calls": self.pisa_calls,
+                "dense_calls": self.dense_calls, "density": round(self.density, 4), "attn_ms": round(ms, 1)}
+
+
+def start_timer(device: torch.device):
+    """A token for :func:`stop_timer`: CUDA events on CUDA, the wall clock elsewhere."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(torch.cuda.current_stream(device))
+        return device, start
+    return time.perf_counter()
+
+
+def stop_timer(token):
+    """``(start, end)`` events or elapsed seconds, for :meth:`RunStats.record`."""
+    if isinstance(token, float):
+        return time.perf_counter() - token
+    device, start = token
+    end = torch.cuda.Event(enable_timing=True)
+    end.record(torch.cuda.current_stream(device))
+    return start, end
+
+
+def send_to_ui(payload: dict) -> bool:
+    """Send ``pisa.stats`` to the front-end when running inside ComfyUI's server (not in tests or
+    scripts, where no server module or instance exists)."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    instance.send_sync("pisa.stats", payload)
+    return True
