@@ -1,0 +1,53 @@
+"""Fixtures of the kernel tests.
+
+* This folder goes on ``sys.path`` for the helper modules ``naive_pisa`` (the float64 oracle) and
+  ``pisa_test_utils`` (inputs, routing capture, tolerances).
+* ``case_counter``: a session-wide counter of generated fuzz cases; the totals are printed in the
+  terminal summary (also under ``-q`` and without ``-s``), so the report shows how many cases ran.
+* ``triton_device``: where the Triton kernels run in this session: ``"cuda"`` with a GPU, else
+  ``"cpu"`` under the interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py); the tests that
+  need it are skipped with the reason when Triton cannot run at all.
+"""
+
+import collections
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+_COUNTS: collections.Counter = collections.Counter()
+
+
+@pytest.fixture(scope="session")
+def case_counter() -> collections.Counter:
+    return _COUNTS
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _COUNTS:
+        return
+    terminalreporter.section("pisa kernel fuzz cases")
+    for name, n in sorted(_COUNTS.items()):
+        terminalreporter.write_line(f"{name}: {n} generated cases")
+    terminalreporter.write_line(f"total: {sum(_COUNTS.values())} cases")
+
+
+def triton_device_or_reason():
+    import torch
+
+    from pisa_kernels.backend import triton_unavailable_reason
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return dev, triton_unavailable_reason(dev)
+
+
+@pytest.fixture(scope="session")
+def triton_device():
+    dev, reason = triton_device_or_reason()
+    if reason is not None:
+        pytest.skip(f"Triton kernels cannot run here: {reason}")
+    return dev

@@ -1,0 +1,173 @@
+"""Shared helpers of the kernel tests: input generators (random and structured, never zeros),
+routing capture/replay, tolerances and error metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from pisa_kernels import api as pisa_api
+from pisa_kernels.routing import Selection
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+#: Max |a - b| / max(1, max |oracle|) allowed per compute dtype of the inputs (outputs are rounded
+#: to the input dtype: fp16 has 11 significant bits, bf16 8).
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def rand_qkv(b, h, n, d, *, dtype=torch.float32, layout="BHND", seed=0, q_scale=1.0, k_scale=1.0,
+             v_shift=0.0, device="cpu"):
+    """Gaussian q, k, v in the requested layout (contiguous in that layout).  ``v_shift`` gives the
+    values a common offset so that mean-vs-sum bugs in the tail (pitfall 1) are visible."""
+    g = gen(seed)
+    shape = (b, h, n, d) if layout == "BHND" else (b, n, h, d)
+    q = torch.randn(shape, generator=g, dtype=torch.float64) * q_scale
+    k = torch.randn(shape, generator=g, dtype=torch.float64) * k_scale
+    v = torch.randn(shape, generator=g, dtype=torch.float64) + v_shift
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def structured_qkv(b, h, grid, d, *, dtype=torch.float32, layout="BHND", seed=0, device="cpu",
+                   n_extra=0):
+    """DiT-like tokens: ``n_extra`` "text" tokens first (large-norm keys: they attract attention
+    like real sinks), then a 2-D grid whose q/k/v are smooth functions of the position (random
+    Fourier features) plus a little noise, so neighbouring tokens look alike and pooled scores
+    are meaningful; the values carry a common offset."""
+    g = gen(seed)
+    gh, gw = grid
+    yy, xx = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64),
+                            indexing="ij")
+    pos = torch.stack([yy.flatten() / max(1, gh), xx.flatten() / max(1, gw)], dim=-1)  # [G, 2]
+
+    def field(amp):
+        freqs = torch.randn(h, 2, d, generator=g, dtype=torch.float64) * 6.0
+        phase = torch.rand(h, 1, d, generator=g, dtype=torch.float64) * 2 * math.pi
+        f = torch.sin(pos @ freqs + phase) * amp  # [H, G, D]
+        return f + 0.1 * torch.randn(b, h, gh * gw, d, generator=g, dtype=torch.float64)
+
+    q, k, v = field(1.5), field(1.5), field(1.0) + 0.5
+    if n_extra:
+        tq = torch.randn(b, h, n_extra, d, generator=g, dtype=torch.float64)
+        tk = torch.randn(b, h, n_extra, d, generator=g, dtype=torch.float64) * 3.0
+        tv = torch.randn(b, h, n_extra, d, generator=g, dtype=torch.float64)
+        q, k, v = torch.cat([tq, q], 2), torch.cat([tk, k], 2), torch.cat([tv, v], 2)
+    out = []
+    for t in (q, k, v):
+        if layout == "BNHD":
+            t = t.transpose(1, 2).contiguous()
+        out.append(t.to(device=device, dtype=dtype))
+    return tuple(out)
+
+
+def block_constant_qkv(b, h, n, d, *, block, perm=None, dtype=torch.float64, seed=0):
+    """Keys constant inside every key block of the processing order (BHND): then the zeroth-order
+    tail is exact and ``H_j = 0``, so orders 1, 0 and dense attention coincide exactly."""
+    g = gen(seed)
+    q = torch.randn(b, h, n, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, h, n, d, generator=g, dtype=torch.float64) + 0.3
+    nb = -(-n // block)
+    kb = torch.randn(b, h, nb, d, generator=g, dtype=torch.float64) * 1.5
+    kp = kb.repeat_interleave(block, dim=2)[:, :, :n]  # processing order
+    k = torch.empty_like(kp)
+    p = torch.arange(n) if perm is None else perm
+    k[:, :, p] = kp
+    return tuple(t.to(dtype) for t in (q, k, v))
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A BHND tensor as a (contiguous) tensor of ``layout``."""
+    return t if layout == "BHND" else t.transpose(1, 2).contiguous()
+
+
+def strided_variant(t: torch.Tensor, kind: str, seed: int = 0) -> torch.Tensor:
+    """The same values as ``t`` behind unusual strides (the kernels must honour strides, pitfall 8).
+
+    * ``"d2"``: every other element of a twice-wider head dim (non-unit last stride);
+    * ``"n2"``: every other token of a twice-longer sequence;
+    * ``"transposed"``: a ``transpose(1, 2)`` view of the other layout;
+    * ``"offset"``: a slice starting at a non-zero storage offset.
+    """
+    g = gen(seed)
+    if kind == "d2":
+        big = torch.randn(*t.shape[:-1], 2 * t.shape[-1], generator=g, dtype=torch.float64).to(t.dtype)
+        big[..., ::2] = t
+        return big[..., ::2]
+    if kind == "n2":
+        shape = list(t.shape)
+        shape[2] *= 2
+        big = torch.randn(shape, generator=g, dtype=torch.float64).to(t.dtype)
+        big[:, :, ::2] = t
+        return big[:, :, ::2]
+    if kind == "transposed":
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if kind == "offset":
+        big = torch.randn(t.shape[0] + 1, *t.shape[1:], generator=g, dtype=torch.float64).to(t.dtype)
+        big[1:] = t
+        return big[1:]
+    raise ValueError(kind)
+
+
+def max_err(out: torch.Tensor, oracle: torch.Tensor) -> float:
+    """max |out - oracle| / max(1, max |oracle|), in float64 (NaN if either has a NaN)."""
+    a = out.detach().to("cpu", torch.float64)
+    o = oracle.detach().to("cpu", torch.float64)
+    assert a.shape == o.shape, (a.shape, o.shape)
+    if not (torch.isfinite(a).all() and torch.isfinite(o).all()):
+        return math.nan
+    return float((a - o).abs().max()) / max(1.0, float(o.abs().max()))
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    a = out.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    return float((a - r).norm() / r.norm().clamp_min(1e-30))
+
+
+def assert_close_to(out, oracle, tol, what=""):
+    err = max_err(out, oracle)
+    assert err <= tol, f"{what}: max error {err:.3e} > {tol:.1e}"
+
+
+@contextlib.contextmanager
+def capture_routing(replay: Selection | None = None):
+    """Records every routing decision of :func:`pisa_attention` (``api.route`` is looked up at
+    call time) as ``(stats, selection, kwargs)``.  With ``replay``, the routing returns that
+    selection instead, so two backends can be compared on exactly the same blocks (inputs with
+    tied scores, where either choice is correct)."""
+    orig = pisa_api.route
+    log = []
+
+    def wrapped(stats, **kw):
+        sel = orig(stats, **kw)
+        if replay is not None:
+            dev = stats.qbar.device
+            assert replay.mask.shape == sel.mask.shape, (replay.mask.shape, sel.mask.shape)
+            sel = Selection(replay.idx.to(dev), replay.mask.to(dev), replay.count)
+        log.append((stats, sel, kw))
+        return sel
+
+    pisa_api.route = wrapped
+    try:
+        yield log
+    finally:
+        pisa_api.route = orig
+
+
+def selection_of(log) -> Selection:
+    assert len(log) == 1, f"expected one routing call, got {len(log)}"
+    return log[0][1]
+
+
+def same_selection_on_nonempty(mask_a: torch.Tensor, mask_b: torch.Tensor, blen: torch.Tensor, heads: int):
+    """Whether two ``[BH, NQ, NB]`` selections agree on every block that has a valid key (blocks
+    without valid keys contribute nothing either way, so their tie-break is free)."""
+    a, b = mask_a.cpu().bool(), mask_b.cpu().bool()
+    nonempty = (blen.cpu() > 0).repeat_interleave(heads, dim=0)[:, None, :]  # [BH, 1, NB]
+    return bool(((a == b) | ~nonempty).all())
