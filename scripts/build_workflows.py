@@ -202,10 +202,10 @@ def wan21(size_name, unet, width, height, shift, steps, cfg, prefix, intro):
     latent = g.add("EmptyHunyuanLatentVideo", (0, 400), [width, height, 81, 1])
     ms = g.add("ModelSamplingSD3", (420, 0), [shift])
     patch = pisa(g, (420, 100), dense_steps=dense_steps)
-    pos = text_encode(g, clip, (800, 0), VIDEO_PROMPT)
-    neg = text_encode(g, clip, (800, 220), WAN_NEGATIVE, negative=True)
-    ks = g.add("KSampler", (1260, 0), [SEED, "fixed", steps, cfg, "uni_pc", "simple", 1.0])
-    dec = g.add("VAEDecode", (1260, 300), [])
+    pos = text_encode(g, clip, (840, 0), VIDEO_PROMPT)
+    neg = text_encode(g, clip, (840, 220), WAN_NEGATIVE, negative=True)
+    ks = g.add("KSampler", (1320, 0), [SEED, "fixed", steps, cfg, "uni_pc", "simple", 1.0])
+    dec = g.add("VAEDecode", (1320, 300), [])
     g.link(unet_n, ms, "model")
     g.link(ms, patch, "model")
     g.link(patch, ks, "model")
@@ -214,7 +214,7 @@ def wan21(size_name, unet, width, height, shift, steps, cfg, prefix, intro):
     g.link(latent, ks, "latent_image")
     g.link(ks, dec, "samples")
     g.link(vae, dec, "vae")
-    outs = video_out(g, dec, (1620, 0), 16, prefix)
+    outs = video_out(g, dec, (1700, 0), 16, prefix)
     g.group("1 · Load models", [unet_n, clip, vae, latent])
     g.group("2 · PISA sparse attention", [ms, patch], color="#335")
     g.group("3 · Prompt, sample, save", [pos, neg, ks, dec, *outs], color="#444")
@@ -242,24 +242,24 @@ def wan22():
     ms_lo = g.add("ModelSamplingSD3", (420, 580), [8.0])
     p_hi = pisa(g, (420, 100), title="PISA Patch (high noise)", dense_steps=4)
     p_lo = pisa(g, (420, 680), title="PISA Patch (low noise)", dense_steps=0)
-    pos = text_encode(g, clip, (800, 0), VIDEO_PROMPT)
-    neg = text_encode(g, clip, (800, 220), WAN_NEGATIVE, negative=True)
-    k_hi = g.add("KSamplerAdvanced", (1260, 0),
+    pos = text_encode(g, clip, (840, 0), VIDEO_PROMPT)
+    neg = text_encode(g, clip, (840, 220), WAN_NEGATIVE, negative=True)
+    k_hi = g.add("KSamplerAdvanced", (1320, 0),
                  ["enable", SEED, "fixed", 20, 3.5, "euler", "simple", 0, 10, "enable"],
                  title="KSampler (high noise, steps 0-10)")
-    k_lo = g.add("KSamplerAdvanced", (1260, 380),
+    k_lo = g.add("KSamplerAdvanced", (1320, 380),
                  ["disable", 0, "fixed", 20, 3.5, "euler", "simple", 10, 10000, "disable"],
                  title="KSampler (low noise, steps 10-20)")
-    dec = g.add("VAEDecode", (1620, 0), [])
+    dec = g.add("VAEDecode", (1700, 0), [])
     for a, b, name in [(u_hi, ms_hi, "model"), (ms_hi, p_hi, "model"), (p_hi, k_hi, "model"),
                        (u_lo, ms_lo, "model"), (ms_lo, p_lo, "model"), (p_lo, k_lo, "model"),
                        (pos, k_hi, "positive"), (neg, k_hi, "negative"), (latent, k_hi, "latent_image"),
                        (pos, k_lo, "positive"), (neg, k_lo, "negative"), (k_hi, k_lo, "latent_image"),
                        (k_lo, dec, "samples"), (vae, dec, "vae")]:
         g.link(a, b, name)
-    outs = video_out(g, dec, (1620, 100), 16, "pisa/wan22_t2v_14B")
+    outs = video_out(g, dec, (1700, 100), 16, "pisa/wan22_t2v_14B")
     g.group("1 · Load models", [u_hi, u_lo, clip, vae, latent])
-    g.group("2 · PISA sparse attention (one per expert)", [ms_hi, ms_lo, p_hi, p_lo], color="#335")
+    g.group("2 · PISA, one per expert", [ms_hi, ms_lo, p_hi, p_lo], color="#335")
     g.group("3 · Prompt, sample, save", [pos, neg, k_hi, k_lo, dec, *outs], color="#444")
     return g
 
@@ -282,16 +282,16 @@ def hunyuan():
     latent = g.add("EmptyHunyuanLatentVideo", (0, 420), [1280, 720, 129, 1])
     ms = g.add("ModelSamplingSD3", (420, 0), [7.0])
     patch = pisa(g, (420, 100), dense_steps=6)
-    pos = text_encode(g, clip, (800, 0), VIDEO_PROMPT)
-    guid = g.add("FluxGuidance", (800, 220), [6.0])
-    neg = text_encode(g, clip, (800, 330), "", negative=True)
-    ks = g.add("KSampler", (1260, 0), [SEED, "fixed", 30, 1.0, "euler", "simple", 1.0])
-    dec = g.add("VAEDecodeTiled", (1260, 300), [256, 64, 64, 8])
+    pos = text_encode(g, clip, (840, 0), VIDEO_PROMPT)
+    guid = g.add("FluxGuidance", (840, 220), [6.0])
+    neg = text_encode(g, clip, (840, 330), "", negative=True)
+    ks = g.add("KSampler", (1320, 0), [SEED, "fixed", 30, 1.0, "euler", "simple", 1.0])
+    dec = g.add("VAEDecodeTiled", (1320, 300), [256, 64, 64, 8])
     for a, b, name in [(unet_n, ms, "model"), (ms, patch, "model"), (patch, ks, "model"),
                        (pos, guid, "conditioning"), (guid, ks, "positive"), (neg, ks, "negative"),
                        (latent, ks, "latent_image"), (ks, dec, "samples"), (vae, dec, "vae")]:
         g.link(a, b, name)
-    outs = video_out(g, dec, (1620, 0), 24, "pisa/hunyuan_video_t2v_720p")
+    outs = video_out(g, dec, (1700, 0), 24, "pisa/hunyuan_video_t2v_720p")
     g.group("1 · Load models", [unet_n, clip, vae, latent])
     g.group("2 · PISA sparse attention", [ms, patch], color="#335")
     g.group("3 · Prompt, sample, save", [pos, guid, neg, ks, dec, *outs], color="#444")
@@ -315,12 +315,12 @@ def flux():
     vae = g.add("VAELoader", (0, 310), [models[3][0]], models=[models[3]])
     latent = g.add("EmptySD3LatentImage", (0, 420), [1024, 1024, 1])
     patch = pisa(g, (420, 0), sparsity=0.75, dense_steps=4, min_tokens=4096)
-    pos = text_encode(g, clip, (800, 0), IMAGE_PROMPT)
-    guid = g.add("FluxGuidance", (800, 220), [3.5])
-    neg = text_encode(g, clip, (800, 330), "", negative=True)
-    ks = g.add("KSampler", (1260, 0), [SEED, "fixed", 20, 1.0, "euler", "simple", 1.0])
-    dec = g.add("VAEDecode", (1260, 300), [])
-    save = g.add("SaveImage", (1620, 0), ["pisa/flux1_dev"])
+    pos = text_encode(g, clip, (840, 0), IMAGE_PROMPT)
+    guid = g.add("FluxGuidance", (840, 220), [3.5])
+    neg = text_encode(g, clip, (840, 330), "", negative=True)
+    ks = g.add("KSampler", (1320, 0), [SEED, "fixed", 20, 1.0, "euler", "simple", 1.0])
+    dec = g.add("VAEDecode", (1320, 300), [])
+    save = g.add("SaveImage", (1700, 0), ["pisa/flux1_dev"])
     for a, b, name in [(unet_n, patch, "model"), (patch, ks, "model"), (pos, guid, "conditioning"),
                        (guid, ks, "positive"), (neg, ks, "negative"), (latent, ks, "latent_image"),
                        (ks, dec, "samples"), (vae, dec, "vae"), (dec, save, "images")]:
@@ -347,27 +347,28 @@ def ab():
     clip = g.add("CLIPLoader", (0, 130), [UMT5[0], "wan", "default"], models=[UMT5])
     vae = g.add("VAELoader", (0, 290), [WAN_VAE[0]], models=[WAN_VAE])
     latent = g.add("EmptyHunyuanLatentVideo", (0, 400), [832, 480, 81, 1])
-    ms = g.add("ModelSamplingSD3", (420, 0), [8.0])
-    patch = pisa(g, (420, 380), dense_steps=6, verbose=True)
-    pos = text_encode(g, clip, (800, 0), VIDEO_PROMPT)
-    neg = text_encode(g, clip, (800, 220), WAN_NEGATIVE, negative=True)
-    k_dense = g.add("KSampler", (1260, 0), [SEED, "fixed", 30, 6.0, "uni_pc", "simple", 1.0],
+    pos = text_encode(g, clip, (420, 0), VIDEO_PROMPT)
+    neg = text_encode(g, clip, (420, 220), WAN_NEGATIVE, negative=True)
+    ms = g.add("ModelSamplingSD3", (900, 0), [8.0])
+    patch = pisa(g, (900, 380), dense_steps=6, verbose=True)
+    k_dense = g.add("KSampler", (1320, 0), [SEED, "fixed", 30, 6.0, "uni_pc", "simple", 1.0],
                     title="KSampler A: dense (reference)")
-    k_pisa = g.add("KSampler", (1260, 380), [SEED, "fixed", 30, 6.0, "uni_pc", "simple", 1.0],
+    k_pisa = g.add("KSampler", (1320, 380), [SEED, "fixed", 30, 6.0, "uni_pc", "simple", 1.0],
                    title="KSampler B: PISA", color=("#335", "#446"))
-    d_dense = g.add("VAEDecode", (1620, 0), [])
-    d_pisa = g.add("VAEDecode", (1620, 380), [])
-    stitch = g.add("ImageStitch", (1620, 100), ["right", True, 16, "white"], title="Side by side: A | B")
+    d_dense = g.add("VAEDecode", (1700, 0), [])
+    d_pisa = g.add("VAEDecode", (1700, 380), [])
+    stitch = g.add("ImageStitch", (1700, 100), ["right", True, 16, "white"], title="Side by side: A | B")
     for a, b, name in [(unet_n, ms, "model"), (ms, k_dense, "model"), (ms, patch, "model"), (patch, k_pisa, "model"),
                        (pos, k_dense, "positive"), (neg, k_dense, "negative"), (latent, k_dense, "latent_image"),
                        (pos, k_pisa, "positive"), (neg, k_pisa, "negative"), (latent, k_pisa, "latent_image"),
                        (k_dense, d_dense, "samples"), (vae, d_dense, "vae"), (k_pisa, d_pisa, "samples"),
                        (vae, d_pisa, "vae"), (d_dense, stitch, "image1"), (d_pisa, stitch, "image2")]:
         g.link(a, b, name)
-    outs = video_out(g, stitch, (1960, 0), 16, "pisa/ab_dense_vs_pisa")
+    outs = video_out(g, stitch, (2040, 0), 16, "pisa/ab_dense_vs_pisa")
     g.group("1 · Load models", [unet_n, clip, vae, latent])
-    g.group("2 · Dense reference (A) and PISA (B)", [ms, patch, k_dense, k_pisa], color="#335")
-    g.group("3 · Compare", [d_dense, d_pisa, stitch, *outs], color="#444")
+    g.group("2 · Prompt", [pos, neg], color="#444")
+    g.group("3 · Dense reference (A) and PISA (B)", [ms, patch, k_dense, k_pisa], color="#335")
+    g.group("4 · Compare", [d_dense, d_pisa, stitch, *outs], color="#444")
     return g
 
 

@@ -125,3 +125,20 @@ def test_comfyui_loads_the_pack(root):
     if isinstance(defs, str):
         pytest.skip(defs)
     assert defs["pack_loaded"], f"ComfyUI {defs['version']} did not register PISAPatch"
+
+
+def _overlap(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=ids)
+def test_layout_has_no_overlaps(path):
+    """Nodes (with their 30 px title bar) and groups must not cover each other when a user opens it."""
+    wf = load(path)
+    rects = [(n["id"], (n["pos"][0], n["pos"][1] - 30, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]))
+             for n in wf["nodes"]]
+    groups = [(g["title"], (g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+                            g["bounding"][1] + g["bounding"][3])) for g in wf["groups"]]
+    for items in (rects, groups):
+        clashes = [(a, b) for i, (a, ra) in enumerate(items) for b, rb in items[i + 1:] if _overlap(ra, rb)]
+        assert clashes == []
