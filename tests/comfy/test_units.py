@@ -1,0 +1,130 @@
+"""Pure pieces of the node layer: masks, step lookup, token layouts, override chains, call parsing."""
+
+import functools
+import math
+
+import pytest
+import torch
+
+NEG = -torch.finfo(torch.float32).max
+
+
+# ---- key-padding masks -------------------------------------------------------------------------
+
+def test_hunyuan_padding_mask_becomes_kv_valid(pc):
+    mask = torch.zeros(1, 1, 10)
+    mask[..., 7:] = NEG
+    valid = pc.masks.key_padding_valid(mask, batch=2, n=10)
+    assert valid.shape == (2, 10) and valid.dtype == torch.bool
+    assert valid[:, :7].all() and not valid[:, 7:].any()
+
+
+@pytest.mark.parametrize("mask", [
+    torch.zeros(1, 1, 10, 10),  # per-query mask (HunyuanVideo token refiner)
+    torch.full((1, 1, 10), -0.5),  # a soft bias, not padding
+    torch.zeros(3, 1, 10),  # batch of 3 for a batch of 2
+    torch.zeros(4, 10),  # (queries, keys) with 4 queries
+    torch.zeros(1, 1, 9),  # wrong key count
+])
+def test_other_masks_are_not_key_padding(pc, mask):
+    assert pc.masks.key_padding_valid(mask, batch=2, n=10) is None
+
+
+def test_bool_masks_keep_true_keys(pc):
+    mask = torch.tensor([[[True] * 6 + [False] * 4]])
+    assert pc.masks.key_padding_valid(mask, batch=1, n=10)[0].tolist() == [True] * 6 + [False] * 4
+
+
+# ---- steps -------------------------------------------------------------------------------------
+
+def test_step_lookup_matches_exactly_first_then_brackets(pc):
+    schedule = [1.0, 0.75, 0.5, 0.25, 0.0]
+    find = pc.steps.step_in_schedule
+    assert [find(s, schedule) for s in schedule[:-1]] == [0, 1, 2, 3]
+    assert find(0.6, schedule) == 1  # a heun-style intermediate evaluation belongs to the step before
+    assert find(1.5, schedule) is None
+
+
+def test_split_schedule_continues_counting(pc):
+    tracker = pc.steps.ScheduleTracker()
+    first = [1.0, 0.9, 0.7]  # steps 0-1, stops with leftover noise at 0.7
+    assert tracker.offset_for(first) == 0
+    tracker.finished(first, 0)
+    assert tracker.offset_for([0.7, 0.4, 0.0]) == 2
+    tracker.finished([0.7, 0.4, 0.0], 2)
+    assert tracker.offset_for([1.0, 0.5, 0.0]) == 0  # fully denoised before: a new schedule
+
+
+# ---- token layouts -----------------------------------------------------------------------------
+
+def test_text_first_layout_keeps_text_exact_and_tiles_the_image(pc):
+    tl = pc.token_layout
+    layout = tl.TokenLayout("flux", ((4, 6),), tl.START)
+    placement = tl.place(layout, 24 + 5, None)
+    assert placement.exact == ((0, 5),)
+    assert placement.grids == ((5, (4, 6)),)
+
+
+def test_unknown_text_side_keeps_both_ends_exact_in_raster_order(pc):
+    tl = pc.token_layout
+    layout = tl.TokenLayout("hunyuan_video", ((2, 4, 4),), None)
+    assert tl.place(layout, 32 + 3, None) == tl.Placement(exact=((0, 3), (32, 35)), grids=())
+    assert tl.place(layout, 32 + 3, tl.END) == tl.Placement(exact=((32, 35),), grids=((0, (2, 4, 4)),))
+
+
+def test_text_side_evidence(pc):
+    tl = pc.token_layout
+    valid = torch.ones(1, 35, dtype=torch.bool)
+    valid[0, 33:] = False  # padded text at the very end: [img | txt]
+    assert tl.side_from_padding(valid, n_extra=3) == tl.END
+    valid = torch.ones(1, 35, dtype=torch.bool)
+    valid[0, 1:3] = False  # padded text inside the first 3 tokens: [txt | img]
+    assert tl.side_from_padding(valid, n_extra=3) == tl.START
+    assert tl.side_from_padding(torch.ones(1, 35, dtype=torch.bool), n_extra=3) is None
+    assert tl.side_from_img_slice([3, 35], n=35, n_extra=3) == tl.START
+    assert tl.side_from_img_slice(None, n=35, n_extra=3) is None
+
+
+def test_tiled_order_is_a_permutation_with_extras_first(pc):
+    order = pc.token_layout.tiled_order(3 + 2 * 8 * 8 + 4, ((3, (2, 8, 8)),), 64, pc.kernels.tile_permutation)
+    n = 3 + 128 + 4
+    assert sorted(order.tolist()) == list(range(n))
+    assert order[:7].tolist() == [0, 1, 2, 131, 132, 133, 134]
+    assert sorted(order[7:7 + 64].tolist()) == list(range(3, 3 + 64))  # the first 1x8x8 tile: frame 0
+
+
+# ---- override chains ---------------------------------------------------------------------------
+
+def test_chain_search_sees_through_other_packs_closures(pc, pack):
+    state = pc.state.PisaState(pack.pisa_comfy.PisaSettings())
+    ours = pc.override.make_override(state, None)
+
+    def other_pack(previous):
+        def override(func, *args, **kwargs):
+            return previous(func, *args, **kwargs)
+        return override
+
+    wrapped = other_pack(functools.partial(other_pack(ours)))
+    assert pc.override.chain_contains(wrapped, state)
+    assert not pc.override.chain_contains(other_pack(None), state)
+    assert not pc.override.chain_contains(ours, pc.state.PisaState(pack.pisa_comfy.PisaSettings()))
+
+
+# ---- call parsing ------------------------------------------------------------------------------
+
+def test_call_parsing_handles_both_layouts(pc):
+    parse = pc.attention_call.AttentionCall.parse
+    q = torch.randn(2, 10, 3 * 64)
+    wan = parse((q, q, q), {"heads": 3, "transformer_options": {}})
+    assert wan.layout == "BNHD" and wan.dims(q) == (2, 3, 10, 64)
+    assert wan.kernel_inputs()[0].shape == (2, 10, 3, 64)
+    out = torch.randn(2, 10, 3, 64)
+    assert torch.equal(wan.shape_output(out), out.reshape(2, 10, 192))
+
+    q4 = torch.randn(2, 3, 10, 64)
+    flux = parse((q4, q4, q4, 3), {"skip_reshape": True, "mask": None})
+    assert flux.layout == "BHND" and flux.heads == 3
+    assert flux.shape_output(q4).shape == (2, 10, 192)
+    keep = parse((q4, q4, q4, 3), {"skip_reshape": True, "skip_output_reshape": True})
+    assert keep.shape_output(q4) is q4
+    assert math.prod(keep.dims(q4)) == q4.numel()
