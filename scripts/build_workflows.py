@@ -230,8 +230,9 @@ def wan22():
             "half of the steps and a low-noise expert for the rest. Each expert is a separate model, so each "
             "gets its own PISA Patch.\n\n" + file_table(models) + "\n\n"
             "**Settings here.** 1280×720, 81 frames, 20 steps (high noise 0–10, low noise 10–20), "
-            "`sparsity` 0.875 for both. The high-noise expert keeps its first 4 steps dense (20 % of the "
-            "schedule, where the layout forms); the low-noise expert starts at step 10 and runs sparse "
+            "`sparsity` 0.875 for both. PISA counts steps across both samplers (the low-noise one "
+            "continues at step 10), so `dense_steps` 4 on the high-noise expert keeps steps 0-3 dense "
+            "(20 % of the schedule, where the layout forms) and the low-noise expert runs sparse "
             "throughout (`dense_steps` 0).\n\n" + WIDGETS + "\n\n" + SPEED, size=[500, 720])
     u_hi = g.add("UNETLoader", (0, 0), [hi, "default"], title="Load high-noise expert", models=[models[0]])
     u_lo = g.add("UNETLoader", (0, 120), [lo, "default"], title="Load low-noise expert", models=[models[1]])

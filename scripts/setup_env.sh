@@ -34,3 +34,14 @@ for c in "${COMFYUI_PATH:-$HOME/comfy/ComfyUI}" ${PISA_EXTRA_COMFYUI:-}; do
   fi
 done
 echo "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
+
+# --- packaging browser test (tests/packaging/test_browser.py) ----------------------------------
+# Headless Chromium from Debian's `chromium` package. Installed only in CI (CI=true) where apt-get
+# exists; elsewhere the browser test is skipped with a reason when chromium is missing.
+if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+  if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } >/dev/null; then
+    echo "warning: could not install chromium; the browser test will be skipped" >&2
+  fi
+fi

@@ -21,7 +21,7 @@ const PRESETS = {
   fast: { ...BALANCED, sparsity: 0.94, block_size: "128", dense_frac: 0.1,
           hint: "fast: 6% of key blocks exact, 128-token blocks, first 10% of steps dense. Check quality with the A/B workflow." },
   "Wan 2.1 / 2.2 video": { ...BALANCED,
-          hint: "Wan: balanced settings. Wan2.2: use dense_steps 0 on the low-noise expert (it starts mid-schedule)." },
+          hint: "Wan: balanced settings. Wan2.2: steps count across both experts, so the low-noise expert (from step 10) runs sparse unless dense_steps > 10." },
   "HunyuanVideo": { ...BALANCED, hint: "HunyuanVideo: balanced settings; text tokens are few, video tokens dominate." },
   "FLUX image": { ...BALANCED, sparsity: 0.75, dense_frac: 0.2,
           hint: "FLUX: milder sparsity; 1024² is 4096 image tokens plus text, near min_tokens. Gains grow at 1536² and up." },

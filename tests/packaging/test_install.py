@@ -42,20 +42,24 @@ def test_runs_without_torch(tmp_path):
 
 
 def _info(**over):
-    info = {"os": "Linux", "python": "/py/python", "torch": "2.9.1+cu128", "torch_error": None, "cuda": True,
-            "hip": False, "gpus": [("NVIDIA H100", (9, 0))], "triton": "3.5.1", "triton_error": None}
+    info = {"os": "Linux", "python": "/py/python", "torch": "2.9.1+cu128", "torch_error": None, "hip": False,
+            "gpus": [("NVIDIA H100", (9, 0), None)], "triton": "3.5.1", "triton_error": None}
     info.update(over)
     return info
 
 
+NO_TRITON = {"triton": None, "triton_error": "ModuleNotFoundError",
+             "gpus": [("NVIDIA H100", (9, 0), "Triton is not usable (ModuleNotFoundError)")]}
+
+
 @pytest.mark.parametrize("over, expect", [
-    ({}, "Triton kernels (fast path)"),
-    ({"gpus": [("Tesla T4", (7, 5))]}, "need sm80+"),
-    ({"triton": "3.2.0"}, "PyTorch reference path until Triton >= 3.5.1"),
-    ({"triton": None, "triton_error": "ModuleNotFoundError"}, "ships with torch's CUDA wheels"),
-    ({"cuda": False, "gpus": []}, "reference path on the CPU"),
-    ({"hip": True}, "AMD ROCm"),
-    ({"os": "Windows", "triton": None, "torch": "2.9.1+cu128"}, '"triton-windows<3.6"'),
+    ({}, "GPU 'NVIDIA H100' (sm90): Triton kernels (fast path)"),
+    ({"gpus": [("Tesla T4", (7, 5), "GPU capability sm75 is below sm80")]}, "reference path (GPU capability sm75 is below sm80)"),
+    (NO_TRITON, "install a CUDA build of torch"),
+    ({"gpus": []}, "reference path on the CPU"),
+    ({"hip": True, "gpus": [("AMD MI300", (9, 4), "ROCm GPU: the Triton kernels are only validated on NVIDIA GPUs")]},
+     "reference path (ROCm GPU"),
+    ({**NO_TRITON, "os": "Windows"}, '"triton-windows<3.6"'),
     ({"torch": None, "torch_error": "ModuleNotFoundError"}, "ComfyUI's torch is missing"),
 ])
 def test_plan_says_what_runs_where(over, expect):
@@ -63,14 +67,22 @@ def test_plan_says_what_runs_where(over, expect):
     assert expect in text
 
 
+def test_fallback_rule_without_the_pack():
+    mod = _install_module()
+    assert mod._fallback_reason(_info(), (9, 0)) is None
+    assert "below sm80" in mod._fallback_reason(_info(), (7, 5))
+    assert mod._fallback_reason(_info(triton=None, triton_error="x"), (9, 0)).startswith("Triton")
+
+
 def test_windows_install_only_on_request(monkeypatch):
     mod = _install_module()
     calls = []
     monkeypatch.setattr(mod.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
                         subprocess.CompletedProcess(cmd, 0, "", ""))
-    info = _info(os="Windows", triton=None)
+    info = _info(**NO_TRITON, os="Windows")
     monkeypatch.delenv("PISA_INSTALL_TRITON", raising=False)
     assert mod.maybe_install_triton_windows(info) == [] and calls == []
     monkeypatch.setenv("PISA_INSTALL_TRITON", "1")
     assert "installed" in mod.maybe_install_triton_windows(info)[0]
     assert calls == [["/py/python", "-m", "pip", "install", "-U", "triton-windows<3.6"]]
+    assert mod.maybe_install_triton_windows(_info(os="Windows")) == []
