@@ -32,12 +32,13 @@ from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
 
 LOG2E = 1.4426950408889634
 
-#: Centroids per step of the tail scan.
+#: Centroids per step of the tail scan, and its software-pipelining depth.
 TAIL_GROUP = 64
+TAIL_STAGES = 3
 
 #: Programs of the pooling kernel per (batch x head), for parallelism at small batch x heads;
 #: each adds its first-order partial into the head's ``D x D`` fp32 tile with atomics.
-POOL_CHUNKS = 32
+POOL_CHUNKS = 16
 #: ... but at least this many blocks per program, so the atomics stay a small share of the work.
 POOL_MIN_BLOCKS = 8
 
@@ -70,19 +71,20 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, BLEN, HSUM, COVN,
         if HAS_VALID:
             w = w & (tl.load(VALID + b.to(tl.int64) * s_valid_b + rows, mask=inb, other=0) != 0)
         m2 = w[:, None] & dmask[None, :]
-        k = tl.load(kbase + rows[:, None].to(tl.int64) * skn + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
-        v = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_d[None, :], mask=m2, other=0.0).to(tl.float32)
+        k_in = tl.load(kbase + rows[:, None].to(tl.int64) * skn + offs_d[None, :], mask=m2, other=0.0)
+        v_in = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_d[None, :], mask=m2, other=0.0)
         cnt = tl.sum(w.to(tl.float32), axis=0)
-        kbar = tl.sum(k, axis=0) / tl.maximum(cnt, 1.0)
-        vsum = tl.sum(v, axis=0)
+        kbar = tl.sum(k_in.to(tl.float32), axis=0) / tl.maximum(cnt, 1.0)
+        vsum = tl.sum(v_in.to(tl.float32), axis=0)
         out_off = (bh.to(tl.int64) * NB + j) * D + offs_d
         tl.store(KBAR + out_off, kbar, mask=dmask)
         tl.store(VSUM + out_off, vsum, mask=dmask)
         if h == 0:
             tl.store(BLEN + b * NB + j, cnt)
         if MOMENT or COV:
-            kc = tl.where(m2, k - kbar[None, :], 0.0)
-            hj = tl.dot(tl.trans(kc), v)
+            # H_j = sum_n (k_n - kbar) v_n^T = K^T V - kbar vsum^T: one tensor-core product on the
+            # loaded tiles (masked rows are zero) and a rank-one correction, both fp32-accumulated.
+            hj = tl.dot(tl.trans(k_in), v_in) - kbar[:, None] * vsum[None, :]
             if MOMENT:
                 hacc += hj
             if COV:
@@ -117,7 +119,8 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, s_valid_b,
                      N, NB, NQ, H, D, KT, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     GROUP: tl.constexpr, ORDER: tl.constexpr, HAS_VALID: tl.constexpr):
+                     GROUP: tl.constexpr, TAIL_STAGES: tl.constexpr, ORDER: tl.constexpr,
+                     HAS_VALID: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -155,11 +158,11 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
         kok = nmask
         if HAS_VALID:
             kok = kok & (tl.load(VALID + b64 * s_valid_b + rows_n, mask=nmask, other=0) != 0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        qk = tl.where(kok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        # Raw logits; the scale is folded into one FMA with the max (base-2 units).
+        qk = tl.where(kok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -167,20 +170,19 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
     # Phase 2: zeroth-order tail over every non-selected, non-empty block (centroid logits).
     if ORDER >= 0:
         sel_base = SEL + tile * NB
-        for j0 in range(0, NB, GROUP):
+        for j0 in tl.range(0, NB, GROUP, num_stages=TAIL_STAGES):
             offs_j = j0 + tl.arange(0, GROUP)
             jm = offs_j < NB
             cmask = jm[:, None] & dmask[None, :]
             coff = (bh.to(tl.int64) * NB + offs_j[:, None]) * D + offs_d[None, :]
             kb = tl.load(KBAR + coff, mask=cmask, other=0.0)
-            zc = tl.dot(q, tl.trans(kb)) * qk_scale
             chosen = tl.load(sel_base + offs_j, mask=jm, other=1)
             nj = tl.load(BLEN + b64 * NB + offs_j, mask=jm, other=0.0)
             ok = (chosen == 0) & (nj > 0)
-            zc = tl.where(ok[None, :], zc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(zc, axis=1))
+            zc = tl.where(ok[None, :], tl.dot(q, tl.trans(kb)), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(zc, axis=1) * qk_scale)
             alpha = tl.math.exp2(m_i - m_new)
-            w = tl.math.exp2(zc - m_new[:, None])
+            w = tl.math.exp2(zc * qk_scale - m_new[:, None])
             vs = tl.load(VSUM + coff, mask=cmask, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(w.to(vs.dtype), vs)
             l_i = l_i * alpha
@@ -274,6 +276,6 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
         n, nb, nq, h, d, sel.count, scale * LOG2E,
-        BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
+        BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, TAIL_STAGES=TAIL_STAGES, ORDER=eff_order,
         HAS_VALID=valid is not None, num_warps=warps, num_stages=stages)
     return out

@@ -50,28 +50,23 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     nb = num_blocks(n, 64)
     kk = topk_count(sparsity, nb)
     st = tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False)
-    sel = route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False)
-    out = torch.empty_like(q).transpose(1, 2)
     res = {}
     res["pool_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False))
     res["pool_nomoment_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=False, cov=False))
     res["route_ms"] = time_ms(lambda: route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False,
                                             may_have_empty=False))
     res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
-    for block in (64, 128):
-        for order in (1, "drop"):
-            for group in (32, 64):
-                for cfg in [(8, 2), (8, 3), (8, 4)]:
-                    if order == "drop" and group == 32:
-                        continue
-                    tk.CONFIG_OVERRIDE, tk.TAIL_GROUP = cfg, group
-                    try:
-                        ms = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", order=order,
-                                                            block_size=block))
-                    except Exception as exc:  # noqa: BLE001
-                        ms = f"fail {type(exc).__name__}"
-                    res[f"pisa_b{block}_o{order}_g{group}_w{cfg[0]}s{cfg[1]}_ms"] = ms
-    tk.CONFIG_OVERRIDE, tk.TAIL_GROUP = None, 64
+    from pisa_kernels.routing import Selection
+    sel = route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False, may_have_empty=False)
+    out = torch.empty_like(qh)
+    tail_only = Selection(sel.idx, sel.mask, 0)
+    for tstages in (3,):
+        res[f"attend_tail_only_t{tstages}_ms"] = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st,
+                                                         sel=tail_only, scale=d ** -0.5, block=64, order=1))
+    for order in (1, -1):
+        res[f"attend_o{order}_ms"] = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=sel,
+                                                                scale=d ** -0.5, block=64, order=order))
+    tk.TAIL_STAGES = 3
     perm = tiling.tile_permutation((21, 45, 80), block_size=64, device="cuda")
     res["pisa_default_tiled_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD",
                                                                   token_perm=perm))
