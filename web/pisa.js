@@ -109,13 +109,8 @@ function onStats(event) {
   const id = String(d.node ?? "").split(":").pop();
   const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
   if (!node || node.type !== NODE_TYPE) return;
-  const parts = [d.text ?? ""];
-  if (typeof d.calls === "number") {
-    parts.push(`calls ${d.calls}: PISA ${d.pisa_calls ?? "?"}, dense ${d.dense_calls ?? "?"}`
-               + (typeof d.density === "number" ? ` · density ${(100 * d.density).toFixed(1)}%` : "")
-               + (typeof d.attn_ms === "number" ? ` · attention ${d.attn_ms.toFixed(0)} ms` : ""));
-  }
-  showText(node, parts.filter(Boolean).join("\n"));
+  showText(node, d.text || `PISA ${d.pisa_calls}/${d.calls} attention calls sparse, density ${d.density}, `
+                           + `attention ${d.attn_ms} ms`);
 }
 
 app.registerExtension({

@@ -126,7 +126,7 @@ def test_bundled_workflows_in_headless_chromium(tmp_path):
         assert r["prompt_status"] == 200 and r["prompt_errors"].get("node_errors") == {}, (name, r["prompt_errors"])
         pisa = r["pisa"]
         assert pisa["names"][-2:] == ["preset", "pisa_stats"], (name, pisa["names"])
-        assert "360/400" in pisa["stats"] and "density 16.2%" in pisa["stats"], pisa["stats"]
+        assert pisa["stats"] == "PISA 360/400 attention calls sparse", pisa["stats"]
         assert pisa["after"]["sparsity"] == pytest.approx(0.94) and pisa["after"]["block_size"] == "128"
         assert len(pisa["values"]) == 9 and not {"preset", "pisa_stats"} & set(pisa["apiInputs"]), pisa
     assert Path(ARTIFACTS / f"{WORKFLOWS[0].stem}.png").stat().st_size > 10_000
