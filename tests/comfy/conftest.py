@@ -263,13 +263,19 @@ class CallLog:
         self.forwards.append({"sigma": float(to["sigmas"].max()), "calls": []})
         return executor(*args, **kwargs)
 
-    def previous_override(self, func, q, k, v, *args, **kwargs):
-        """A delegating override: becomes PISA's dense path when installed before the node."""
-        dim = 2 if kwargs.get("skip_reshape") else 1
-        if self.forwards:
-            self.forwards[-1]["calls"].append(("dense", q.shape[dim], k.shape[dim]))
-        self.dense_masks.append(kwargs.get("mask"))
-        return func(q, k, v, *args, **kwargs)
+    def previous_override(self):
+        """A delegating override that logs dense calls: PISA's dense path when installed before the
+        node.  A plain function, because v0.3.64 deep-copies model_options on clone (a bound
+        method would be copied together with this log)."""
+
+        def override(func, q, k, v, *args, **kwargs):
+            dim = 2 if kwargs.get("skip_reshape") else 1
+            if self.forwards:
+                self.forwards[-1]["calls"].append(("dense", q.shape[dim], k.shape[dim]))
+            self.dense_masks.append(kwargs.get("mask"))
+            return func(q, k, v, *args, **kwargs)
+
+        return override
 
     def kernel_spy(self, real):
         def spy(q, k, v, **kwargs):
@@ -295,7 +301,7 @@ def call_log(comfy, pc, monkeypatch):
     def install(model):
         m = model.clone()
         m.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = \
-            log.previous_override
+            log.previous_override()
         m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.call_log",
                                log.forward_wrapper)
         return m
