@@ -105,6 +105,15 @@ def sdpa():
 # ---- ComfyUI and tiny models -------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
+def comfy_checkout() -> Path:
+    """The ComfyUI checkout's root, or skip with the reason (for tests that start ComfyUI itself)."""
+    missing = _comfy_missing()
+    if missing:
+        pytest.skip(missing)
+    return COMFY_ROOT
+
+
+@pytest.fixture(scope="session")
 def comfy():
     """ComfyUI's modules (CPU), or skip with the reason."""
     missing = _comfy_missing()
