@@ -1,0 +1,211 @@
+"""The Triton kernels against the PyTorch reference, on small shapes.
+
+On a machine without CUDA they run on CPU tensors under ``TRITON_INTERPRET=1`` (set by
+tests/conftest.py): that is how CI checks the kernels.  Each interpreted call takes about a second,
+so the shapes are tiny and every case is chosen for a feature (orders, partial blocks, N < one
+block, N = 1, masks, token orders, covariance routing, sinks, dense rows, head dims, block sizes,
+batches, layouts, strides).  With CUDA the same tests run the compiled kernels.
+
+bf16 only on the GPU: Triton 3.8's interpreter computes ``tl.dot`` on bf16 inputs wrongly
+(checked with a 16x16 kernel: the result is garbage), so bf16 cases are skipped on CPU and covered by
+test_gpu.py and by these tests on a GPU machine.
+
+Both backends route on their own pooled statistics; on random inputs they must pick the same
+blocks.  Inputs with tied scores (structured ones) replay the reference's selection instead.
+"""
+
+import pytest
+import torch
+
+from pisa_kernels import pisa_attention
+from pisa_kernels import reference as ref_mod
+from pisa_kernels.tiling import joint_permutation, tile_permutation
+from pisa_test_utils import (capture_routing, max_err, rand_qkv, same_selection_on_nonempty, selection_of,
+                             strided_variant, structured_qkv)
+
+
+def tri_tol(dtype, device):
+    if dtype == torch.float32:
+        return 2e-5 if device.type == "cpu" else 3e-3  # tf32 dots on the GPU
+    return {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+
+
+def skip_bf16_interp(dtype, device):
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("Triton 3.8's interpreter computes tl.dot on bf16 inputs wrongly; bf16 is checked on GPU")
+
+
+def to_dev(kw, dev):
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def compare(q, k, v, device, *, replay=False, **kw):
+    """Reference vs Triton on the same inputs (on ``device``); returns the Triton output."""
+    q, k, v = (t.to(device) for t in (q, k, v))
+    kw = to_dev(kw, device)
+    with capture_routing() as log_r:
+        ref, st_r = pisa_attention(q, k, v, backend="reference", return_stats=True, **kw)
+    sel_r = selection_of(log_r)
+    with capture_routing(replay=sel_r if replay else None) as log_t:
+        tri, st_t = pisa_attention(q, k, v, backend="triton", return_stats=True, **kw)
+    sel_t = selection_of(log_t)
+    assert st_t.backend == "triton" and st_r.backend == "reference"
+    assert tri.shape == q.shape and tri.dtype == q.dtype and tri.device == q.device
+    if not replay:
+        heads = q.shape[1] if kw.get("layout", "BHND") == "BHND" else q.shape[2]
+        assert same_selection_on_nonempty(sel_r.mask, sel_t.mask, log_r[0][0].blen, heads), \
+            "Triton and reference routed differently"
+    err = max_err(tri, ref)
+    tol = tri_tol(q.dtype, device)
+    assert err <= tol, f"triton vs reference: {err:.3e} > {tol:.0e} ({kw})"
+    return tri
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order", [1, 0, "drop"])
+def test_orders(dtype, order, triton_device):
+    skip_bf16_interp(dtype, triton_device)
+    q, k, v = rand_qkv(1, 2, 300, 64, dtype=dtype, seed=1, v_shift=0.5)
+    compare(q, k, v, triton_device, sparsity=0.6, order=order)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,block", [(1, 64), (50, 128), (64, 64), (129, 64), (257, 128)])
+def test_lengths_blocks(dtype, n, block, triton_device):
+    """N = 1, N below one block, exact multiples and partial last blocks, both block sizes."""
+    skip_bf16_interp(dtype, triton_device)
+    q, k, v = rand_qkv(1, 2, n, 64, dtype=dtype, seed=n, v_shift=0.5)
+    compare(q, k, v, triton_device, sparsity=0.5, order=1, block_size=block)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [32, 64, 80, 128])
+def test_head_dims(dtype, d, triton_device):
+    """64 and 128 are the targets; 32 and 80 exercise the padded head-dim tile (BLOCK_D > D)."""
+    skip_bf16_interp(dtype, triton_device)
+    q, k, v = rand_qkv(1, 1, 260, d, dtype=dtype, seed=d)
+    compare(q, k, v, triton_device, sparsity=0.6, order=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["lengths", "bool", "empty_block", "empty_batch"])
+def test_masks(dtype, mask_kind, triton_device):
+    skip_bf16_interp(dtype, triton_device)
+    b, n = 2, 260
+    q, k, v = rand_qkv(b, 1, n, 64, dtype=dtype, seed=2, v_shift=0.5)
+    if mask_kind == "lengths":
+        kv_valid = torch.tensor([260, 133])
+    elif mask_kind == "bool":
+        kv_valid = torch.rand(b, n, generator=torch.Generator().manual_seed(3)) < 0.7
+    elif mask_kind == "empty_block":  # whole key blocks without a valid key
+        kv_valid = torch.ones(b, n, dtype=torch.bool)
+        kv_valid[:, 64:192] = False
+    else:  # one batch element has no valid key at all: zeros, not NaN
+        kv_valid = torch.tensor([260, 0])
+    out = compare(q, k, v, triton_device, sparsity=0.6, order=1, kv_valid=kv_valid)
+    if mask_kind == "empty_batch":
+        assert torch.equal(out[1].cpu(), torch.zeros_like(out[1].cpu()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("order", [1, 0, "drop"])
+def test_tiled_perm_and_mask(dtype, order, triton_device):
+    skip_bf16_interp(dtype, triton_device)
+    grid = (13, 21)
+    n = grid[0] * grid[1]
+    q, k, v = rand_qkv(1, 2, n, 64, dtype=dtype, seed=4)
+    perm = tile_permutation(grid)
+    compare(q, k, v, triton_device, sparsity=0.7, order=order, token_perm=perm, kv_valid=torch.tensor([n - 50]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_perm_sinks_dense_rows(dtype, triton_device):
+    skip_bf16_interp(dtype, triton_device)
+    n = 300
+    q, k, v = rand_qkv(2, 1, n, 64, dtype=dtype, seed=5, v_shift=0.5)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(6))
+    mask = torch.rand(2, n, generator=torch.Generator().manual_seed(7)) < 0.8
+    compare(q, k, v, triton_device, sparsity=0.75, order=1, token_perm=perm, kv_valid=mask,
+            sink_kv=[(0, 20), (290, 300)], dense_q=[(0, 20)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [64, 128])
+def test_cov_routing(dtype, block, triton_device):
+    skip_bf16_interp(dtype, triton_device)
+    q, k, v = rand_qkv(1, 1, 330, 64, dtype=dtype, seed=8)
+    k = k * torch.linspace(0.3, 2.0, 330, dtype=dtype)[None, None, :, None]
+    compare(q, k, v, triton_device, sparsity=0.7, order=1, routing="cov", block_size=block,
+            kv_valid=torch.tensor([300]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["BHND", "BNHD"])
+def test_batch_layout_d128(dtype, layout, triton_device):
+    skip_bf16_interp(dtype, triton_device)
+    q, k, v = rand_qkv(2, 1, 200, 128, dtype=dtype, layout=layout, seed=9)
+    compare(q, k, v, triton_device, sparsity=0.5, order=1, layout=layout, block_size=64,
+            kv_valid=torch.tensor([200, 90]))
+
+
+@pytest.mark.parametrize("kind", ["d2", "n2", "transposed", "offset"])
+def test_strided_inputs(kind, triton_device):
+    """Views with unusual strides (the kernels address through strides; a non-unit head-dim
+    stride is copied first) equal the contiguous result."""
+    q, k, v = rand_qkv(2, 1, 200, 64, dtype=torch.float32, seed=10)
+    qs, ks, vs = (strided_variant(t, kind, seed=i) for i, t in enumerate((q, k, v)))
+    compare(qs, ks, vs, triton_device, sparsity=0.6, order=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_structured_joint_replayed(dtype, triton_device):
+    """DiT-like joint attention (text first, tiled grid, padded text keys, text sinks and dense
+    text rows), on the reference's selection."""
+    skip_bf16_interp(dtype, triton_device)
+    grid, n_text = (12, 18), 40
+    q, k, v = structured_qkv(2, 1, grid, 64, dtype=dtype, seed=11, n_extra=n_text)
+    n = q.shape[2]
+    perm = joint_permutation(n, grid, n_text)
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, 30:n_text] = False
+    compare(q, k, v, triton_device, replay=True, sparsity=0.8, order=1, token_perm=perm, kv_valid=valid,
+            sink_kv=[(0, n_text)], dense_q=[(0, n_text)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_high_sparsity_single_block(dtype, triton_device):
+    """k = 1 (sparsity 0.99): the tail carries almost all the mass."""
+    q, k, v = rand_qkv(1, 1, 500, 64, dtype=dtype, seed=12, v_shift=1.0)
+    compare(q, k, v, triton_device, sparsity=0.99, order=1)
+
+
+# --- the pre-scan on its own ---
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,block", [(1, 64), (130, 64), (300, 128), (700, 64)])
+@pytest.mark.parametrize("perm_on,valid_on,cov", [(False, False, False), (True, True, True)])
+def test_pool_stats_match_reference(dtype, n, block, perm_on, valid_on, cov, triton_device):
+    """The fused pre-scan (block means, value sums, valid counts, mean first-order moment, per-block
+    ``||H_j||_F``, query-tile means) equals the reference pooling in the processing order."""
+    from pisa_kernels import triton_kernels as tk
+
+    b, h, d = 2, 2, 64
+    q, k, v = (t.to(triton_device) for t in rand_qkv(b, h, n, d, dtype=dtype, seed=n + block))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(triton_device) if perm_on else None
+    valid = (torch.rand(b, n, generator=torch.Generator().manual_seed(2)) < 0.7).to(triton_device) \
+        if valid_on else None
+    # Both pre-scans take the tokens in the processing order (the API gathers them once).
+    qp, kp, vp = (t if perm is None else t.index_select(2, perm) for t in (q, k, v))
+    validp = None if valid is None else (valid if perm is None else valid.index_select(1, perm))
+    st_t = tk.pool(qp, kp, vp, valid=None if validp is None else validp.to(torch.int8).contiguous(),
+                   block=block, first_order=True, cov=cov)
+    st_r = ref_mod.pool(qp, kp, vp, validp, block, first_order=True, cov=cov)
+    tol = 1e-5 if triton_device.type == "cpu" else 2e-3
+    for name in ("qbar", "kbar", "vsum", "blen", "hmean") + (("covnorm",) if cov else ()):
+        a, r = getattr(st_t, name), getattr(st_r, name)
+        assert a.shape == r.shape, (name, a.shape, r.shape)
+        assert max_err(a, r) <= tol, f"{name}: {max_err(a, r):.2e}"
