@@ -26,7 +26,10 @@ if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
 fi
 "${PIP[@]}" -r requirements-dev.txt
 # ComfyUI's own requirements, when a checkout is present (the node tests import the real `comfy`).
-for c in "${COMFYUI_PATH:-$HOME/comfy/ComfyUI}" ${PISA_EXTRA_COMFYUI:-}; do
+# PISA_EXTRA_COMFYUI: more checkouts the tests also run against (default: v0.3.64 where it exists;
+# set it empty to skip).  They go first, so where versions pin different front-end packages the
+# main checkout ($COMFYUI_PATH) gets its own; ComfyUI only warns about a mismatched front-end.
+for c in ${PISA_EXTRA_COMFYUI-$HOME/comfy/ComfyUI-v0.3.64} "${COMFYUI_PATH:-$HOME/comfy/ComfyUI}"; do
   if [ -f "$c/requirements.txt" ]; then
     grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$c/requirements.txt" \
       | grep -v -E '^\s*(#|$)' > "$VENV/comfy-reqs.txt"
