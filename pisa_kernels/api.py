@@ -8,6 +8,7 @@ the block geometry, so they compute the same function.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -47,14 +48,17 @@ def _norm_order(order) -> int:
     raise ValueError(f"order must be 1, 0, 'drop' or -1, got {order!r}")
 
 
-def _token_mask(arg: Ranges, n: int, device: torch.device, name: str) -> torch.Tensor | None:
-    """Ranges ``[(start, end), ...]`` (or a bool tensor ``[N]``) -> bool ``[N]``, or None if empty."""
+def _token_mask(arg: Ranges, n: int, name: str) -> torch.Tensor | None:
+    """Ranges ``[(start, end), ...]`` (or a bool tensor ``[N]``) -> CPU bool ``[N]``, or None if empty.
+
+    Kept on the CPU: block counts derived from it are host integers, so no device sync is needed.
+    """
     if arg is None:
         return None
     if isinstance(arg, torch.Tensor):
         if arg.dtype != torch.bool or arg.shape != (n,):
             raise ValueError(f"{name} as a tensor must be bool of shape ({n},), got {arg.dtype} {tuple(arg.shape)}")
-        mask = arg.to(device)
+        mask = arg.cpu()
     else:
         mask = torch.zeros(n, dtype=torch.bool)
         for r in arg:
@@ -64,40 +68,54 @@ def _token_mask(arg: Ranges, n: int, device: torch.device, name: str) -> torch.T
             if not 0 <= s <= e <= n:
                 raise ValueError(f"{name} range ({s}, {e}) is outside [0, {n}]")
             mask[s:e] = True
-        mask = mask.to(device)
     return mask if bool(mask.any()) else None
 
 
 def _valid_mask(kv_valid, b: int, n: int, device: torch.device) -> torch.Tensor | None:
-    """``kv_valid`` (bool ``[B, N]`` or int lengths ``[B]``) -> bool ``[B, N]``, or None if all valid."""
+    """``kv_valid`` (bool ``[B, N]`` or int lengths ``[B]``) -> bool ``[B, N]`` on ``device``."""
     if kv_valid is None:
         return None
     if not isinstance(kv_valid, torch.Tensor):
         kv_valid = torch.as_tensor(kv_valid)
-    kv_valid = kv_valid.to(device)
     if kv_valid.dtype == torch.bool:
         if kv_valid.shape != (b, n):
             raise ValueError(f"kv_valid mask must have shape ({b}, {n}), got {tuple(kv_valid.shape)}")
-        mask = kv_valid
-    elif not kv_valid.is_floating_point() and kv_valid.shape == (b,):
-        if bool((kv_valid < 0).any()) or bool((kv_valid > n).any()):
+        return kv_valid.to(device)
+    if not kv_valid.is_floating_point() and kv_valid.shape == (b,):
+        lengths = kv_valid.cpu()
+        if bool((lengths < 0).any()) or bool((lengths > n).any()):
             raise ValueError(f"kv_valid lengths must be in [0, {n}]")
-        mask = torch.arange(n, device=device).unsqueeze(0) < kv_valid.unsqueeze(1)
-    else:
-        raise ValueError("kv_valid must be a bool mask [B, N] or integer lengths [B]")
-    return None if bool(mask.all()) else mask
+        return torch.arange(n, device=device).unsqueeze(0) < lengths.to(device).unsqueeze(1)
+    raise ValueError("kv_valid must be a bool mask [B, N] or integer lengths [B]")
 
 
-def _check_perm(perm, n: int, device: torch.device) -> torch.Tensor | None:
+#: Permutations already checked: id -> (weak reference, version, CPU copy).  Callers such as the
+#: ComfyUI node pass the same permutation tensor on every call; checking it once avoids a device
+#: synchronisation per call.
+_PERM_CACHE: dict[int, tuple] = {}
+_PERM_CACHE_SIZE = 32
+
+
+def _check_perm(perm, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Validate ``token_perm``; return it on ``device`` (int64) and on the CPU."""
     if perm is None:
         return None
-    if not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.numel() != n or perm.is_floating_point():
+    if not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.numel() != n or perm.is_floating_point() \
+            or perm.dtype == torch.bool:
         raise ValueError(f"token_perm must be an integer tensor of {n} entries")
-    perm = perm.to(device=device, dtype=torch.int64)
-    if not bool((torch.bincount(perm.clamp(0, n - 1), minlength=n) == 1).all()) or \
-            bool((perm < 0).any()) or bool((perm >= n).any()):
-        raise ValueError("token_perm must be a permutation of range(N)")
-    return perm
+    hit = _PERM_CACHE.get(id(perm))
+    if hit is not None and hit[0]() is perm and hit[1] == perm._version:
+        perm_cpu = hit[2]
+    else:
+        perm_cpu = perm.detach().cpu().to(torch.int64)
+        if bool((perm_cpu < 0).any()) or bool((perm_cpu >= n).any()) or \
+                not bool((torch.bincount(perm_cpu, minlength=n) == 1).all()):
+            raise ValueError("token_perm must be a permutation of range(N)")
+        if len(_PERM_CACHE) >= _PERM_CACHE_SIZE:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[id(perm)] = (weakref.ref(perm), perm._version, perm_cpu)
+    perm_dev = perm if (perm.device == device and perm.dtype == torch.int64) else perm.to(device, torch.int64)
+    return perm_dev, perm_cpu
 
 
 def _validate_qkv(q, k, v, layout: str):
@@ -171,10 +189,11 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     scale = float(scale)
     dev = q.device
-    sink = _token_mask(sink_kv, n, dev, "sink_kv")
-    dense_rows = _token_mask(dense_q, n, dev, "dense_q")
+    sink = _token_mask(sink_kv, n, "sink_kv")
+    dense_rows = _token_mask(dense_q, n, "dense_q")
     valid = _valid_mask(kv_valid, b, n, dev)
-    perm = _check_perm(token_perm, n, dev)
+    perms = _check_perm(token_perm, n, dev)
+    perm = perms[0] if perms is not None else None
 
     be = resolve_backend(backend, dev)
     if be == "triton" and (d > TRITON_MAX_HEAD_DIM or q.dtype == torch.float64):
@@ -192,12 +211,14 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
     if perm is not None:
         qp, kp, vp = (t.index_select(seq_dim, perm) for t in (q, k, v))
         valid_p = valid.index_select(1, perm) if valid is not None else None
-        sink = sink[perm] if sink is not None else None
-    forced = forced_blocks_from_tokens(sink, block_size)
+        sink = sink[perms[1]] if sink is not None else None
+    forced = forced_blocks_from_tokens(sink, block_size)  # CPU
+    n_forced = int(forced.sum()) if forced is not None else 0
+    forced_dev = forced.to(dev, non_blocking=True) if forced is not None else None
 
     def route_fn(stats):
-        return route(stats, scale=scale, k=k_top, heads=h, forced_blocks=forced, cov=cov,
-                     may_have_empty=valid is not None)
+        return route(stats, scale=scale, k=k_top, heads=h, forced_blocks=forced_dev, n_forced=n_forced,
+                     cov=cov, may_have_empty=valid is not None)
 
     qh, kh, vh = (t if layout == "BHND" else t.transpose(1, 2) for t in (qp, kp, vp))
     out = torch.empty(q.shape, dtype=q.dtype, device=dev)  # caller's layout, processing order
@@ -224,7 +245,7 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
 
     if not return_stats:
         return out
-    kt = min(nb, k_top + (int(forced.sum()) if forced is not None else 0))
+    kt = min(nb, k_top + n_forced)
     stats = PisaStats(backend=be, blocks=nb, exact_blocks=kt, density=kt / nb, order=order_i,
                       dense_rows=n_dense)
     return out, stats
@@ -232,7 +253,7 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
 
 def _dense_rows_inplace(qh, kh, vh, out_h, rows: torch.Tensor, valid, scale: float) -> None:
     """Overwrite the output of ``rows`` (bool [N]) with exact attention over all (valid) keys."""
-    idx = rows.nonzero().squeeze(1)
+    idx = rows.nonzero().squeeze(1).to(qh.device)
     qr = qh.index_select(2, idx)
     mask = None if valid is None else valid[:, None, None, :]
     # Chunk the rows so the math fallback of SDPA never builds a huge [rows, N] matrix per head.

@@ -21,7 +21,7 @@ QUERY_TILE = 128
 COV_EPS = 1e-5
 
 #: Bytes of scratch the score map may take per routing chunk.
-_ROUTING_CHUNK_BYTES = 64 << 20
+_ROUTING_CHUNK_BYTES = 16 << 20
 
 
 @dataclass
@@ -66,19 +66,19 @@ class Selection:
         return self.count == self.mask.shape[-1]
 
 
-def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks: torch.Tensor | None,
-          cov: bool, may_have_empty: bool = True) -> Selection:
+def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks: torch.Tensor | None = None,
+          n_forced: int = 0, cov: bool = False, may_have_empty: bool = True) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
     first-order residual is large go to the exact path, where the Taylor tail would be least
     accurate).  Forced blocks come on top of the ``k`` budget; blocks without any valid key are
     never preferred over a block with one (``may_have_empty=False`` skips that step when the
-    caller knows every block has a valid key).
+    caller knows every block has a valid key).  ``n_forced`` is the host-side count of
+    ``forced_blocks`` (passed in so routing never synchronises with the device).
     """
     bh, nq, _ = stats.qbar.shape
     nb = stats.kbar.shape[1]
-    n_forced = int(forced_blocks.sum()) if forced_blocks is not None else 0
     kt = min(nb, k + n_forced)
     device = stats.qbar.device
     idx = torch.empty(bh, nq, kt, dtype=torch.int32, device=device)
@@ -106,7 +106,7 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
 
 
 def forced_blocks_from_tokens(sink_tokens: torch.Tensor | None, block: int) -> torch.Tensor | None:
-    """Blocks (in the processing order) that contain any sink token.  ``sink_tokens``: bool [N]."""
+    """Blocks (in the processing order) that contain any sink token.  ``sink_tokens``: CPU bool [N]."""
     if sink_tokens is None or not bool(sink_tokens.any()):
         return None
     n = sink_tokens.numel()
