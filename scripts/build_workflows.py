@@ -8,7 +8,6 @@ used (the tests check that against real checkouts); widget values are positional
 each node's INPUT_TYPES, with the extra `control_after_generate` value after every seed.
 """
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -403,4 +402,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
