@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
     ap.add_argument("--block-size", type=int, default=64, choices=[64, 128])
     ap.add_argument("--json", help="write rows and environment to this file")
+    ap.add_argument("--md", help="write the table as markdown (with the environment) to this file")
+    ap.add_argument("--extra-n", nargs="*", type=int, default=[],
+                    help="also time these sequence lengths (H=24, B=1): the dense/sparse crossover")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("pisa_kernels.bench needs a CUDA GPU (the kernels are timed against cuDNN); "
@@ -189,10 +192,38 @@ def main(argv=None) -> int:
             sps = tuple(args.sparsities) + ((0.85,) if name == "flux1024" and 0.85 not in args.sparsities else ())
             rows += bench_shape(name, n, h, data=data, sparsities=sps, block=args.block_size)
             print(format_table([r for r in rows if r["shape"] == name and r["data"] == data]), flush=True)
+    for n in args.extra_n:
+        for data in args.data:
+            rows += bench_shape(f"N{n}", n, 24, data=data, sparsities=(0.75, 0.875), orders=(1,),
+                                block=args.block_size)
+            print(format_table([r for r in rows if r["shape"] == f"N{n}" and r["data"] == data]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, rows=rows), f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown_table(rows, env, " ".join(sys.argv)))
     return 0
+
+
+def markdown_table(rows: list[dict], env: dict, command: str) -> str:
+    """The benchmark as a markdown section: environment, command, one row per measurement."""
+    base = {(r["shape"], r["data"]): r["ms"] for r in rows if r["method"] == "dense-cudnn"}
+    out = [f"Measured {env['date']} on {env['gpu']}; torch {env['torch']}, Triton {env['triton']}, "
+           f"CUDA {env['cuda']}, cuDNN {env['cudnn']}.  Command: `{command}`", "",
+           "| shape | data | method | sparsity | ms | vs cuDNN | eff. TFLOP/s | rel. L2 vs dense |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sp = "-" if (r["sparsity"] == 0.0 or math.isnan(r["sparsity"])) else f"{r['sparsity']:.3f}"
+        out.append(f"| {r['shape']} | {r['data']} | {r['method']} | {sp} | {r['ms']:.3f} | "
+                   f"{base[(r['shape'], r['data'])] / r['ms']:.2f}x | {r['tflops']:.0f} | {r['err']:.4f} |")
+    notes = [r for r in rows if "prescan_routing_ms" in r]
+    if notes:
+        out += ["", "Pre-scan + routing share and extra GPU memory (order 1, sparsity 0.875):", ""]
+        out += [f"- {r['shape']} ({r['data']}): pre-scan + routing {r['prescan_routing_ms']:.2f} ms = "
+                f"{100 * r['prescan_routing_ms'] / r['ms']:.1f}% of the call; extra memory {r['extra_mem_mb']:.0f} MiB "
+                f"= {100 * r['extra_mem_mb'] / r['qkv_mb']:.1f}% of q+k+v" for r in notes]
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -258,8 +258,9 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool) -> PooledS
 
 
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
-           order: int) -> torch.Tensor:
-    """Run the fused forward kernel, writing into ``out`` (a ``[B, H, N, D]`` view)."""
+           order: int, return_kernel: bool = False):
+    """Run the fused forward kernel, writing into ``out`` (a ``[B, H, N, D]`` view).  With
+    ``return_kernel`` it returns Triton's compiled kernel (register and spill counts) instead."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     dev = q.device
@@ -270,7 +271,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     hmean = (stats.hmean * scale).to(lp) if eff_order == 1 else kbar
     valid_t = valid if valid is not None else stats.blen
     warps, stages = _launch_config(_block_d(d), dev, q.dtype)
-    _pisa_fwd_kernel[(nq, b * h)](
+    compiled = _pisa_fwd_kernel[(nq, b * h)](
         q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hmean,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -278,4 +279,4 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
         n, nb, nq, h, d, sel.count, scale * LOG2E,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, TAIL_STAGES=TAIL_STAGES, ORDER=eff_order,
         HAS_VALID=valid is not None, num_warps=warps, num_stages=stages)
-    return out
+    return compiled if return_kernel else out

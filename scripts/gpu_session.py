@@ -70,6 +70,10 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     perm = tiling.tile_permutation((21, 45, 80), block_size=64, device="cuda")
     res["pisa_default_tiled_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD",
                                                                   token_perm=perm))
+    for order in (1, -1):
+        compiled = tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=sel, scale=d ** -0.5, block=64,
+                             order=order, return_kernel=True)
+        res[f"kernel_o{order}_regs_spills"] = (compiled.n_regs, compiled.n_spills)
     print(json.dumps(res, indent=1))
     return res
 

@@ -27,14 +27,30 @@ fi
 "${PIP[@]}" -r requirements-dev.txt
 # ComfyUI's own requirements, when a checkout is present (the node tests import the real `comfy`).
 # PISA_EXTRA_COMFYUI: more checkouts the tests also run against (default: v0.3.64 where it exists;
-# set it empty to skip).  They go first, so where versions pin different front-end packages the
-# main checkout ($COMFYUI_PATH) gets its own; ComfyUI only warns about a mismatched front-end.
-for c in ${PISA_EXTRA_COMFYUI-$HOME/comfy/ComfyUI-v0.3.64} "${COMFYUI_PATH:-$HOME/comfy/ComfyUI}"; do
-  if [ -f "$c/requirements.txt" ]; then
-    grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$c/requirements.txt" \
-      | grep -v -E '^\s*(#|$)' > "$VENV/comfy-reqs.txt"
-    "${PIP[@]}" -r "$VENV/comfy-reqs.txt" || echo "warning: some ComfyUI requirements of $c did not install" >&2
+# set it empty to skip).  Their front-end packages (comfyui-*) pin other versions than the main
+# checkout's and an old server cannot start with the new ones, so they go to a side folder,
+# $VENV/comfy-frontends/<checkout folder>, that tests put on PYTHONPATH when they start that server.
+comfy_reqs() {  # requirements of checkout $1 without torch*; $2 = "frontend" / "rest" / "all"
+  grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ].*)?$' "$1/requirements.txt" | grep -v -E '^\s*(#|$)' \
+    | case "$2" in frontend) grep -E '^comfyui-' ;; rest) grep -v -E '^comfyui-' ;; *) cat ;; esac || true
+}
+MAIN_COMFY="${COMFYUI_PATH:-$HOME/comfy/ComfyUI}"
+for c in "$MAIN_COMFY" ${PISA_EXTRA_COMFYUI-$HOME/comfy/ComfyUI-v0.3.64}; do
+  [ -f "$c/requirements.txt" ] || continue
+  if [ "$c" = "$MAIN_COMFY" ]; then
+    comfy_reqs "$c" all > "$VENV/comfy-reqs.txt"
+  else
+    comfy_reqs "$c" rest > "$VENV/comfy-reqs.txt"
+    side="$VENV/comfy-frontends/$(basename "$c")"
+    comfy_reqs "$c" frontend > "$VENV/comfy-frontend-reqs.txt"
+    if ! cmp -s "$VENV/comfy-frontend-reqs.txt" "$side/.requirements" 2>/dev/null; then
+      rm -rf "$side" && mkdir -p "$side"
+      "${PIP[@]}" --no-deps --target "$side" -r "$VENV/comfy-frontend-reqs.txt" \
+        && cp "$VENV/comfy-frontend-reqs.txt" "$side/.requirements" \
+        || echo "warning: the front-end packages of $c did not install" >&2
+    fi
   fi
+  "${PIP[@]}" -r "$VENV/comfy-reqs.txt" || echo "warning: some ComfyUI requirements of $c did not install" >&2
 done
 echo "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
 
