@@ -33,6 +33,7 @@ def test_wan_reference_frame_tokens_stay_exact(comfy, pack, pc, call_log):
     import comfy.ops
     from comfy.ldm.wan.model import WanModel
 
+    torch.manual_seed(0)
     wan = WanModel(model_type="t2v", patch_size=(1, 2, 2), text_len=16, in_dim=16, dim=256, ffn_dim=512,
                    freq_dim=256, text_dim=64, out_dim=16, num_heads=2, num_layers=2, in_dim_ref_conv=16,
                    device="cpu", dtype=torch.float32, operations=comfy.ops.disable_weight_init)
