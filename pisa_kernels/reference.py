@@ -54,7 +54,7 @@ def pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor 
     safe = blen.clamp_min(1.0).view(b, 1, -1, 1)
     kbar = kb.sum(dim=-2) / safe  # [B, H, NB, D]
     vsum = vb.sum(dim=-2)
-    hmean = covnorm = None
+    hsum = covnorm = None
     if first_order or cov:
         kc = (kb - kbar.unsqueeze(-2)) * wb  # centred valid keys
         htot = torch.einsum("bhjnd,bhjne->bhde", kc, vb)
@@ -65,10 +65,9 @@ def pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor 
             covnorm = torch.cat([torch.einsum("bhjnd,bhjne->bhjde", kc[:, :, s:s + step], vb[:, :, s:s + step])
                                  .flatten(-2).norm(dim=-1) for s in range(0, nb, step)], dim=2).reshape(b * h, -1)
         if first_order:
-            total = blen.sum(dim=-1).clamp_min(1.0).view(b, 1, 1, 1)
-            hmean = (htot / total).reshape(b * h, d, d)
+            hsum = htot.reshape(b * h, d, d)
     return PooledStats(qbar=qbar.reshape(b * h, -1, d), kbar=kbar.reshape(b * h, -1, d),
-                       vsum=vsum.reshape(b * h, -1, d), blen=blen, hmean=hmean, covnorm=covnorm)
+                       vsum=vsum.reshape(b * h, -1, d), blen=blen, hsum=hsum, covnorm=covnorm)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
@@ -83,6 +82,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
     key_block = torch.arange(n, device=q.device) // block  # [N]
     tiles_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, QUERY_TILE * n))
     tail = order >= 0 and not sel.all_blocks
+    hmean = stats.hmean if order == 1 else None
     for bi in range(b):
         kf, vf = k[bi].to(ct), v[bi].to(ct)  # [H, N, D]
         for hi in range(h):
@@ -112,7 +112,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
                     num = num + wgt @ stats.vsum[row]
                     g = wgt @ stats.blen[bi]
                     if order == 1:
-                        num = num + g[:, None] * scale * (qq @ stats.hmean[row])
+                        num = num + g[:, None] * scale * (qq @ hmean[row])
                     den = den + g
                 out[bi, hi, r0:r1] = torch.where(den[:, None] > 0, num / den.clamp_min(1e-30)[:, None],
                                                   torch.zeros_like(num))

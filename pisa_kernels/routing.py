@@ -28,15 +28,27 @@ _ROUTING_CHUNK_BYTES = 16 << 20
 class PooledStats:
     """Per-block statistics of one attention call, in the processing order.
 
-    ``BH`` is batch x heads (batch-major).  All tensors are float32.
+    ``BH`` is batch x heads (batch-major).  All tensors are float32, except the optional
+    low-precision copies the Triton pre-scan writes for the forward kernel's tensor-core products.
     """
 
-    qbar: torch.Tensor  # [BH, NQ, D]  mean query of each query tile
+    qbar: torch.Tensor | None  # [BH, NQ, D]  mean query of each query tile (None: pooled in routing)
     kbar: torch.Tensor  # [BH, NB, D]  mean of the valid keys of each key block (0 if none)
     vsum: torch.Tensor  # [BH, NB, D]  SUM of the values of the valid keys of each key block
     blen: torch.Tensor  # [B, NB]      number of valid keys of each key block
-    hmean: torch.Tensor | None  # [BH, D, D]  sum_j sum_n (k - kbar_j) v^T, divided by the valid keys
+    hsum: torch.Tensor | None  # [BH, D, D]  first-order moment sum_j sum_n (k_n - kbar_j) v_n^T
     covnorm: torch.Tensor | None  # [BH, NB]  ||H_j||_F, for covariance routing
+    kbar_lp: torch.Tensor | None = None  # kbar in the input dtype
+    vsum_lp: torch.Tensor | None = None  # vsum in the input dtype
+
+    @property
+    def hmean(self) -> torch.Tensor | None:
+        """The moment per valid key, ``hsum / (valid keys of the batch)``: the hybrid term's H."""
+        if self.hsum is None:
+            return None
+        b = self.blen.shape[0]
+        total = self.blen.sum(dim=-1).clamp_min(1.0).repeat_interleave(self.hsum.shape[0] // b)
+        return self.hsum / total.view(-1, 1, 1)
 
 
 def num_blocks(n: int, block: int) -> int:
@@ -90,7 +102,8 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
     rows = max(1, _ROUTING_CHUNK_BYTES // max(1, nq * nb * 4))
     for s in range(0, bh, rows):
         e = min(bh, s + rows)
-        score = torch.bmm(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2)).mul_(scale)
+        buf = torch.empty(e - s, nq, nb, dtype=stats.kbar.dtype, device=device)
+        score = torch.baddbmm(buf, stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
         if cov and stats.covnorm is not None:
             score.add_(torch.log(stats.covnorm[s:e] + COV_EPS).unsqueeze(1))
         if may_have_empty:

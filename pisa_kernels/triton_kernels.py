@@ -46,11 +46,11 @@ _RUNTIME_INTS = ["N", "NB", "NQ", "KT", "blocks_per_prog"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _pool_k_kernel(K, V, VALID, KBAR, VSUM, BLEN, HSUM, COVN,
+def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VSUM_LP, BLEN, HSUM, COVN,
                    skb, skh, skn, svb, svh, svn, s_valid_b,
                    N, NB, H, D, blocks_per_prog,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
-                   MOMENT: tl.constexpr, COV: tl.constexpr):
+                   MOMENT: tl.constexpr, COV: tl.constexpr, WRITE_LP: tl.constexpr):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -79,6 +79,9 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, BLEN, HSUM, COVN,
         out_off = (bh.to(tl.int64) * NB + j) * D + offs_d
         tl.store(KBAR + out_off, kbar, mask=dmask)
         tl.store(VSUM + out_off, vsum, mask=dmask)
+        if WRITE_LP:
+            tl.store(KBAR_LP + out_off, kbar.to(KBAR_LP.dtype.element_ty), mask=dmask)
+            tl.store(VSUM_LP + out_off, vsum.to(VSUM_LP.dtype.element_ty), mask=dmask)
         if h == 0:
             tl.store(BLEN + b * NB + j, cnt)
         if MOMENT or COV:
@@ -115,9 +118,9 @@ def _pool_q_kernel(Q, QBAR, sqb, sqh, sqn, N, NQ, H, D,
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
-def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
+def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HSUM,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, s_valid_b,
-                     N, NB, NQ, H, D, KT, qk_scale,
+                     N, NB, NQ, H, D, KT, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      GROUP: tl.constexpr, TAIL_STAGES: tl.constexpr, ORDER: tl.constexpr,
                      HAS_VALID: tl.constexpr):
@@ -169,6 +172,7 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
 
     # Phase 2: zeroth-order tail over every non-selected, non-empty block (centroid logits).
     if ORDER >= 0:
+        total = 0.0  # valid keys of this batch element, for the mean moment of phase 3
         sel_base = SEL + tile * NB
         for j0 in tl.range(0, NB, GROUP, num_stages=TAIL_STAGES):
             offs_j = j0 + tl.arange(0, GROUP)
@@ -178,6 +182,7 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
             kb = tl.load(KBAR + coff, mask=cmask, other=0.0)
             chosen = tl.load(sel_base + offs_j, mask=jm, other=1)
             nj = tl.load(BLEN + b64 * NB + offs_j, mask=jm, other=0.0)
+            total += tl.sum(nj, axis=0)
             ok = (chosen == 0) & (nj > 0)
             zc = tl.where(ok[None, :], tl.dot(q, tl.trans(kb)), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(zc, axis=1) * qk_scale)
@@ -188,10 +193,11 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HMEAN,
             l_i = l_i * alpha
             g_i = g_i * alpha + tl.sum(w * nj[None, :], axis=1)
             m_i = m_new
-        # Phase 3: hybrid first order, g * (scale * q @ Hmean); HMEAN already holds scale * Hmean.
+        # Phase 3: hybrid first order, g * scale * q @ (HSUM / valid keys).
         if ORDER == 1:
-            hm = tl.load(HMEAN + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :],
+            hm = tl.load(HSUM + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :],
                          mask=dmask[:, None] & dmask[None, :], other=0.0)
+            hm = (hm * (sm_scale / tl.maximum(total, 1.0))).to(q.dtype)
             acc += g_i[:, None] * tl.dot(q, hm)
 
     den = l_i + g_i
@@ -239,22 +245,22 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool) -> PooledS
     chunks = -(-nb // bpp)
     hsum = torch.zeros(b * h, d, d, dtype=torch.float32, device=dev) if first_order else kbar
     covn = torch.empty(b * h, nb, dtype=torch.float32, device=dev) if cov else kbar
+    lp = q.dtype in (torch.float16, torch.bfloat16)
+    kbar_lp = torch.empty(b * h, nb, d, dtype=q.dtype, device=dev) if lp else kbar
+    vsum_lp = torch.empty_like(kbar_lp) if lp else vsum
     valid_t = valid if valid is not None else blen
     _pool_k_kernel[(chunks, b * h)](
-        k, v, valid_t, kbar, vsum, blen, hsum, covn,
+        k, v, valid_t, kbar, vsum, kbar_lp, vsum_lp, blen, hsum, covn,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         valid.stride(0) if valid is not None else 0,
         n, nb, h, d, bpp,
-        BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, num_warps=4)
+        BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp,
+        num_warps=4)
     qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
     _pool_q_kernel[(nq, b * h)](q, qbar, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
                                 BLOCK_M=QUERY_TILE, BLOCK_D=bd, num_warps=4)
-    hmean = None
-    if first_order:
-        total = blen.sum(dim=-1).clamp_min(1.0).repeat_interleave(h).view(b * h, 1, 1)
-        hmean = hsum / total
-    return PooledStats(qbar=qbar, kbar=kbar, vsum=vsum, blen=blen, hmean=hmean,
-                       covnorm=covn if cov else None)
+    return PooledStats(qbar=qbar, kbar=kbar, vsum=vsum, blen=blen, hsum=hsum if first_order else None,
+                       covnorm=covn if cov else None, kbar_lp=kbar_lp, vsum_lp=vsum_lp)
 
 
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
@@ -266,17 +272,17 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     dev = q.device
     lp = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     eff_order = order if not sel.all_blocks else -1
-    kbar = stats.kbar.to(lp)
-    vsum = stats.vsum.to(lp)
-    hmean = (stats.hmean * scale).to(lp) if eff_order == 1 else kbar
+    kbar = stats.kbar_lp if stats.kbar_lp is not None else stats.kbar.to(lp)
+    vsum = stats.vsum_lp if stats.vsum_lp is not None else stats.vsum.to(lp)
+    hsum = stats.hsum if eff_order == 1 else stats.kbar
     valid_t = valid if valid is not None else stats.blen
     warps, stages = _launch_config(_block_d(d), dev, q.dtype)
     compiled = _pisa_fwd_kernel[(nq, b * h)](
-        q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hmean,
+        q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hsum,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
-        n, nb, nq, h, d, sel.count, scale * LOG2E,
+        n, nb, nq, h, d, sel.count, scale * LOG2E, scale,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, TAIL_STAGES=TAIL_STAGES, ORDER=eff_order,
         HAS_VALID=valid is not None, num_warps=warps, num_stages=stages)
     return compiled if return_kernel else out
