@@ -206,6 +206,9 @@ def test_pool_stats_match_reference(dtype, n, block, perm_on, valid_on, cov, tri
     st_r = ref_mod.pool(qp, kp, vp, validp, block, first_order=True, cov=cov)
     tol = 1e-5 if triton_device.type == "cpu" else 2e-3
     for name in ("qbar", "kbar", "vsum", "blen", "hmean") + (("covnorm",) if cov else ()):
-        a, r = getattr(st_t, name), getattr(st_r, name)
+        a, r = getattr(st_t, name, None), getattr(st_r, name, None)
+        if a is None and r is None:
+            continue  # a statistic neither pre-scan materialises (internal layout changes)
+        assert a is not None and r is not None, name
         assert a.shape == r.shape, (name, a.shape, r.shape)
         assert max_err(a, r) <= tol, f"{name}: {max_err(a, r):.2e}"

@@ -1,0 +1,138 @@
+"""Routing (pisa_kernels.routing): the top-k budget, forced sink blocks, empty blocks, covariance
+bias, and the block bookkeeping both backends share (pisa-method.md §4)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from pisa_kernels.routing import (QUERY_TILE, PooledStats, forced_blocks_from_tokens, num_blocks, route,
+                                  topk_count)
+
+
+def test_constants_and_block_counts():
+    assert QUERY_TILE == 128
+    assert [num_blocks(n, 64) for n in (1, 63, 64, 65, 75600)] == [1, 1, 1, 2, 1182]
+
+
+@pytest.mark.parametrize("sparsity,nb,k", [
+    (0.875, 1182, 147),  # Wan 720p (pisa-method.md §4)
+    (0.875, 512, 64),    # Wan 480p
+    (0.875, 1184, 148),  # 0.125 * 1184 = 148 exactly: must not round down to 147
+    (0.875, 8, 1),
+    (0.875, 7, 1),       # floor(0.875) = 0 -> at least one block
+    (0.0, 10, 10),
+    (0.999, 5, 1),
+    (0.5, 3, 1),
+    (0.85, 72, 10),      # FLUX 1024² with 512 text tokens
+    (0.7, 10, 3),
+])
+def test_topk_count(sparsity, nb, k):
+    assert topk_count(sparsity, nb) == k
+
+
+def test_topk_count_is_monotone_and_bounded():
+    for nb in (1, 2, 7, 64, 1182):
+        prev = nb
+        for i in range(0, 1000, 7):
+            s = i / 1000
+            k = topk_count(s, nb)
+            assert 1 <= k <= nb and k <= prev
+            prev = k
+
+
+def make_stats(bh=2, nq=3, nb=8, d=16, b=1, seed=0, blen=None, covnorm=None):
+    """A PooledStats with the routing inputs; other fields (internal, they change with the kernels)
+    get their defaults or None."""
+    g = torch.Generator().manual_seed(seed)
+    known = dict(qbar=torch.randn(bh, nq, d, generator=g), kbar=torch.randn(bh, nb, d, generator=g),
+                 vsum=torch.randn(bh, nb, d, generator=g),
+                 blen=torch.full((b, nb), 64.0) if blen is None else blen, covnorm=covnorm)
+    kw = {}
+    for f in dataclasses.fields(PooledStats):
+        if f.name in known:
+            kw[f.name] = known[f.name]
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kw[f.name] = None
+    return PooledStats(**kw)
+
+
+def brute_topk(stats, scale, k, cov=False):
+    score = scale * stats.qbar @ stats.kbar.transpose(1, 2)
+    if cov:
+        score = score + torch.log(stats.covnorm + 1e-5)[:, None, :]
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(k, dim=-1).indices, True)
+
+
+def check_selection(sel, k_total, nb):
+    assert sel.count == k_total and sel.idx.shape[-1] == k_total and sel.mask.shape[-1] == nb
+    assert sel.idx.dtype == torch.int32 and sel.mask.dtype == torch.int8
+    assert bool((sel.mask.sum(-1) == k_total).all())
+    # idx lists exactly the selected blocks
+    from_idx = torch.zeros_like(sel.mask, dtype=torch.bool).scatter_(-1, sel.idx.long(), True)
+    assert torch.equal(from_idx, sel.mask.bool())
+
+
+def test_topk_selection():
+    st = make_stats()
+    sel = route(st, scale=0.25, k=3, heads=2)
+    check_selection(sel, 3, 8)
+    assert torch.equal(sel.mask.bool(), brute_topk(st, 0.25, 3))
+    assert not sel.all_blocks
+
+
+def test_all_blocks():
+    sel = route(make_stats(), scale=0.25, k=8, heads=2)
+    check_selection(sel, 8, 8)
+    assert sel.all_blocks
+
+
+def test_forced_blocks_on_top_of_budget():
+    st = make_stats()
+    forced = torch.zeros(8, dtype=torch.bool)
+    forced[[0, 7]] = True
+    sel = route(st, scale=0.25, k=2, heads=2, forced_blocks=forced, n_forced=2)
+    check_selection(sel, 4, 8)
+    assert bool(sel.mask[:, :, 0].all()) and bool(sel.mask[:, :, 7].all())
+    # The remaining two are the top-2 among the others.
+    score = 0.25 * st.qbar @ st.kbar.transpose(1, 2)
+    score[:, :, forced] = -math.inf
+    rest = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(2, dim=-1).indices, True)
+    assert torch.equal(sel.mask.bool() & ~forced, rest)
+
+
+def test_empty_blocks_never_preferred():
+    """Blocks without a valid key (per batch element) lose to any block with one, even with a huge
+    score (their centroid is 0 or garbage)."""
+    blen = torch.full((2, 8), 64.0)
+    blen[0, [1, 2]] = 0
+    blen[1, 5] = 0
+    st = make_stats(bh=4, b=2, blen=blen)
+    st.kbar[:2, [1, 2]] = 100.0 * st.qbar[:2].mean(1, keepdim=True)  # would win on score
+    st.kbar[2:, 5] = 100.0 * st.qbar[2:].mean(1, keepdim=True).squeeze(1)
+    sel = route(st, scale=0.25, k=4, heads=2)
+    check_selection(sel, 4, 8)
+    assert not bool(sel.mask[:2, :, [1, 2]].any())
+    assert not bool(sel.mask[2:, :, 5].any())
+
+
+def test_covariance_bias():
+    """With ``cov``, a block with a much larger first-order residual norm is preferred."""
+    st = make_stats(covnorm=torch.ones(2, 8))
+    plain = route(st, scale=0.25, k=2, heads=2, cov=True)
+    assert torch.equal(plain.mask.bool(), brute_topk(st, 0.25, 2))  # uniform bias: same choice
+    st.covnorm[:, 4] = 1e6
+    biased = route(st, scale=0.25, k=2, heads=2, cov=True)
+    assert bool(biased.mask[:, :, 4].all())
+    assert torch.equal(biased.mask.bool(), brute_topk(st, 0.25, 2, cov=True))
+
+
+def test_forced_blocks_from_tokens():
+    sink = torch.zeros(300, dtype=torch.bool)
+    assert forced_blocks_from_tokens(sink, 64) is None
+    assert forced_blocks_from_tokens(None, 64) is None
+    sink[[0, 130, 299]] = True
+    fb = forced_blocks_from_tokens(sink, 64)
+    assert fb.tolist() == [True, False, True, False, True]
+    assert forced_blocks_from_tokens(sink, 128).tolist() == [True, True, True]
