@@ -96,6 +96,13 @@ _PERM_CACHE: dict[int, tuple] = {}
 _PERM_CACHE_SIZE = 32
 
 
+def _version_of(t: torch.Tensor) -> int | None:
+    """In-place version counter; None for inference tensors, which have none.  ComfyUI runs every
+    node under ``torch.inference_mode()``, so permutations made during sampling are inference tensors
+    (reading ``_version`` raises); the cache then relies on identity alone."""
+    return None if t.is_inference() else t._version
+
+
 def _check_perm(perm, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Validate ``token_perm``; return it on ``device`` (int64) and on the CPU."""
     if perm is None:
@@ -104,7 +111,7 @@ def _check_perm(perm, n: int, device: torch.device) -> tuple[torch.Tensor, torch
             or perm.dtype == torch.bool:
         raise ValueError(f"token_perm must be an integer tensor of {n} entries")
     hit = _PERM_CACHE.get(id(perm))
-    if hit is not None and hit[0]() is perm and hit[1] == perm._version:
+    if hit is not None and hit[0]() is perm and hit[1] == _version_of(perm):
         perm_cpu = hit[2]
     else:
         perm_cpu = perm.detach().cpu().to(torch.int64)
@@ -113,7 +120,7 @@ def _check_perm(perm, n: int, device: torch.device) -> tuple[torch.Tensor, torch
             raise ValueError("token_perm must be a permutation of range(N)")
         if len(_PERM_CACHE) >= _PERM_CACHE_SIZE:
             _PERM_CACHE.clear()
-        _PERM_CACHE[id(perm)] = (weakref.ref(perm), perm._version, perm_cpu)
+        _PERM_CACHE[id(perm)] = (weakref.ref(perm), _version_of(perm), perm_cpu)
     perm_dev = perm if (perm.device == device and perm.dtype == torch.int64) else perm.to(device, torch.int64)
     return perm_dev, perm_cpu
 
