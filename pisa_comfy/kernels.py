@@ -21,13 +21,6 @@ except ImportError:  # pisa_comfy imported as a top-level package
 __all__ = ["run_pisa", "backend_choice", "tile_permutation"]
 
 
-def _compiler_disabled(fn):
-    """Keep ``torch.compile`` (TorchCompileModel) out of the kernel call: a predictable graph break."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
-@_compiler_disabled
 def run_pisa(q, k, v, **kwargs):
     """``pisa_attention(..., return_stats=True)``: ``(out, PisaStats)``."""
     return _pisa_attention(q, k, v, return_stats=True, **kwargs)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from .dispatch import dispatch
 
 OVERRIDE_KEY = "optimized_attention_override"
@@ -20,9 +22,18 @@ OVERRIDE_KEY = "optimized_attention_override"
 _CHAIN_SEARCH_LIMIT = 64
 
 
+def _compiler_disabled(fn):
+    """Keep ``torch.compile`` (TorchCompileModel) out of the override: one predictable graph break
+    per attention call, instead of dynamo tracing the bookkeeping (locks, per-forward counters that
+    would make it recompile for every block) and the kernel call."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 def make_override(state, previous):
     """The override of ``state``'s node; ``previous`` (or ComfyUI's ``func``) is its dense path."""
 
+    @_compiler_disabled
     def pisa_attention_override(func, *args, **kwargs):
         return dispatch(state, func, previous, args, kwargs)
 

@@ -14,7 +14,6 @@ BLOCK_SIZES = ("64", "128")
 TAYLOR_ORDERS = ("1", "0", "drop")
 TOKEN_ORDERS = ("auto", "raster")
 ROUTINGS = ("auto", "topk", "covariance")
-BACKENDS = ("auto", "triton", "reference")
 
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 
@@ -54,11 +53,11 @@ class PisaSettings:
     tile_tokens: bool = True  # token_order "auto": compact space-time tiles where the layout is known
     routing: str = "auto"  # "auto" (covariance for images, top-k for video), "topk" or "cov"
     verbose: bool = False
-    backend: str = "auto"
+    backend: str = "auto"  # pisa_kernels backend; not a widget (tests pin "reference")
 
     @classmethod
     def from_widgets(cls, *, sparsity, block_size, taylor_order, dense_steps, dense_blocks, min_tokens,
-                     token_order, routing, verbose, backend: str = "auto") -> "PisaSettings":
+                     token_order, routing, verbose) -> "PisaSettings":
         """Validate the widget values (as ComfyUI passes them) and convert them."""
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
                 or not 0.0 <= float(sparsity) < 1.0:
@@ -67,7 +66,6 @@ class PisaSettings:
         taylor_order = _choice("taylor_order", str(taylor_order), TAYLOR_ORDERS)
         token_order = _choice("token_order", token_order, TOKEN_ORDERS)
         routing = _choice("routing", routing, ROUTINGS)
-        backend = _choice("backend", backend, BACKENDS)
         dense_steps = _non_negative_int("dense_steps", dense_steps)
         min_tokens = _non_negative_int("min_tokens", min_tokens)
         return cls(
@@ -80,7 +78,6 @@ class PisaSettings:
             tile_tokens=token_order == "auto",
             routing={"covariance": "cov"}.get(routing, routing),
             verbose=bool(verbose),
-            backend=backend,
         )
 
     def describe(self) -> str:

@@ -127,8 +127,9 @@ class PisaState:
         run = self._current_run(transformer_options)
         sigma = current_sigma(transformer_options)
         if sigma is None or not run.schedule:
-            self.log_once("no step", "PISA cannot tell the sampling step (no sigmas in transformer_options); "
-                          "dense_steps is ignored")
+            if self.settings.dense_steps:
+                self.log_once("no step", "PISA cannot tell the sampling step (no sigmas in transformer_options); "
+                              "dense_steps is ignored")
             return None
         local = step_in_schedule(sigma, run.schedule)
         return None if local is None else run.step_offset + local
