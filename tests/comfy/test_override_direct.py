@@ -3,6 +3,7 @@ stats.  No ComfyUI needed; ``sdpa`` stands in for ComfyUI's dense backend (``fun
 
 import logging
 import sys
+import threading
 import types
 
 import pytest
@@ -180,3 +181,22 @@ def test_run_summary_follows_the_ui_contract(pc, pack, sdpa, monkeypatch):
 def test_without_a_server_stats_are_only_logged(pc):
     assert "server" not in sys.modules or not hasattr(sys.modules["server"], "PromptServer")
     assert pc.run_stats.send_to_ui({"text": "x"}) is False
+
+
+def test_concurrent_calls_are_all_counted(pc, pack, sdpa):
+    """Late-2026 cores run per-GPU conds in a thread pool: one state, many threads."""
+    state, override = make(pc, pack, sparsity=0.5)
+    q, k, v = qkv(n=256)
+
+    def worker():
+        for _ in range(5):
+            override(sdpa, q, k, v, 2, skip_reshape=True, transformer_options={})
+            override(sdpa, q, k[:, :, :8], v[:, :, :8], 2, skip_reshape=True, transformer_options={})
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run = state.finish_run()
+    assert (run["calls"], run["pisa_calls"], run["dense_calls"]) == (40, 20, 20)
