@@ -106,10 +106,10 @@ class PisaState:
         return ForwardContext(layout=None, step=self._step(transformer_options), double_blocks=0,
                               whole_forward=False)
 
-    def record(self, transformer_options: dict, **call) -> None:
+    def record(self, transformer_options: dict, **outcome) -> None:
         run = self._current_run(transformer_options)
         with self._lock:
-            run.record(**call)
+            run.record(**outcome)
 
     # ---- runs ----------------------------------------------------------------------------------
 
