@@ -1,0 +1,492 @@
+"""Attention fidelity: PISA (orders 1 / 0 / drop) and Sol-Attn against dense attention.
+
+    python -m pisa_kernels.eval                                  # small generated sets (CPU defaults)
+    python -m pisa_kernels.eval --sets full --json r.json --out results/   # real resolutions (GPU)
+    python -m pisa_kernels.eval --capture ComfyUI/output/pisa_captures/    # captured real q/k/v
+    python -m pisa_kernels.eval --variants                       # also the prototypes of variants.py
+
+Cases are the generated DiT-like sets of :mod:`pisa_kernels.workloads` (``--sets``: a size
+``tiny|small|full`` for every set, or ``name`` / ``name:size``) and capture files (``--capture``:
+files or folders, see :mod:`pisa_kernels.capture_format`).  For every case the truth is dense
+attention in float32 over the same (bf16) inputs, computed a few heads at a time; every method
+is scored by the relative L2 error ``||o - o_dense|| / ||o_dense||`` over the whole output and
+by the mean cosine similarity of the output rows (one row per token and head).
+
+The methods run as the node runs them: text / extra tokens exact as keys (``sink_kv``) and as
+queries (``dense_q``), the tiled token order (text first, grids in compact tiles) or the raster
+(input) order, routing ``topk`` or ``cov`` (``auto`` = the node's rule: ``cov`` for images,
+``topk`` for video).  All methods of one token order see the same order, and PISA's three
+orders share their selected blocks (routing does not depend on the order).  Sol-Attn
+(``comfy_kitchen.sol_attn``, CUDA only) runs on the same permuted tokens with the text blocks as
+sinks, once with ``topk_ratio`` = PISA's density and once with its default ``tau``.
+
+Outputs in ``--out``: ``fidelity.md`` (concentration, error tables, bars) and ``fidelity.png``
+(error vs sparsity, one line per method); ``--json`` writes every number and the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import workloads
+from .api import pisa_attention
+from .capture_format import read_capture
+from .routing import forced_blocks_from_tokens, num_blocks, topk_count
+
+SPARSITIES = (0.75, 0.875, 0.9, 0.95)
+ORDERS = (1, 0, "drop")
+TOKEN_ORDERS = ("tiled", "raster")
+#: The sparsity of the issue's bars.
+BAR_SPARSITY = 0.875
+#: Bars: PISA order 1 error at most this times keep-or-drop's (same blocks), and this times Sol-Attn's.
+DROP_RATIO, SOL_RATIO = 0.5, 0.8
+
+
+# ---- cases ---------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One attention call to evaluate: ``q, k, v`` ``[B, N, H, D]`` in input order."""
+
+    name: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    video: bool  # a 3-D grid: the tiled-vs-raster bar applies
+    images_only: bool  # only 2-D grids: routing "auto" means "cov" (the node's rule)
+    exact: list = field(default_factory=list)  # token ranges kept exact (text)
+    tiled_perm: torch.Tensor | None = None  # the node's tiled order; None: no grid known
+    kv_valid: torch.Tensor | None = None
+    heads: list = field(default_factory=list)  # head type names (generated sets)
+    describe: str = ""
+
+    def perm(self, token_order: str) -> torch.Tensor | None:
+        return self.tiled_perm if token_order == "tiled" else None
+
+    def token_mask(self) -> torch.Tensor | None:
+        """bool ``[N]`` of the exact (text) tokens, input order."""
+        if not self.exact:
+            return None
+        mask = torch.zeros(self.q.shape[1], dtype=torch.bool)
+        for s, e in self.exact:
+            mask[s:e] = True
+        return mask
+
+
+def _size_tokens(tokens: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for tok in tokens:
+        if tok in ("tiny", "small", "full"):
+            out += [(name, tok) for name in workloads.SETS]
+        else:
+            name, _, size = tok.partition(":")
+            out.append((name, size or "small"))
+    return out
+
+
+def cases_from_sets(tokens: list[str], seed: int, device: torch.device) -> list[Case]:
+    cases = []
+    for name, size in _size_tokens(tokens):
+        spec = workloads.get_set(name, size)
+        w = workloads.generate(spec, seed=seed, device=device)
+        cases.append(Case(name=f"{name}/{size}", q=w.q, k=w.k, v=w.v, video=spec.video, images_only=not spec.video,
+                          exact=[spec.text_range] if spec.text else [], tiled_perm=w.token_perm(),
+                          heads=w.heads, describe=spec.describe()))
+    return cases
+
+
+def cases_from_captures(paths: list[str], device: torch.device) -> list[Case]:
+    files = []
+    for p in paths:
+        files += sorted(glob.glob(os.path.join(p, "*.safetensors"))) if os.path.isdir(p) else [p]
+    cases = []
+    for path in files:
+        cap = read_capture(path, device=device)
+        m = cap.meta
+        grids = [tuple(g[1]) for g in m.get("grids") or []]
+        b, n, h, d = cap.q.shape
+        desc = (f"{m.get('family') or m.get('model') or '?'} block {m.get('block')} step {m.get('step')}, "
+                f"grids {grids or '-'}, {m.get('text_tokens', 0)} extra tokens, {n} tokens, {h} heads, d={d}")
+        cases.append(Case(name=os.path.splitext(os.path.basename(path))[0], q=cap.q, k=cap.k, v=cap.v,
+                          video=any(len(g) == 3 for g in grids), images_only=bool(grids) and all(len(g) == 2 for g in grids),
+                          exact=[tuple(r) for r in m.get("exact") or []],
+                          tiled_perm=cap.token_perm.to(device) if cap.token_perm is not None else None,
+                          kv_valid=cap.kv_valid, describe=desc))
+    return cases
+
+
+# ---- dense truth and metrics ---------------------------------------------------------------------
+
+def dense_reference(case: Case, scale: float | None = None) -> torch.Tensor:
+    """float32 dense attention ``[B, N, H, D]``, a few heads at a time (bounded memory)."""
+    q, k, v = case.q, case.k, case.v
+    b, n, h, d = q.shape
+    mask = None if case.kv_valid is None else case.kv_valid.to(q.device)[:, None, None, :]
+    out = torch.empty(b, n, h, d, dtype=torch.float32, device=q.device)
+    step = max(1, (1 << 27) // max(1, b * n * d * 4))
+    for s in range(0, h, step):
+        qh, kh, vh = (t[:, :, s:s + step].float().transpose(1, 2) for t in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        out[:, :, s:s + step] = o.transpose(1, 2)
+    return out
+
+
+def metrics(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(relative L2 error, mean row cosine similarity)."""
+    o = out.float()
+    diff = (o - ref).double().norm()
+    rel = float(diff / ref.double().norm().clamp_min(1e-30))
+    cos = torch.nn.functional.cosine_similarity(o, ref, dim=-1, eps=1e-12)
+    return rel, float(cos.double().mean())
+
+
+# ---- methods -------------------------------------------------------------------------------------
+
+def resolve_routing(routing: str, case: Case) -> str:
+    if routing == "auto":
+        return "cov" if case.images_only else "topk"
+    return routing
+
+
+def run_pisa(case: Case, *, order, sparsity: float, token_order: str, routing: str, backend: str) -> torch.Tensor:
+    return pisa_attention(case.q, case.k, case.v, sparsity=sparsity, order=order, layout="BNHD",
+                          sink_kv=case.exact or None, dense_q=case.exact or None, kv_valid=case.kv_valid,
+                          token_perm=case.perm(token_order), routing=routing, backend=backend)
+
+
+def sol_peer():
+    """``comfy_kitchen.sol_attn`` where it can run (CUDA, compiled kernels), else None (and why)."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        import comfy_kitchen
+    except Exception as exc:  # noqa: BLE001 - any import failure means no peer
+        return None, f"comfy_kitchen is not importable ({type(exc).__name__}: {exc})"
+    if not hasattr(comfy_kitchen, "sol_attn") or not comfy_kitchen.sol_attn_is_available(torch.device("cuda")):
+        return None, "comfy_kitchen has no usable sol_attn on this GPU"
+    return comfy_kitchen.sol_attn, None
+
+
+def _sink_block_range(case: Case, perm: torch.Tensor | None, block: int = 64) -> list[int] | None:
+    """The exact tokens as one ``[start, end)`` range of 64-token blocks of the processing order
+    (Sol-Attn's ``sink_blocks``); the hull when they are split."""
+    mask = case.token_mask()
+    if mask is None:
+        return None
+    if perm is not None:
+        mask = mask[perm.cpu()]
+    blocks = forced_blocks_from_tokens(mask, block).nonzero().flatten()
+    return [int(blocks.min()), int(blocks.max()) + 1]
+
+
+def run_sol(sol, case: Case, *, token_order: str, sparsity: float | None) -> torch.Tensor:
+    """Sol-Attn on the case's tokens in ``token_order`` (top-k at ``1 - sparsity``, or default tau)."""
+    perm = case.perm(token_order)
+    q, k, v = case.q, case.k, case.v
+    if perm is not None:
+        q, k, v = (t.index_select(1, perm) for t in (q, k, v))
+    q, k, v = (t.to(torch.bfloat16).contiguous() if t.dtype not in (torch.bfloat16, torch.float16) else t.contiguous()
+               for t in (q, k, v))
+    kwargs = {}
+    sinks = _sink_block_range(case, perm)
+    if sinks is not None:
+        kwargs.update(sink_blocks=sinks, sink_q=sinks)
+    if case.kv_valid is not None:
+        valid = case.kv_valid if perm is None else case.kv_valid[:, perm.to(case.kv_valid.device)]
+        kwargs["key_bias"] = valid.to(q.device)
+    if sparsity is not None:
+        kwargs["topk_ratio"] = 1.0 - sparsity
+    out = sol(q, k, v, **kwargs)
+    if perm is not None:
+        out = torch.empty_like(out).index_copy_(1, perm, out)
+    return out
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    sparsities: tuple = SPARSITIES
+    orders: tuple = ORDERS
+    token_orders: tuple = TOKEN_ORDERS
+    routings: tuple = ("auto",)
+    backend: str = "auto"
+    sol: bool = True
+    variants: tuple = ()  # routings of variants.py to run (all moments each)
+    variant_sparsities: tuple = (BAR_SPARSITY,)
+
+
+def _order_name(order) -> str:
+    return {1: "pisa-o1", 0: "pisa-o0", "drop": "pisa-drop"}[order]
+
+
+def evaluate_case(case: Case, cfg: Config, sol=None, log=print) -> list[dict]:
+    rows: list[dict] = []
+    t0 = time.time()
+    ref = dense_reference(case)
+
+    def add(method, token_order, routing, sparsity, out):
+        rel, cos = metrics(out, ref)
+        rows.append(dict(case=case.name, method=method, token_order=token_order, routing=routing,
+                         sparsity=sparsity, rel_l2=rel, cos=cos))
+
+    for token_order in cfg.token_orders:
+        if token_order == "tiled" and case.tiled_perm is None:
+            continue
+        for routing in dict.fromkeys(resolve_routing(r, case) for r in cfg.routings):
+            for sp in cfg.sparsities:
+                for order in cfg.orders:
+                    add(_order_name(order), token_order, routing, sp,
+                        run_pisa(case, order=order, sparsity=sp, token_order=token_order, routing=routing,
+                                 backend=cfg.backend))
+        if sol is not None and case.q.shape[-1] == 128:
+            for sp in cfg.sparsities:
+                add("sol-topk", token_order, "-", sp, run_sol(sol, case, token_order=token_order, sparsity=sp))
+            add("sol-tau", token_order, "-", float("nan"), run_sol(sol, case, token_order=token_order, sparsity=None))
+        if cfg.variants and case.kv_valid is None:
+            rows += _variant_rows(case, cfg, token_order, ref)
+    log(f"[eval] {case.name}: {len(rows)} results in {time.time() - t0:.1f}s")
+    return rows
+
+
+def _variant_rows(case: Case, cfg: Config, token_order: str, ref: torch.Tensor) -> list[dict]:
+    from . import variants
+
+    rows = []
+    sink = case.token_mask()
+    for routing in cfg.variants:
+        for sp in cfg.variant_sparsities:
+            outs = variants.variant_outputs(case.q, case.k, case.v, sparsity=sp, routing=routing, sink=sink,
+                                            dense_rows=sink, token_perm=case.perm(token_order))
+            for name, out in outs.items():
+                rel, cos = metrics(out.to(ref.device), ref)
+                rows.append(dict(case=case.name, method=f"proto-{name}", token_order=token_order, routing=routing,
+                                 sparsity=sp, rel_l2=rel, cos=cos))
+    return rows
+
+
+def concentration(case: Case) -> dict:
+    """Top-12.5 % block mass per head under dense attention, raster and tiled block orders."""
+    out = {}
+    for token_order in ("raster", "tiled"):
+        if token_order == "tiled" and case.tiled_perm is None:
+            continue
+        mass = workloads.top_block_mass(case.q, case.k, token_perm=case.perm(token_order))
+        out[token_order] = [round(float(x), 4) for x in mass]
+    out["heads"] = case.heads
+    return out
+
+
+# ---- bars ----------------------------------------------------------------------------------------
+
+def _lookup(rows, case, method, token_order, routing, sparsity=BAR_SPARSITY):
+    for r in rows:
+        if (r["case"], r["method"], r["token_order"], r["routing"]) == (case, method, token_order, routing) \
+                and (r["sparsity"] == sparsity or (math.isnan(sparsity) and math.isnan(r["sparsity"]))):
+            return r["rel_l2"]
+    return None
+
+
+def bars(rows: list[dict], cases: list[Case]) -> list[dict]:
+    """The issue's bars at sparsity 0.875, for every case, token order and PISA routing evaluated."""
+    checks = []
+
+    def check(name, case, token_order, routing, value, limit):
+        if value is not None and limit is not None:
+            checks.append(dict(bar=name, case=case, token_order=token_order, routing=routing, value=value,
+                               limit=limit, ok=bool(value <= limit)))
+
+    combos = {(r["case"], r["token_order"], r["routing"]) for r in rows if r["method"] == "pisa-o1"}
+    for case_name, token_order, routing in sorted(combos):
+        o1 = _lookup(rows, case_name, "pisa-o1", token_order, routing)
+        drop = _lookup(rows, case_name, "pisa-drop", token_order, routing)
+        o0 = _lookup(rows, case_name, "pisa-o0", token_order, routing)
+        check(f"o1 <= {DROP_RATIO} x drop", case_name, token_order, routing, o1,
+              None if drop is None else DROP_RATIO * drop)
+        check("o1 <= o0", case_name, token_order, routing, o1, o0)
+    video = {c.name for c in cases if c.video}
+    for case_name, token_order, routing in sorted(combos):
+        if case_name in video and token_order == "tiled":
+            check("tiled <= raster (o1)", case_name, "tiled", routing, _lookup(rows, case_name, "pisa-o1", "tiled", routing),
+                  _lookup(rows, case_name, "pisa-o1", "raster", routing))
+    for token_order in TOKEN_ORDERS:
+        ratios = []
+        for case_name in sorted({r["case"] for r in rows}):
+            sol = _lookup(rows, case_name, "sol-topk", token_order, "-")
+            pisa = [_lookup(rows, case_name, "pisa-o1", token_order, r) for r in ("topk", "cov")]
+            pisa = [p for p in pisa if p is not None]
+            if sol and pisa:
+                ratios.append(min(pisa) / sol)
+        if ratios:
+            check(f"o1 <= {SOL_RATIO} x sol-topk (mean ratio over cases)", "all", token_order, "best",
+                  sum(ratios) / len(ratios), SOL_RATIO)
+    return checks
+
+
+# ---- reports -------------------------------------------------------------------------------------
+
+def _fmt_sp(sp) -> str:
+    return "tau" if isinstance(sp, float) and math.isnan(sp) else f"{sp:g}"
+
+
+def markdown(rows: list[dict], conc: dict, checks: list[dict], env: dict, cases: list[Case]) -> str:
+    lines = [f"# Attention fidelity ({env['date']}, {env['device']})", "",
+             f"torch {env['torch']}, PISA backend `{env['backend']}`, seed {env['seed']}; "
+             f"Sol-Attn: {env['sol']}.", "",
+             "## Attention concentration", "",
+             "Share of dense attention mass in each query row's top 12.5 % of 64-key blocks "
+             "(mean over rows; per head: min / mean / max).", "",
+             "| case | tokens x heads | raster | tiled |", "|---|---|---|---|"]
+    for c in cases:
+        cc = conc.get(c.name, {})
+
+        def span(key):
+            xs = cc.get(key)
+            return "-" if not xs else f"{min(xs):.2f} / {sum(xs) / len(xs):.2f} / {max(xs):.2f}"
+
+        lines.append(f"| {c.name} ({c.describe}) | {c.q.shape[1]} x {c.q.shape[2]} | {span('raster')} | {span('tiled')} |")
+    sps = sorted({r["sparsity"] for r in rows if not math.isnan(r["sparsity"])})
+    lines += ["", "## Relative L2 error vs dense (mean row cosine similarity)", ""]
+    for c in cases:
+        sub = [r for r in rows if r["case"] == c.name]
+        if not sub:
+            continue
+        lines += [f"### {c.name}", "", "| token order | routing | method | " + " | ".join(_fmt_sp(s) for s in sps)
+                  + " | default tau |", "|---|---|---|" + "---|" * (len(sps) + 1)]
+        keys = list(dict.fromkeys((r["token_order"], r["routing"], r["method"]) for r in sub))
+        for key in keys:
+            cells = []
+            for sp in sps + [float("nan")]:
+                hit = [r for r in sub if (r["token_order"], r["routing"], r["method"]) == key
+                       and (r["sparsity"] == sp or (math.isnan(sp) and math.isnan(r["sparsity"])))]
+                cells.append(f"{hit[0]['rel_l2']:.4f} ({hit[0]['cos']:.4f})" if hit else "")
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if checks:
+        lines += [f"## Bars (sparsity {BAR_SPARSITY})", "", "| bar | case | token order | routing | value | limit | holds |",
+                  "|---|---|---|---|---|---|---|"]
+        for ch in checks:
+            lines.append(f"| {ch['bar']} | {ch['case']} | {ch['token_order']} | {ch['routing']} | {ch['value']:.4f} | "
+                         f"{ch['limit']:.4f} | {'yes' if ch['ok'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+_COLORS = {"pisa-o1": "tab:blue", "pisa-o0": "tab:orange", "pisa-drop": "tab:red", "sol-topk": "tab:green"}
+
+
+def plot(rows: list[dict], cases: list[Case], path: str) -> None:
+    """Error vs sparsity per case: colour = method, line style = token order, marker = routing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c.name for c in cases if any(r["case"] == c.name for r in rows)]
+    cols = min(3, max(1, len(names)))
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.0 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        sub = [r for r in rows if r["case"] == name and not math.isnan(r["sparsity"])]
+        for key in dict.fromkeys((r["method"], r["token_order"], r["routing"]) for r in sub):
+            pts = sorted((r["sparsity"], r["rel_l2"]) for r in sub if (r["method"], r["token_order"], r["routing"]) == key)
+            method, token_order, routing = key
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=_COLORS.get(method, "tab:gray"),
+                    linestyle="-" if token_order == "tiled" else "--", marker={"cov": "x", "-": "s"}.get(routing, "o"),
+                    markersize=4, label=f"{method} {token_order}{'' if routing == '-' else ' ' + routing}")
+        ax.set_title(name)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("relative L2 error vs dense")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment(device: torch.device, backend: str, seed: int, sol_note: str) -> dict:
+    env = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, python=platform.python_version(),
+               device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+               backend=backend, seed=seed, sol=sol_note)
+    return env
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", nargs="*", default=None,
+                    help="sizes (tiny/small/full) or set[:size] names; default small (none with --capture)")
+    ap.add_argument("--capture", nargs="*", default=[], help="capture files or folders")
+    ap.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
+    ap.add_argument("--orders", nargs="*", default=["1", "0", "drop"], choices=["1", "0", "drop"])
+    ap.add_argument("--token-orders", nargs="*", default=list(TOKEN_ORDERS), choices=list(TOKEN_ORDERS))
+    ap.add_argument("--routings", nargs="*", default=None, choices=["auto", "topk", "cov"],
+                    help="default: auto on CPU (fast), topk and cov on CUDA")
+    ap.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-sol", action="store_true", help="skip Sol-Attn even where it runs")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="also run the prototypes of pisa_kernels.variants with these routings "
+                         "(no value: all); small inputs only")
+    ap.add_argument("--variant-sparsities", nargs="*", type=float, default=[BAR_SPARSITY])
+    ap.add_argument("--out", default="fidelity-results", help="folder for fidelity.md and fidelity.png")
+    ap.add_argument("--json", help="write every number and the environment to this file")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # the dense truth is true float32
+    from . import variants
+
+    cfg = Config(sparsities=tuple(args.sparsities), orders=tuple(1 if o == "1" else 0 if o == "0" else o for o in args.orders),
+                 token_orders=tuple(args.token_orders),
+                 routings=tuple(args.routings or (("topk", "cov") if device.type == "cuda" else ("auto",))),
+                 backend=args.backend, sol=not args.no_sol,
+                 variants=() if args.variants is None else tuple(args.variants or variants.ROUTINGS),
+                 variant_sparsities=tuple(args.variant_sparsities))
+    sol, sol_note = sol_peer() if cfg.sol else (None, "disabled (--no-sol)")
+    sol_note = "comfy_kitchen.sol_attn" if sol is not None else f"not run ({sol_note})"
+    print(f"[eval] device {device}; Sol-Attn: {sol_note}", file=sys.stderr)
+
+    sets = args.sets if args.sets is not None else ([] if args.capture else ["small"])
+    cases = cases_from_sets(sets, args.seed, device) + cases_from_captures(args.capture, device)
+    if not cases:
+        ap.error("nothing to evaluate: give --sets and/or --capture")
+    rows, conc = [], {}
+    for case in cases:
+        conc[case.name] = concentration(case)
+        mean = {k: sum(v) / len(v) for k, v in conc[case.name].items() if k != "heads" and v}
+        print(f"[eval] {case.name}: {case.describe}; top-12.5% block mass "
+              + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()), file=sys.stderr)
+        rows += evaluate_case(case, cfg, sol, log=lambda s: print(s, file=sys.stderr))
+    checks = bars(rows, cases)
+    env = environment(device, cfg.backend, args.seed, sol_note)
+    os.makedirs(args.out, exist_ok=True)
+    report = markdown(rows, conc, checks, env, cases)
+    with open(os.path.join(args.out, "fidelity.md"), "w") as f:
+        f.write(report)
+    plot(rows, cases, os.path.join(args.out, "fidelity.png"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(environment=env, concentration=conc, rows=rows, bars=checks), f, indent=1)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
