@@ -8,6 +8,7 @@ the block geometry, so they compute the same function.
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -61,10 +62,15 @@ def _token_mask(arg: Ranges, n: int, name: str) -> torch.Tensor | None:
         mask = arg.cpu()
     else:
         mask = torch.zeros(n, dtype=torch.bool)
-        for r in arg:
-            if len(r) != 2:
-                raise ValueError(f"{name} entries must be (start, end) pairs, got {r!r}")
-            s, e = int(r[0]), int(r[1])
+        try:
+            pairs = [tuple(r) for r in arg]
+        except TypeError:
+            raise ValueError(f"{name} must be a list of (start, end) pairs, got {arg!r}") from None
+        for r in pairs:
+            try:
+                s, e = (operator.index(x) for x in r)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} entries must be (start, end) pairs of integers, got {r!r}") from None
             if not 0 <= s <= e <= n:
                 raise ValueError(f"{name} range ({s}, {e}) is outside [0, {n}]")
             mask[s:e] = True

@@ -34,19 +34,37 @@ def test_explicit_tiles_are_permutations(grid, tile):
 
 
 def test_tile_order_by_hand():
-    """Tiles in raster order of tiles, tokens in raster order inside a tile; edge tiles smaller."""
-    p = tile_permutation((4, 5), (2, 3))
+    """snake=False: tiles in raster order of tiles, tokens in raster order inside a tile; edge tiles
+    smaller."""
+    p = tile_permutation((4, 5), (2, 3), snake=False)
     grid = torch.arange(20).view(4, 5)
     expect = torch.cat([grid[0:2, 0:3].flatten(), grid[0:2, 3:5].flatten(),
                         grid[2:4, 0:3].flatten(), grid[2:4, 3:5].flatten()])
     assert torch.equal(p, expect)
 
 
+def test_snake_order_by_hand():
+    """Snake order: tiles boustrophedon over the tile grid, tokens boustrophedon inside a tile with
+    the first axis reversed on odd tiles, so that a block running past a tile's end continues near
+    where it left off."""
+    p = tile_permutation((4, 5), (2, 3))
+    grid = torch.arange(20).view(4, 5)
+    expect = torch.tensor([0, 1, 2, 7, 6, 5,  # tile (0,0): rows 0-1, cols 0-2
+                           8, 9, 4, 3,  # tile (0,1): rows reversed (odd tile), then snake
+                           13, 14, 19, 18,  # tile (1,1): visited before (1,0) (snake over tiles)
+                           15, 16, 17, 12, 11, 10])  # tile (1,0): rows reversed
+    assert torch.equal(p, expect)
+    inside = torch.stack(torch.unravel_index(p[:6], (4, 5)), -1)  # steps inside a tile: neighbours
+    assert int((inside[1:] - inside[:-1]).abs().sum(-1).max()) == 1
+    del grid
+
+
 def test_tile_shapes():
-    assert tile_shape_for((45, 80), 64) == (8, 8)
-    assert math.prod(tile_shape_for((45, 80), 128)) == 128
-    assert tile_shape_for((21, 45, 80), 64) == (1, 8, 8)
-    assert tile_shape_for((21, 45, 80), 128) == (2, 8, 8)
+    """Default tiles are columns: 8x8 patches through all frames (video), 8-wide stripes (image)."""
+    assert tile_shape_for((45, 80), 64) == (45, 8)
+    assert tile_shape_for((45, 80), 128) == (45, 16)
+    assert tile_shape_for((21, 45, 80), 64) == (21, 8, 8)
+    assert tile_shape_for((21, 45, 80), 128) == (21, 8, 8)
     for grid in GRIDS:  # sides never exceed the grid
         for block in (64, 128):
             t = tile_shape_for(grid, block)
