@@ -152,11 +152,119 @@ def _validate_qkv(q, k, v, layout: str):
         raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a call that does not depend on the values of q, k, v and kv_valid: host
+    integers and small device constants.  Cached per (shape, settings, ranges, permutation), so a
+    model's repeated calls skip the host-side preparation and never synchronise."""
+
+    layout: str
+    seq_dim: int
+    heads: int
+    tokens: int
+    backend: str
+    block: int
+    order: int
+    cov: bool
+    scale: float
+    blocks: int
+    k_top: int
+    n_forced: int
+    forced: torch.Tensor | None  # [NB] bool on the device, processing order
+    perm: torch.Tensor | None  # [N] int64 on the device
+    dense_idx: torch.Tensor | None  # query rows that attend everything exactly (input order)
+
+    @property
+    def exact_blocks(self) -> int:
+        return min(self.blocks, self.k_top + self.n_forced)
+
+
+_PLAN_CACHE: dict[tuple, tuple] = {}
+_PLAN_CACHE_SIZE = 64
+
+
+def _ranges_key(arg):
+    """A hashable form of list-of-pairs ranges; None when not cacheable (tensor masks)."""
+    if arg is None:
+        return ()
+    if isinstance(arg, torch.Tensor):
+        return None
+    try:
+        return tuple((operator.index(r[0]), operator.index(r[1])) for r in arg)
+    except (TypeError, ValueError, IndexError):
+        return None  # malformed: the uncached path raises the proper ValueError
+
+
+def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, token_perm, routing,
+          backend) -> _Plan:
+    """Validate the settings and build (or fetch) the call's plan."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
+            or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    order_i = _norm_order(order)
+    if routing not in ("topk", "cov"):
+        raise ValueError(f"routing must be 'topk' or 'cov', got {routing!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    sink_key, dense_key = _ranges_key(sink_kv), _ranges_key(dense_q)
+    perm_key = None
+    if token_perm is not None:
+        if not isinstance(token_perm, torch.Tensor):
+            raise ValueError("token_perm must be an integer tensor")
+        perm_key = (id(token_perm), _version_of(token_perm))
+    key = None
+    if sink_key is not None and dense_key is not None:
+        key = (tuple(q.shape), q.dtype, q.device, layout, float(sparsity), block_size, order_i, scale, routing,
+               backend, sink_key, dense_key, perm_key)
+        hit = _PLAN_CACHE.get(key)
+        if hit is not None and (token_perm is None or hit[1]() is token_perm):
+            return hit[0]
+    plan = _build_plan(q, sparsity=float(sparsity), block_size=block_size, order=order_i, scale=scale,
+                       layout=layout, sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm,
+                       routing=routing, backend=backend)
+    if key is not None:
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = (plan, weakref.ref(token_perm) if token_perm is not None else None)
+    return plan
+
+
+def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, token_perm, routing,
+                backend) -> _Plan:
+    seq_dim = 2 if layout == "BHND" else 1
+    n, d = q.shape[seq_dim], q.shape[3]
+    h = q.shape[1] if layout == "BHND" else q.shape[2]
+    scale = float(d ** -0.5 if scale is None else scale)
+    dev = q.device
+    sink = _token_mask(sink_kv, n, "sink_kv")
+    dense_rows = _token_mask(dense_q, n, "dense_q")
+    perms = _check_perm(token_perm, n, dev)
+    be = resolve_backend(backend, dev)
+    if be == "triton" and (d > TRITON_MAX_HEAD_DIM or q.dtype == torch.float64):
+        if backend == "triton":
+            raise ValueError(f"backend='triton' supports head dim <= {TRITON_MAX_HEAD_DIM} and "
+                             f"bf16/fp16/fp32; got D={d}, {q.dtype}")
+        be = "reference"
+    nb = num_blocks(n, block_size)
+    if perms is not None and sink is not None:
+        sink = sink[perms[1]]
+    forced = forced_blocks_from_tokens(sink, block_size)  # CPU
+    dense_idx = dense_rows.nonzero().squeeze(1).to(dev) if dense_rows is not None else None
+    return _Plan(layout=layout, seq_dim=seq_dim, heads=h, tokens=n, backend=be, block=block_size, order=order,
+                 cov=routing == "cov", scale=scale, blocks=nb, k_top=topk_count(sparsity, nb),
+                 n_forced=int(forced.sum()) if forced is not None else 0,
+                 forced=forced.to(dev) if forced is not None else None,
+                 perm=perms[0] if perms is not None else None, dense_idx=dense_idx)
+
+
 def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsity: float = 0.875,
                    block_size: int = 64, order: Union[int, str] = 1, scale: float | None = None,
                    layout: str = "BHND", sink_kv: Ranges = None, dense_q: Ranges = None, kv_valid=None,
                    token_perm: torch.Tensor | None = None, routing: str = "topk", backend: str = "auto",
-                   return_stats: bool = False):
+                   cuda_graph: Union[bool, str] = "auto", return_stats: bool = False):
     """Piecewise sparse attention (self-attention).
 
     Args:
@@ -178,95 +286,69 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
         routing: ``"topk"`` (pooled score) or ``"cov"`` (pooled score + ``log ||H_j||_F``: blocks whose
             first-order residual is large are computed exactly).
         backend: ``"triton"``, ``"reference"`` or ``"auto"`` (Triton where it runs, else reference).
+        cuda_graph: ``"auto"`` replays short Triton calls (see :mod:`pisa_kernels.graphs`) as one CUDA
+            graph, where a dozen small launches would otherwise cost more CPU time than GPU time;
+            ``True`` forces it where possible, ``False`` never.
         return_stats: also return a :class:`PisaStats`.
 
     Returns:
         The attention output, same shape, layout and dtype as ``q`` (and the stats if asked).
     """
     _validate_qkv(q, k, v, layout)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
-            or not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
-    order_i = _norm_order(order)
-    if routing not in ("topk", "cov"):
-        raise ValueError(f"routing must be 'topk' or 'cov', got {routing!r}")
+    plan = _plan(q, sparsity=sparsity, block_size=block_size, order=order, scale=scale, layout=layout,
+                 sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm, routing=routing, backend=backend)
+    valid = _valid_mask(kv_valid, q.shape[0], plan.tokens, q.device)
+    from . import graphs
 
-    seq_dim = 2 if layout == "BHND" else 1
-    b, n, d = q.shape[0], q.shape[seq_dim], q.shape[3]
-    h = q.shape[1] if layout == "BHND" else q.shape[2]
-    if scale is None:
-        scale = d ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    scale = float(scale)
-    dev = q.device
-    sink = _token_mask(sink_kv, n, "sink_kv")
-    dense_rows = _token_mask(dense_q, n, "dense_q")
-    valid = _valid_mask(kv_valid, b, n, dev)
-    perms = _check_perm(token_perm, n, dev)
-    perm = perms[0] if perms is not None else None
+    if valid is None and graphs.wanted(cuda_graph, plan, q):
+        out = graphs.replay(_execute, plan, q, k, v)
+    else:
+        out = _execute(plan, q, k, v, valid)
+    if not return_stats:
+        return out
+    stats = PisaStats(backend=plan.backend, blocks=plan.blocks, exact_blocks=plan.exact_blocks,
+                      density=plan.exact_blocks / plan.blocks, order=plan.order,
+                      dense_rows=int(plan.dense_idx.numel()) if plan.dense_idx is not None else 0)
+    return out, stats
 
-    be = resolve_backend(backend, dev)
-    if be == "triton" and (d > TRITON_MAX_HEAD_DIM or q.dtype == torch.float64):
-        if backend == "triton":
-            raise ValueError(f"backend='triton' supports head dim <= {TRITON_MAX_HEAD_DIM} and "
-                             f"bf16/fp16/fp32; got D={d}, {q.dtype}")
-        be = "reference"
 
-    nb = num_blocks(n, block_size)
-    k_top = topk_count(sparsity, nb)
-    cov = routing == "cov"
+def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
+    """The device work of one call: pure tensor operations, no host synchronisation (capturable)."""
+    layout, seq_dim, perm = plan.layout, plan.seq_dim, plan.perm
+
+    def route_fn(stats):
+        return route(stats, scale=plan.scale, k=plan.k_top, heads=plan.heads, forced_blocks=plan.forced,
+                     n_forced=plan.n_forced, cov=plan.cov, may_have_empty=valid is not None)
 
     # Processing order: one gathered copy along the sequence (cheaper than gathers in the kernel).
     qp, kp, vp, valid_p = q, k, v, valid
     if perm is not None:
         qp, kp, vp = (t.index_select(seq_dim, perm) for t in (q, k, v))
         valid_p = valid.index_select(1, perm) if valid is not None else None
-        sink = sink[perms[1]] if sink is not None else None
-    forced = forced_blocks_from_tokens(sink, block_size)  # CPU
-    n_forced = int(forced.sum()) if forced is not None else 0
-    forced_dev = forced.to(dev, non_blocking=True) if forced is not None else None
-
-    def route_fn(stats):
-        return route(stats, scale=scale, k=k_top, heads=h, forced_blocks=forced_dev, n_forced=n_forced,
-                     cov=cov, may_have_empty=valid is not None)
-
     qh, kh, vh = (t if layout == "BHND" else t.transpose(1, 2) for t in (qp, kp, vp))
-    out = torch.empty(q.shape, dtype=q.dtype, device=dev)  # caller's layout, processing order
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # caller's layout, processing order
     out_h = out if layout == "BHND" else out.transpose(1, 2)
-    if be == "triton":
+    if plan.backend == "triton":
         from . import triton_kernels as tk
 
         qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
         valid8 = valid_p.to(torch.int8).contiguous() if valid_p is not None else None
-        stats = tk.pool(qh, kh, vh, valid=valid8, block=block_size, first_order=order_i == 1, cov=cov)
-        tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats), scale=scale,
-                  block=block_size, order=order_i)
+        stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov)
+        tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats), scale=plan.scale,
+                  block=plan.block, order=plan.order)
     else:
-        out_h.copy_(reference.reference_forward(qh, kh, vh, valid_p, scale=scale, block=block_size,
-                                                order=order_i, cov=cov, route_fn=route_fn))
+        out_h.copy_(reference.reference_forward(qh, kh, vh, valid_p, scale=plan.scale, block=plan.block,
+                                                order=plan.order, cov=plan.cov, route_fn=route_fn))
     if perm is not None:
         out = torch.empty_like(out).index_copy_(seq_dim, perm, out)
-
-    n_dense = 0
-    if dense_rows is not None:
-        n_dense = int(dense_rows.sum())
+    if plan.dense_idx is not None:
         views = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out))
-        _dense_rows_inplace(*views, dense_rows, valid, scale)
-
-    if not return_stats:
-        return out
-    kt = min(nb, k_top + n_forced)
-    stats = PisaStats(backend=be, blocks=nb, exact_blocks=kt, density=kt / nb, order=order_i,
-                      dense_rows=n_dense)
-    return out, stats
+        _dense_rows_inplace(*views, plan.dense_idx, valid, plan.scale)
+    return out
 
 
-def _dense_rows_inplace(qh, kh, vh, out_h, rows: torch.Tensor, valid, scale: float) -> None:
-    """Overwrite the output of ``rows`` (bool [N]) with exact attention over all (valid) keys."""
-    idx = rows.nonzero().squeeze(1).to(qh.device)
+def _dense_rows_inplace(qh, kh, vh, out_h, idx: torch.Tensor, valid, scale: float) -> None:
+    """Overwrite the output of the query rows ``idx`` with exact attention over all (valid) keys."""
     qr = qh.index_select(2, idx)
     mask = None if valid is None else valid[:, None, None, :]
     # Chunk the rows so the math fallback of SDPA never builds a huge [rows, N] matrix per head.

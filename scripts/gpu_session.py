@@ -42,6 +42,20 @@ def check_correctness():
         ref = sdpa(q.float(), k.float(), v.float(), torch.nn.attention.SDPBackend.MATH)
         print(f"sparsity0 vs dense {dt}: {rel_l2(o, ref):.2e}")
     print(f"worst triton-vs-reference rel L2: {worst:.2e}")
+    # CUDA-graph replay == eager, and its speed at the FLUX 1024² shape.
+    for n, h in ((4608, 24), (4352, 24)):
+        q, k, v = (torch.randn(1, n, h, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        perm = tiling.joint_permutation(n, (64, n // 64 - 4) if n == 4608 else (64, 64), 256, device="cuda") \
+            if n == 4352 else None
+        kw = dict(sparsity=0.85, layout="BNHD", token_perm=perm, sink_kv=[(0, 256)], dense_q=[(0, 256)])
+        eager = pisa_attention(q, k, v, cuda_graph=False, **kw)
+        graphed = pisa_attention(q, k, v, cuda_graph=True, **kw)
+        graphed2 = pisa_attention(q * 1.5, k, v, cuda_graph=True, **kw)
+        eager2 = pisa_attention(q * 1.5, k, v, cuda_graph=False, **kw)
+        print(f"graph n={n}: equal={torch.equal(eager, graphed)} equal2={torch.equal(eager2, graphed2)} "
+              f"eager {time_ms(lambda: pisa_attention(q, k, v, cuda_graph=False, **kw)):.3f} ms, "
+              f"graph {time_ms(lambda: pisa_attention(q, k, v, cuda_graph=True, **kw)):.3f} ms, "
+              f"cuDNN {time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):.3f} ms")
 
 
 def breakdown(n=75600, h=40, d=128, sparsity=0.875):
