@@ -4,6 +4,9 @@
   ``pisa_test_utils`` (inputs, routing capture, tolerances).
 * ``case_counter``: a session-wide counter of generated fuzz cases; the totals are printed in the
   terminal summary (also under ``-q`` and without ``-s``), so the report shows how many cases ran.
+* Every kernel test runs with one intra-op CPU thread (restored afterwards): the tensors are tiny,
+  and on a loaded 2-core CI machine the OpenMP threads' spin-waiting made the float64 oracle and the
+  reference ~20x more expensive in CPU time.
 * ``triton_device``: where the Triton kernels run in this session: ``"cuda"`` with a GPU, else
   ``"cpu"`` under the interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py); the tests that
   need it are skipped with the reason when Triton cannot run at all.
@@ -25,6 +28,16 @@ _COUNTS: collections.Counter = collections.Counter()
 @pytest.fixture(scope="session")
 def case_counter() -> collections.Counter:
     return _COUNTS
+
+
+@pytest.fixture(autouse=True)
+def _one_cpu_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

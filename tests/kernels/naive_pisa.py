@@ -95,66 +95,57 @@ def naive_pisa(q, k, v, *, sparsity=0.875, block_size=64, order=1, scale=None, l
     out_p = torch.zeros(b_, h_, n, d, dtype=torch.float64)
     sel_all = torch.zeros(b_ * h_, nq, nb, dtype=torch.bool)
     for b in range(b_):
-        w = validp[b]
-        nj = torch.tensor([float(w[j * bs:(j + 1) * bs].sum()) for j in range(nb)], dtype=torch.float64)
+        # Block statistics of every head at once, by scatter-adding tokens into their blocks.
+        w = validp[b]  # [N] valid keys
+        nj = torch.zeros(nb, dtype=torch.float64).index_add_(0, key_block, w.double())  # valid keys per block
         t_valid = float(nj.sum())
-        for h in range(h_):
-            Q, K, V = qp[b, h], kp[b, h], vp[b, h]
-            kbar = torch.zeros(nb, d, dtype=torch.float64)
-            vhat = torch.zeros(nb, d, dtype=torch.float64)
-            hj = torch.zeros(nb, d, d, dtype=torch.float64)
-            for j in range(nb):
-                sl = slice(j * bs, min(n, (j + 1) * bs))
-                kj, vj = K[sl][w[sl]], V[sl][w[sl]]
-                if kj.shape[0] == 0:
-                    continue
-                kbar[j] = kj.mean(dim=0)
-                vhat[j] = vj.sum(dim=0)
-                hj[j] = (kj - kbar[j]).T @ vj
-            htot = hj.sum(dim=0)
-            hbar = htot / t_valid if t_valid > 0 else torch.zeros_like(htot)
-            for t in range(nq):
-                rows = slice(t * QUERY_TILE, min(n, (t + 1) * QUERY_TILE))
-                qt = Q[rows]
-                if selection is not None:
-                    sel = selection[b * h_ + h, t].cpu().bool()
+        K, V, Q = kp[b], vp[b], qp[b]  # [H, N, D]
+        Kw = torch.where(w[None, :, None], K, 0.0)
+        Vw = torch.where(w[None, :, None], V, 0.0)
+        ksum = torch.zeros(h_, nb, d, dtype=torch.float64).index_add_(1, key_block, Kw)
+        kbar = torch.where(nj[None, :, None] > 0, ksum / nj.clamp_min(1.0)[None, :, None], 0.0)  # [H, NB, D]
+        vhat = torch.zeros(h_, nb, d, dtype=torch.float64).index_add_(1, key_block, Vw)  # value SUMS
+        dk = torch.where(w[None, :, None], K - kbar[:, key_block], 0.0)  # k - kbar_j, valid keys only
+        htot = torch.einsum("hnd,hne->hde", dk, Vw)  # sum over all blocks of H_j
+        hbar = htot / t_valid if t_valid > 0 else torch.zeros_like(htot)  # per valid key
+        if routing == "cov" and selection is None:
+            hnorm = torch.stack([torch.einsum("hnd,hne->hde", dk[:, j * bs:(j + 1) * bs], Vw[:, j * bs:(j + 1) * bs])
+                                 .flatten(1).norm(dim=1) for j in range(nb)], dim=1)  # [H, NB] ||H_j||_F
+        for t in range(nq):
+            rows = slice(t * QUERY_TILE, min(n, (t + 1) * QUERY_TILE))
+            qt = Q[:, rows]  # [H, R, D]
+            if selection is not None:
+                sel = selection[b * h_:(b + 1) * h_, t].cpu().bool()  # [H, NB]
+            else:
+                r = s * torch.einsum("hjd,hd->hj", kbar, qt.mean(dim=1))
+                if routing == "cov":
+                    r = r + torch.log(hnorm + COV_EPS)
+                r[:, nj == 0] = -math.inf
+                r[:, forced] = math.inf
+                sel = torch.zeros(h_, nb, dtype=torch.bool)
+                if kt >= nb:
+                    sel[:] = True
                 else:
-                    r = s * (kbar @ qt.mean(dim=0))
-                    if routing == "cov":
-                        r = r + torch.log(hj.flatten(1).norm(dim=1) + COV_EPS)
-                    r[nj == 0] = -math.inf
-                    r[forced] = math.inf
-                    sel = torch.zeros(nb, dtype=torch.bool)
-                    if kt >= nb:
-                        sel[:] = True
-                    else:
-                        sel[torch.argsort(-r, stable=True)[:kt]] = True
-                sel_all[b * h_ + h, t] = sel
-                exact = sel[key_block] & w  # [N] keys computed exactly
-                tail = (~sel) & (nj > 0)  # unselected non-empty blocks
-                # Every token of the tile, each with its own max shift (rows are independent).
-                z = s * (qt @ K[exact].T)  # [R, E] exact logits
-                if order >= 0:
-                    zbar = s * (qt @ kbar[tail].T)  # [R, U] centroid logits
-                else:
-                    zbar = torch.zeros(qt.shape[0], 0, dtype=torch.float64)
-                allz = torch.cat([z, zbar], dim=1)
-                if allz.shape[1] == 0:
-                    continue  # no valid key: output 0
-                m = allz.max(dim=1, keepdim=True).values
-                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                e = torch.exp(z - m)
-                num = e @ V[exact]
-                den = e.sum(dim=1)
-                if order >= 0:
-                    ec = torch.exp(zbar - m)
-                    mass = ec @ nj[tail]  # [R]  sum_U n_j exp(zbar_j)
-                    num = num + ec @ vhat[tail]
-                    den = den + mass
-                    if order == 1:
-                        num = num + mass[:, None] * s * (qt @ hbar)
-                out_p[b, h, rows] = torch.where(den[:, None] > 0, num / den.clamp_min(1e-300)[:, None],
-                                                torch.zeros_like(num))
+                    sel.scatter_(1, torch.argsort(-r, dim=1, stable=True)[:, :kt], True)
+            sel_all[b * h_:(b + 1) * h_, t] = sel
+            exact = sel[:, key_block] & w[None, :]  # [H, N] keys computed exactly
+            tail = (~sel) & (nj[None, :] > 0)  # [H, NB] unselected non-empty blocks
+            if order < 0:
+                tail = torch.zeros_like(tail)
+            # Every token of the tile, each with its own max shift (rows are independent).
+            z = (s * qt @ K.transpose(1, 2)).masked_fill(~exact[:, None, :], -math.inf)  # [H, R, N]
+            zbar = (s * qt @ kbar.transpose(1, 2)).masked_fill(~tail[:, None, :], -math.inf)  # [H, R, NB]
+            m = torch.maximum(z.amax(dim=-1, keepdim=True), zbar.amax(dim=-1, keepdim=True))
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            e = torch.exp(z - m)
+            ec = torch.exp(zbar - m)
+            mass = ec @ nj  # [H, R]  sum_U n_j exp(zbar_j)
+            num = e @ V + ec @ vhat
+            den = e.sum(dim=-1) + mass
+            if order == 1:
+                num = num + mass[..., None] * s * (qt @ hbar)
+            out_p[b, :, rows] = torch.where(den[..., None] > 0, num / den.clamp_min(1e-300)[..., None],
+                                            torch.zeros_like(num))  # no valid key at all: 0
     out = torch.empty_like(out_p)
     out[:, :, perm] = out_p
     # Dense query rows: exact attention over every valid key.
