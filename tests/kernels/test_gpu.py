@@ -1,0 +1,282 @@
+"""GPU tests of the compiled Triton kernels (marked ``gpu``; skipped without CUDA).
+
+* Triton vs the reference (on the GPU) in bf16/fp16 at moderate shapes (N = 1000-5000), every order,
+  masks, token orders, covariance routing, sinks, both layouts.  At these sizes routing may break a
+  near-tie differently (the two pre-scans sum in different orders), so outputs are compared on the
+  reference's selection (replayed) and the backends' own selections must agree on almost all tiles.
+* A 2,000-case hypothesis fuzz (issue 7), mostly small shapes, Triton vs reference.
+* ``sparsity=0`` vs SDPA: relative L2 <= 1e-2 in bf16 (issue 2's bar), with and without a key mask.
+* No recompilation (or re-autotuning) for a new sequence length or sparsity (issue 2).
+* Extra GPU memory during a call <= 10% of the bytes of q + k + v (issue 2's bar).
+
+bf16 is only checked here: Triton 3.8's interpreter computes bf16 ``tl.dot`` wrongly, so the CPU
+suite cannot.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, note, settings
+
+from fuzz_strategies import fuzz_case
+from pisa_kernels import pisa_attention
+from pisa_kernels.tiling import joint_permutation, tile_permutation
+from pisa_test_utils import capture_routing, max_err, rand_qkv, rel_l2, selection_of, structured_qkv
+
+pytestmark = pytest.mark.gpu
+
+DEV = torch.device("cuda")
+TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 3e-3}  # fp32 dots run as tf32
+N_GPU_FUZZ = int(2000 * float(os.environ.get("PISA_FUZZ_SCALE", "1")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _triton_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from pisa_kernels.backend import triton_unavailable_reason
+
+    reason = triton_unavailable_reason(DEV)
+    if reason is not None:
+        pytest.skip(f"the Triton kernels cannot run on this GPU: {reason}")
+
+
+def _dev(kw):
+    return {a: (c.to(DEV) if isinstance(c, torch.Tensor) else c) for a, c in kw.items()}
+
+
+def compare_on_gpu(q, k, v, *, max_disagree=0.01, **kw):
+    """Triton vs reference on the GPU.  Returns (error on the replayed selection, fraction of
+    (head, tile) routings that differ)."""
+    q, k, v = (t.to(DEV) for t in (q, k, v))
+    kw = _dev(kw)
+    with capture_routing() as log_r:
+        ref = pisa_attention(q, k, v, backend="reference", **kw)
+    sel_r = selection_of(log_r)
+    with capture_routing() as log_t:
+        own = pisa_attention(q, k, v, backend="triton", **kw)
+    sel_t = selection_of(log_t)
+    assert own.shape == q.shape and own.dtype == q.dtype and own.device == q.device
+    blen = log_r[0][0].blen
+    heads = sel_r.mask.shape[0] // blen.shape[0]
+    nonempty = (blen > 0).repeat_interleave(heads, dim=0)[:, None, :]
+    differs = ((sel_r.mask != sel_t.mask) & nonempty).any(dim=-1)  # [BH, NQ]
+    frac = float(differs.float().mean())
+    if frac == 0.0:
+        tri = own
+    else:  # near-ties broken differently: compare the kernel math on the same blocks
+        with capture_routing(replay=sel_r):
+            tri = pisa_attention(q, k, v, backend="triton", **kw)
+    err = max_err(tri, ref)
+    assert frac <= max_disagree, f"routing differs on {frac:.2%} of the tiles"
+    assert err <= TOL[q.dtype], f"triton vs reference {err:.3e} ({kw.keys()})"
+    return err, frac
+
+
+# --- moderate shapes ---
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", [1, 0, "drop"])
+@pytest.mark.parametrize("n,d,block", [(1000, 128, 64), (3001, 64, 128), (4999, 128, 64)])
+def test_moderate_shapes(dtype, order, n, d, block):
+    q, k, v = rand_qkv(2, 4, n, d, dtype=dtype, seed=n, v_shift=0.5, device=DEV)
+    compare_on_gpu(q, k, v, sparsity=0.875, order=order, block_size=block)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", [1, 0, "drop"])
+def test_moderate_masks_perm_sinks(dtype, order):
+    """Joint attention at FLUX-like size: 256 text tokens (the last 56 padded in one batch element),
+    then a tiled 48x64 grid; text sinks and dense text rows."""
+    grid, n_text = (48, 64), 256
+    q, k, v = structured_qkv(2, 4, grid, 128, dtype=dtype, seed=1, n_extra=n_text, device=DEV)
+    n = q.shape[2]
+    valid = torch.ones(2, n, dtype=torch.bool)
+    valid[1, 200:n_text] = False
+    compare_on_gpu(q, k, v, sparsity=0.85, order=order, token_perm=joint_permutation(n, grid, n_text),
+                   kv_valid=valid, sink_kv=[(0, n_text)], dense_q=[(0, n_text)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("routing", ["topk", "cov"])
+@pytest.mark.parametrize("layout", ["BHND", "BNHD"])
+def test_moderate_layout_routing_video_perm(dtype, routing, layout):
+    grid = (5, 20, 36)  # a small video latent: 3600 tokens, 8x8 tiles do not divide 20 or 36
+    n = 5 * 20 * 36
+    q, k, v = rand_qkv(1, 6, n, 128, dtype=dtype, seed=2, layout=layout, device=DEV)
+    compare_on_gpu(q, k, v, sparsity=0.875, order=1, routing=routing, layout=layout,
+                   token_perm=tile_permutation(grid), kv_valid=torch.tensor([n - 300]))
+
+
+def test_fp32_and_large_head_dim_fallback():
+    q, k, v = rand_qkv(1, 2, 2000, 64, dtype=torch.float32, seed=3, device=DEV)
+    compare_on_gpu(q, k, v, sparsity=0.75, order=1)
+    q, k, v = rand_qkv(1, 1, 500, 256, dtype=torch.bfloat16, seed=3, device=DEV)
+    out, st = pisa_attention(q, k, v, return_stats=True)  # auto: D > 128 runs the reference
+    assert st.backend == "reference" and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="backend"):
+        pisa_attention(q, k, v, backend="triton")
+
+
+def test_auto_is_triton_on_gpu():
+    q, k, v = rand_qkv(1, 2, 700, 64, dtype=torch.bfloat16, seed=4, device=DEV)
+    _, st = pisa_attention(q, k, v, return_stats=True)
+    assert st.backend == "triton"
+
+
+# --- fuzz ---
+
+
+def test_gpu_fuzz(case_counter):
+    before = case_counter["triton vs reference (GPU)"]
+    fracs = []
+
+    @settings(max_examples=N_GPU_FUZZ, deadline=None, derandomize=True, database=None, print_blob=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.filter_too_much])
+    @given(fuzz_case(gpu=True))
+    def run(case):
+        q, k, v, kw = case
+        case_counter["triton vs reference (GPU)"] += 1
+        err, frac = compare_on_gpu(q, k, v, max_disagree=1.0, **kw)
+        note(f"error {err:.3e}, routing differs on {frac:.2%} of the tiles")
+        fracs.append(frac)
+
+    run()
+    ran = case_counter["triton vs reference (GPU)"] - before
+    print(f"GPU fuzz: {ran} cases, routing differs on {sum(fracs) / max(1, len(fracs)):.3%} of tiles on average")
+    assert ran >= N_GPU_FUZZ
+    assert sum(fracs) / max(1, len(fracs)) <= 0.01
+
+
+# --- sparsity 0 is dense ---
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", [False, True])
+@pytest.mark.parametrize("layout", ["BHND", "BNHD"])
+def test_sparsity0_is_sdpa(dtype, mask, layout):
+    b, h, n, d = 2, 8, 4096, 128
+    q, k, v = rand_qkv(b, h, n, d, dtype=dtype, seed=5, layout=layout, device=DEV)
+    lengths = torch.tensor([n, 3000], device=DEV)
+    kv_valid = lengths if mask else None
+    out = pisa_attention(q, k, v, sparsity=0.0, layout=layout, kv_valid=kv_valid, backend="triton")
+    qh, kh, vh = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v))
+    attn_mask = (torch.arange(n, device=DEV)[None, :] < lengths[:, None])[:, None, None, :] if mask else None
+    truth = F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(), attn_mask=attn_mask)
+    if layout == "BNHD":
+        truth = truth.transpose(1, 2)
+    err = rel_l2(out, truth)
+    assert err <= 1e-2, f"rel L2 vs dense {err:.2e}"
+
+
+# --- no recompilation for a new N ---
+
+
+def _jit_functions():
+    """The Triton JIT functions of pisa_kernels.triton_kernels (unwrapping autotuners)."""
+    import triton
+
+    from pisa_kernels import triton_kernels as tk
+
+    jit_type = triton.runtime.jit.JITFunction
+    out = {}
+    for name in dir(tk):
+        obj = getattr(tk, name)
+        fn = getattr(obj, "fn", None)
+        if isinstance(obj, jit_type):
+            out[name] = (obj, None)
+        elif isinstance(fn, jit_type):  # an Autotuner (or Heuristics) around a JITFunction
+            out[name] = (fn, obj)
+    return out
+
+
+def _cache_entries(jit, tuner) -> int:
+    """Compiled variants (and autotune results) held by a JITFunction: Triton >= 3.0 keeps
+    ``device_caches[device] = (kernel_cache, ...)``; older ones a ``cache`` dict per device."""
+    n = 0
+    caches = getattr(jit, "device_caches", None)
+    if caches is not None:
+        for entry in caches.values():
+            n += len(entry[0])
+    else:
+        cache = getattr(jit, "cache", None)
+        if not isinstance(cache, dict):
+            pytest.skip("cannot inspect this Triton version's kernel cache")
+        for per_dev in cache.values():
+            n += len(per_dev) if isinstance(per_dev, dict) else 1
+    if tuner is not None and isinstance(getattr(tuner, "cache", None), dict):
+        n += len(tuner.cache)
+    return n
+
+
+def _snapshot():
+    return {name: _cache_entries(j, t) for name, (j, t) in _jit_functions().items()}
+
+
+@pytest.mark.parametrize("flags", [dict(order=1), dict(order=1, kv_valid="lengths"), dict(order=0, routing="cov"),
+                                   dict(order="drop", token_perm="tiled")])
+def test_no_recompilation_for_new_lengths_and_sparsities(flags):
+    """Sequence length, block counts and the number of selected blocks are runtime values: after
+    warming up one length that is a multiple of 16 and one that is not (Triton specialises integer
+    arguments on divisibility by 16), new lengths and sparsities compile nothing and autotune nothing."""
+    assert _jit_functions(), "no Triton JIT functions found in pisa_kernels.triton_kernels"
+
+    def call(n, sparsity=0.875):
+        q, k, v = rand_qkv(1, 4, n, 128, dtype=torch.bfloat16, seed=n, device=DEV)
+        kw = dict(flags)
+        if kw.get("kv_valid") == "lengths":
+            kw["kv_valid"] = torch.tensor([n - 17], device=DEV)
+        if kw.get("token_perm") == "tiled":
+            kw["token_perm"] = torch.randperm(n, device="cpu").to(DEV)
+        pisa_attention(q, k, v, sparsity=sparsity, backend="triton", **kw)
+
+    for n in (1000, 1024):
+        call(n)
+    torch.cuda.synchronize()
+    before = _snapshot()
+    for n in (1100, 1537, 2001, 3072, 4999, 7777):
+        call(n)
+    for sparsity in (0.75, 0.9, 0.95):
+        call(2500, sparsity)
+    torch.cuda.synchronize()
+    after = _snapshot()
+    grown = {name: (before[name], after[name]) for name in after if after[name] != before.get(name)}
+    assert not grown, f"kernels compiled again for new lengths/sparsities: {grown}"
+
+
+# --- memory ---
+
+
+@pytest.mark.parametrize("case", ["plain", "kv_valid", "token_perm", "cov_routing"])
+def test_extra_memory_is_small(case):
+    """Extra GPU memory during a call (peak minus inputs minus the output) <= 10% of q+k+v bytes
+    at a medium shape, and nothing accumulates from call to call."""
+    b, h, n, d = 1, 16, 16384, 128
+    q, k, v = rand_qkv(b, h, n, d, dtype=torch.bfloat16, seed=6, device=DEV)
+    kw = dict(sparsity=0.875, order=1, backend="triton")
+    if case == "kv_valid":
+        kw["kv_valid"] = torch.tensor([n - 1000], device=DEV)
+    elif case == "token_perm":
+        kw["token_perm"] = tile_permutation((8, 32, 64), device=DEV)
+    elif case == "cov_routing":
+        kw["routing"] = "cov"
+    qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+    out = pisa_attention(q, k, v, **kw)  # warm-up: compilation, cached permutation checks
+    del out
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(DEV)
+    torch.cuda.reset_peak_memory_stats(DEV)
+    out = pisa_attention(q, k, v, **kw)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(DEV)
+    out_bytes = out.numel() * out.element_size()
+    extra = peak - base - out_bytes
+    held = torch.cuda.memory_allocated(DEV) - base - out_bytes
+    assert extra <= 0.10 * qkv_bytes, \
+        f"extra memory {extra / 2**20:.1f} MiB = {extra / qkv_bytes:.1%} of q+k+v ({qkv_bytes / 2**20:.0f} MiB)"
+    assert held <= 0.01 * qkv_bytes, f"{held / 2**20:.1f} MiB still held after the call"
