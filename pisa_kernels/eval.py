@@ -42,7 +42,8 @@ import torch
 from . import workloads
 from .api import pisa_attention
 from .capture_format import read_capture
-from .routing import forced_blocks_from_tokens, num_blocks, topk_count
+from .routing import forced_blocks_from_tokens
+from .tiling import joint_permutation
 
 SPARSITIES = (0.75, 0.875, 0.9, 0.95)
 ORDERS = (1, 0, "drop")
@@ -70,9 +71,28 @@ class Case:
     kv_valid: torch.Tensor | None = None
     heads: list = field(default_factory=list)  # head type names (generated sets)
     describe: str = ""
+    grids: list = field(default_factory=list)  # [(first position, grid sides)]
 
     def perm(self, token_order: str) -> torch.Tensor | None:
-        return self.tiled_perm if token_order == "tiled" else None
+        """``raster`` (input order: None), ``tiled`` (the node's order) or ``tile:FxHxW`` / ``tile:HxW``
+        (the node's rule with another tile shape; one grid only)."""
+        if token_order == "raster":
+            return None
+        if token_order == "tiled":
+            return self.tiled_perm
+        if not token_order.startswith("tile:") or len(self.grids) != 1:
+            raise ValueError(f"token order {token_order!r} needs a case with one grid (raster, tiled or tile:FxHxW)")
+        tile = tuple(int(x) for x in token_order[5:].split("x"))
+        start, grid = self.grids[0]
+        return joint_permutation(self.q.shape[1], grid, start, tile=tile, device=self.q.device)
+
+    def has_order(self, token_order: str) -> bool:
+        """Whether :meth:`perm` can give ``token_order`` here (tile shapes must match the grid)."""
+        if token_order == "raster":
+            return True
+        if token_order == "tiled":
+            return self.tiled_perm is not None
+        return len(self.grids) == 1 and len(token_order[5:].split("x")) == len(self.grids[0][1])
 
     def token_mask(self) -> torch.Tensor | None:
         """bool ``[N]`` of the exact (text) tokens, input order."""
@@ -102,7 +122,7 @@ def cases_from_sets(tokens: list[str], seed: int, device: torch.device) -> list[
         w = workloads.generate(spec, seed=seed, device=device)
         cases.append(Case(name=f"{name}/{size}", q=w.q, k=w.k, v=w.v, video=spec.video, images_only=not spec.video,
                           exact=[spec.text_range] if spec.text else [], tiled_perm=w.token_perm(),
-                          heads=w.heads, describe=spec.describe()))
+                          heads=w.heads, describe=spec.describe(), grids=[(spec.grid_start, spec.grid)]))
     return cases
 
 
@@ -114,7 +134,8 @@ def cases_from_captures(paths: list[str], device: torch.device) -> list[Case]:
     for path in files:
         cap = read_capture(path, device=device)
         m = cap.meta
-        grids = [tuple(g[1]) for g in m.get("grids") or []]
+        placed = [(int(g[0]), tuple(g[1])) for g in m.get("grids") or []]
+        grids = [g for _, g in placed]
         b, n, h, d = cap.q.shape
         desc = (f"{m.get('family') or m.get('model') or '?'} block {m.get('block')} step {m.get('step')}, "
                 f"grids {grids or '-'}, {m.get('text_tokens', 0)} extra tokens, {n} tokens, {h} heads, d={d}")
@@ -122,7 +143,7 @@ def cases_from_captures(paths: list[str], device: torch.device) -> list[Case]:
                           video=any(len(g) == 3 for g in grids), images_only=bool(grids) and all(len(g) == 2 for g in grids),
                           exact=[tuple(r) for r in m.get("exact") or []],
                           tiled_perm=cap.token_perm.to(device) if cap.token_perm is not None else None,
-                          kv_valid=cap.kv_valid, describe=desc))
+                          kv_valid=cap.kv_valid, describe=desc, grids=placed))
     return cases
 
 
@@ -242,7 +263,7 @@ def evaluate_case(case: Case, cfg: Config, sol=None, log=print) -> list[dict]:
                          sparsity=sparsity, rel_l2=rel, cos=cos))
 
     for token_order in cfg.token_orders:
-        if token_order == "tiled" and case.tiled_perm is None:
+        if not case.has_order(token_order):
             continue
         for routing in dict.fromkeys(resolve_routing(r, case) for r in cfg.routings):
             for sp in cfg.sparsities:
@@ -280,7 +301,7 @@ def concentration(case: Case) -> dict:
     """Top-12.5 % block mass per head under dense attention, raster and tiled block orders."""
     out = {}
     for token_order in ("raster", "tiled"):
-        if token_order == "tiled" and case.tiled_perm is None:
+        if not case.has_order(token_order):
             continue
         mass = workloads.top_block_mass(case.q, case.k, token_perm=case.perm(token_order))
         out[token_order] = [round(float(x), 4) for x in mass]
@@ -402,7 +423,7 @@ def plot(rows: list[dict], cases: list[Case], path: str) -> None:
             pts = sorted((r["sparsity"], r["rel_l2"]) for r in sub if (r["method"], r["token_order"], r["routing"]) == key)
             method, token_order, routing = key
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=_COLORS.get(method, "tab:gray"),
-                    linestyle="-" if token_order == "tiled" else "--", marker={"cov": "x", "-": "s"}.get(routing, "o"),
+                    linestyle={"tiled": "-", "raster": "--"}.get(token_order, ":"), marker={"cov": "x", "-": "s"}.get(routing, "o"),
                     markersize=4, label=f"{method} {token_order}{'' if routing == '-' else ' ' + routing}")
         ax.set_title(name)
         ax.set_xlabel("sparsity")
@@ -433,7 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--capture", nargs="*", default=[], help="capture files or folders")
     ap.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
     ap.add_argument("--orders", nargs="*", default=["1", "0", "drop"], choices=["1", "0", "drop"])
-    ap.add_argument("--token-orders", nargs="*", default=list(TOKEN_ORDERS), choices=list(TOKEN_ORDERS))
+    ap.add_argument("--token-orders", nargs="*", default=list(TOKEN_ORDERS),
+                    help="raster, tiled (the node's order) and/or tile:FxHxW (another tile shape)")
     ap.add_argument("--routings", nargs="*", default=None, choices=["auto", "topk", "cov"],
                     help="default: auto on CPU (fast), topk and cov on CUDA")
     ap.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
@@ -480,7 +502,10 @@ def main(argv=None) -> int:
     report = markdown(rows, conc, checks, env, cases)
     with open(os.path.join(args.out, "fidelity.md"), "w") as f:
         f.write(report)
-    plot(rows, cases, os.path.join(args.out, "fidelity.png"))
+    try:
+        plot(rows, cases, os.path.join(args.out, "fidelity.png"))
+    except ImportError as exc:
+        print(f"[eval] no plot: {exc}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, concentration=conc, rows=rows, bars=checks), f, indent=1)

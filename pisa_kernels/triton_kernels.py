@@ -206,25 +206,52 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HSUM,
              out.to(O.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
 
 
-#: (num_warps, num_stages) forced by the tuning script (scripts/gpu_session.py); None in normal use.
-CONFIG_OVERRIDE: tuple[int, int] | None = None
+#: (num_warps, num_stages, tail_stages) forced by the tuning script (scripts/gpu_session.py); None
+#: in normal use.
+CONFIG_OVERRIDE: tuple[int, int, int] | None = None
+
+#: Launch configurations that fit, found per (capability, dtype, block, head dim): see _launch.
+_FITTING: dict[tuple, tuple[int, int, int]] = {}
 
 
-def _launch_config(block_d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
-    """(num_warps, num_stages) for the forward kernel: 8 warps for 128-row tiles of D=128;
-    three pipeline stages where shared memory allows (sm90: 228 KB; sm80: 164 KB; sm86/89: 100 KB).
-    fp32 tiles are twice as large: one stage."""
+def _launch_config(block_n: int, block_d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(num_warps, num_stages, tail_stages) to try first: 8 warps for 128-row tiles of D=128;
+    software pipelines as deep as Hopper's shared memory allows for 64-token bf16 blocks (measured
+    best, docs/kernels.md); shallower for larger tiles.  :func:`_launch` steps down from here when a
+    GPU has less shared memory (sm80: 164 KB; sm86/89: 100 KB)."""
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
     warps = 8 if block_d >= 128 else 4
-    stages = 2
     if dtype == torch.float32:
-        stages = 1
-    elif device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if major >= 9 or (major, minor) == (8, 0):
-            stages = 3
-    return warps, stages
+        return warps, 1, 1
+    if block_n > 64:
+        return warps, 2, 2
+    return warps, 3, TAIL_STAGES
+
+
+def _fallbacks(cfg: tuple[int, int, int]):
+    """The configuration and then shallower pipelines, tail first: shared memory shrinks each step."""
+    warps, stages, tail = cfg
+    yield cfg
+    while tail > 1 or stages > 1:
+        if tail > 1:
+            tail -= 1
+        else:
+            stages -= 1
+        yield warps, stages, tail
+
+
+def _launch(kernel, grid, key: tuple, cfg: tuple[int, int, int], *args, **meta):
+    """Launch with the first configuration whose shared memory fits this GPU (cached per key)."""
+    known = _FITTING.get(key)
+    for warps, stages, tail in ([known] if known else _fallbacks(cfg)):
+        try:
+            compiled = kernel[grid](*args, **meta, TAIL_STAGES=tail, num_warps=warps, num_stages=stages)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        _FITTING[key] = (warps, stages, tail)
+        return compiled
+    raise RuntimeError(f"no launch configuration of {kernel.__name__} fits this GPU")
 
 
 def _block_d(d: int) -> int:
@@ -276,13 +303,16 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     vsum = stats.vsum_lp if stats.vsum_lp is not None else stats.vsum.to(lp)
     hsum = stats.hsum if eff_order == 1 else stats.kbar
     valid_t = valid if valid is not None else stats.blen
-    warps, stages = _launch_config(_block_d(d), dev, q.dtype)
-    compiled = _pisa_fwd_kernel[(nq, b * h)](
+    cfg = _launch_config(block, _block_d(d), dev, q.dtype)
+    key = (torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", q.dtype, block, d, eff_order,
+           valid is not None, cfg)
+    compiled = _launch(
+        _pisa_fwd_kernel, (nq, b * h), key, cfg,
         q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hsum,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
         n, nb, nq, h, d, sel.count, scale * LOG2E, scale,
-        BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, TAIL_STAGES=TAIL_STAGES, ORDER=eff_order,
-        HAS_VALID=valid is not None, num_warps=warps, num_stages=stages)
+        BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
+        HAS_VALID=valid is not None)
     return compiled if return_kernel else out

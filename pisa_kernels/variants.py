@@ -41,6 +41,9 @@ from .routing import QUERY_TILE, Selection, forced_blocks_from_tokens, num_block
 
 ROUTINGS = ("topk", "cov", "sub", "err", "lognormal", "oracle")
 MOMENTS = ("global", "unselected", "near", "block")
+#: Tail weights: ``plain`` ``n_j exp(zbar)`` (PISA); ``ln`` / ``lnrow`` times ``exp(s^2/2 E[q^2] . Var_j[k])``
+#: (the log-normal mass correction; tile-mean or per-row ``q^2``).  Value: the output name suffix.
+TAILS = {"plain": "", "ln": "+ln", "lnrow": "+lnrow"}
 #: Sub-tile / sub-block sizes of the ``sub`` and ``err`` routings.
 SUB_QUERY, SUB_KEY = 32, 16
 #: Half-width (in key blocks of the processing order) of the ``near`` moment's window.
@@ -142,35 +145,44 @@ def _block_moments(k: torch.Tensor, v: torch.Tensor, kbar: torch.Tensor, block: 
     return torch.einsum("jnd,jne->jde", kc, vb[0])
 
 
-def _attend_variants(q, k, v, stats, sel: Selection, *, scale: float, block: int, moments) -> dict:
-    """Every order / moment for one selection; ``q, k, v``: ``[BH, N, D]`` float, processing order."""
+def _attend_variants(q, k, v, stats, sel: Selection, *, scale: float, block: int, moments, tails) -> dict:
+    """Every order / moment / tail for one selection; ``q, k, v``: ``[BH, N, D]`` float, processing order."""
     bh, n, d = q.shape
-    nq, nb = num_blocks(n, QUERY_TILE), num_blocks(n, block)
+    nq = num_blocks(n, QUERY_TILE)
     blen = stats.blen[0]  # no kv_valid: the same for every batch element
     key_block = torch.arange(n, device=q.device) // block
-    names = ["drop", "o0"] + [f"o1-{m}" for m in moments]
+    names = ["drop"] + [f"{o}{TAILS[t]}" for t in tails for o in ["o0"] + [f"o1-{m}" for m in moments]]
     outs = {name: torch.empty(bh, n, d, dtype=q.dtype, device=q.device) for name in names}
     for r in range(bh):
         hj = _block_moments(k[r], v[r], stats.kbar[r], block)  # [NB, D, D]
         htot = hj.sum(0)
+        kb, _ = _pad_rows(k[r:r + 1], block)
+        kvar = ((kb[0] ** 2).sum(1) / blen.unsqueeze(1) - stats.kbar[r] ** 2).clamp_min(0)  # [NB, D]
         for t in range(nq):
             r0, r1 = t * QUERY_TILE, min(n, (t + 1) * QUERY_TILE)
             qq = q[r, r0:r1]
             chosen = sel.mask[r, t].bool()
             exact = chosen[key_block]
             z = ((qq @ k[r].T) * scale).masked_fill(~exact, -torch.inf)
-            zc = ((qq @ stats.kbar[r].T) * scale).masked_fill(chosen, -torch.inf)
-            m = torch.maximum(z.amax(-1), zc.amax(-1))
-            p = torch.exp(z - m[:, None])
-            w = torch.exp(zc - m[:, None])  # per unselected block
-            gb = w * blen  # tail mass per block, in tokens
-            num_e, den_e = p @ v[r], p.sum(-1)
-            num0, den = num_e + w @ stats.vsum[r], den_e + gb.sum(-1)
+            num_e = den_e = None
+            for tail in tails:
+                zc = (qq @ stats.kbar[r].T) * scale
+                if tail == "ln":  # log-normal mass of the block, diagonal covariance, tile-mean q^2
+                    zc = zc + 0.5 * scale * scale * ((qq * qq).mean(0) @ kvar.T)
+                elif tail == "lnrow":  # the same with each row's own q^2
+                    zc = zc + 0.5 * scale * scale * ((qq * qq) @ kvar.T)
+                zc = zc.masked_fill(chosen, -torch.inf)
+                m = torch.maximum(z.amax(-1), zc.amax(-1))
+                p = torch.exp(z - m[:, None])
+                w = torch.exp(zc - m[:, None])  # per unselected block
+                gb = w * blen  # tail mass per block, in tokens
+                num_e, den_e = p @ v[r], p.sum(-1)
+                num0, den = num_e + w @ stats.vsum[r], den_e + gb.sum(-1)
+                outs[f"o0{TAILS[tail]}"][r, r0:r1] = num0 / den[:, None]
+                for mom in moments:
+                    first = _first_order(mom, qq, w, gb, hj, htot, blen, chosen, t, block)
+                    outs[f"o1-{mom}{TAILS[tail]}"][r, r0:r1] = (num0 + scale * first) / den[:, None]
             outs["drop"][r, r0:r1] = num_e / den_e[:, None]
-            outs["o0"][r, r0:r1] = num0 / den[:, None]
-            for mom in moments:
-                first = _first_order(mom, qq, w, gb, hj, htot, blen, chosen, t, block)
-                outs[f"o1-{mom}"][r, r0:r1] = (num0 + scale * first) / den[:, None]
     return outs
 
 
@@ -188,8 +200,8 @@ def _first_order(moment: str, qq, w, gb, hj, htot, blen, chosen, tile: int, bloc
     if moment == "near":
         centre = (tile * QUERY_TILE + QUERY_TILE // 2) // block
         idx = torch.arange(hj.shape[0], device=hj.device)
-        near = ((idx - centre).abs() <= NEAR_BLOCKS) & ~chosen
-        far = ~near
+        window = (idx - centre).abs() <= NEAR_BLOCKS
+        near, far = window & ~chosen, ~window
         h_near = hj[near].sum(0) / blen[near].sum().clamp_min(1)
         h_far = hj[far].sum(0) / blen[far].sum().clamp_min(1)
         return gb[:, near].sum(-1, keepdim=True) * (qq @ h_near) + gb[:, far].sum(-1, keepdim=True) * (qq @ h_far)
@@ -197,10 +209,10 @@ def _first_order(moment: str, qq, w, gb, hj, htot, blen, chosen, tile: int, bloc
 
 
 def variant_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsity: float, routing: str = "topk",
-                    moments=MOMENTS, block: int = 64, scale: float | None = None,
+                    moments=MOMENTS, tails=tuple(TAILS), block: int = 64, scale: float | None = None,
                     sink: torch.Tensor | None = None, dense_rows: torch.Tensor | None = None,
                     token_perm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Outputs of ``drop``, ``o0`` and ``o1-<moment>`` for one routing, float32 ``[B, N, H, D]``
+    """Outputs of ``drop``, ``o0<tail>`` and ``o1-<moment><tail>`` for one routing, float32 ``[B, N, H, D]``
     in input order.
 
     ``q, k, v``: ``[B, N, H, D]``; ``sink`` / ``dense_rows``: bool ``[N]`` (input order) of keys
@@ -218,7 +230,7 @@ def variant_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsi
     flat = [t.reshape(b * h, n, d) for t in (qh, kh, vh)]
     sel = select(flat[0], flat[1], stats, routing=routing, scale=scale, k_top=topk_count(sparsity, num_blocks(n, block)),
                  heads=h, block=block, forced=forced)
-    outs = _attend_variants(*flat, stats, sel, scale=scale, block=block, moments=tuple(moments))
+    outs = _attend_variants(*flat, stats, sel, scale=scale, block=block, moments=tuple(moments), tails=tuple(tails))
     result = {}
     for name, o in outs.items():
         o = o.view(b, h, n, d).transpose(1, 2)

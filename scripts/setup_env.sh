@@ -35,7 +35,9 @@ comfy_reqs() {  # requirements of checkout $1 without torch*; $2 = "frontend" / 
     | case "$2" in frontend) grep -E '^comfyui-' ;; rest) grep -v -E '^comfyui-' ;; *) cat ;; esac || true
 }
 MAIN_COMFY="${COMFYUI_PATH:-$HOME/comfy/ComfyUI}"
-for c in "$MAIN_COMFY" ${PISA_EXTRA_COMFYUI-$HOME/comfy/ComfyUI-v0.3.64}; do
+CHECKOUTS="$MAIN_COMFY ${PISA_EXTRA_COMFYUI-$HOME/comfy/ComfyUI-v0.3.64}"
+[ -n "${PISA_SKIP_COMFY_REQS:-}" ] && CHECKOUTS=""  # the demo needs no ComfyUI
+for c in $CHECKOUTS; do
   [ -f "$c/requirements.txt" ] || continue
   if [ "$c" = "$MAIN_COMFY" ]; then
     comfy_reqs "$c" all > "$VENV/comfy-reqs.txt"
