@@ -229,27 +229,28 @@ def _launch_config(block_n: int, block_d: int, device: torch.device, dtype: torc
     return warps, 3, TAIL_STAGES
 
 
-def _fallbacks(cfg: tuple[int, int, int]):
+def _fallbacks(cfg: tuple[int, int, int]) -> list[dict]:
     """The configuration and then shallower pipelines, tail first: shared memory shrinks each step."""
     warps, stages, tail = cfg
-    yield cfg
+    out = [dict(num_warps=warps, num_stages=stages, TAIL_STAGES=tail)]
     while tail > 1 or stages > 1:
         if tail > 1:
             tail -= 1
         else:
             stages -= 1
-        yield warps, stages, tail
+        out.append(dict(num_warps=warps, num_stages=stages, TAIL_STAGES=tail))
+    return out
 
 
-def _launch(kernel, grid, key: tuple, cfg: tuple[int, int, int], *args, **meta):
-    """Launch with the first configuration whose shared memory fits this GPU (cached per key)."""
+def _launch(kernel, grid, key: tuple, configs: list[dict], *args, **meta):
+    """Launch with the first of ``configs`` whose shared memory fits this GPU (cached per key)."""
     known = _FITTING.get(key)
-    for warps, stages, tail in ([known] if known else _fallbacks(cfg)):
+    for cfg in ([known] if known else configs):
         try:
-            compiled = kernel[grid](*args, **meta, TAIL_STAGES=tail, num_warps=warps, num_stages=stages)
+            compiled = kernel[grid](*args, **meta, **cfg)
         except triton.runtime.errors.OutOfResources:
             continue
-        _FITTING[key] = (warps, stages, tail)
+        _FITTING[key] = cfg
         return compiled
     raise RuntimeError(f"no launch configuration of {kernel.__name__} fits this GPU")
 
@@ -276,13 +277,14 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool) -> PooledS
     kbar_lp = torch.empty(b * h, nb, d, dtype=q.dtype, device=dev) if lp else kbar
     vsum_lp = torch.empty_like(kbar_lp) if lp else vsum
     valid_t = valid if valid is not None else blen
-    _pool_k_kernel[(chunks, b * h)](
-        k, v, valid_t, kbar, vsum, kbar_lp, vsum_lp, blen, hsum, covn,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        valid.stride(0) if valid is not None else 0,
-        n, nb, h, d, bpp,
-        BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp,
-        num_warps=4)
+    key = ("pool", torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", k.dtype, block, d,
+           first_order, cov, valid is not None)
+    _launch(_pool_k_kernel, (chunks, b * h), key, [dict(num_warps=4, num_stages=s) for s in (3, 2, 1)],
+            k, v, valid_t, kbar, vsum, kbar_lp, vsum_lp, blen, hsum, covn,
+            k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            valid.stride(0) if valid is not None else 0,
+            n, nb, h, d, bpp,
+            BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp)
     qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
     _pool_q_kernel[(nq, b * h)](q, qbar, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
                                 BLOCK_M=QUERY_TILE, BLOCK_D=bd, num_warps=4)
@@ -307,7 +309,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     key = (torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", q.dtype, block, d, eff_order,
            valid is not None, cfg)
     compiled = _launch(
-        _pisa_fwd_kernel, (nq, b * h), key, cfg,
+        _pisa_fwd_kernel, (nq, b * h), key, _fallbacks(cfg),
         q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hsum,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

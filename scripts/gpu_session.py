@@ -42,7 +42,10 @@ def check_correctness():
         ref = sdpa(q.float(), k.float(), v.float(), torch.nn.attention.SDPBackend.MATH)
         print(f"sparsity0 vs dense {dt}: {rel_l2(o, ref):.2e}")
     print(f"worst triton-vs-reference rel L2: {worst:.2e}")
-    # CUDA-graph replay == eager, and its speed at the FLUX 1024² shape.
+
+
+def check_graphs():
+    """CUDA-graph replay == eager, and its speed at the FLUX 1024² shape; fp32 / 128-token blocks."""
     for n, h in ((4608, 24), (4352, 24)):
         q, k, v = (torch.randn(1, n, h, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         perm = tiling.joint_permutation(n, (64, n // 64 - 4) if n == 4608 else (64, 64), 256, device="cuda") \
@@ -56,6 +59,12 @@ def check_correctness():
               f"eager {time_ms(lambda: pisa_attention(q, k, v, cuda_graph=False, **kw)):.3f} ms, "
               f"graph {time_ms(lambda: pisa_attention(q, k, v, cuda_graph=True, **kw)):.3f} ms, "
               f"cuDNN {time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):.3f} ms")
+    for dt in (torch.float32, torch.bfloat16):
+        for bs in (64, 128):
+            q, k, v = (torch.randn(1, 2000, 4, 128, device="cuda").to(dt) for _ in range(3))
+            r = pisa_attention(q, k, v, sparsity=0.8, layout="BNHD", backend="reference", block_size=bs)
+            o = pisa_attention(q, k, v, sparsity=0.8, layout="BNHD", backend="triton", block_size=bs)
+            print(f"config check {dt} block {bs}: rel L2 vs reference {rel_l2(o, r):.2e}")
 
 
 def breakdown(n=75600, h=40, d=128, sparsity=0.875):
@@ -100,5 +109,6 @@ if __name__ == "__main__":
     t = time.time()
     if not args.skip_check:
         check_correctness()
+    check_graphs()
     print(f"check took {time.time() - t:.1f}s")
     breakdown()
