@@ -49,9 +49,11 @@ def _dev(kw):
 
 def compare_on_gpu(q, k, v, *, max_disagree=0.01, **kw):
     """Triton vs reference on the GPU.  Returns (error on the replayed selection, fraction of
-    (head, tile) routings that differ)."""
+    (head, tile) routings that differ).  Eager calls (``cuda_graph=False``): a graph replay would
+    not call the routing, so it could be neither observed nor replayed; test_cuda_graph_replay
+    checks the graph path against the eager one."""
     q, k, v = (t.to(DEV) for t in (q, k, v))
-    kw = _dev(kw)
+    kw = dict(_dev(kw), cuda_graph=False)
     with capture_routing() as log_r:
         ref = pisa_attention(q, k, v, backend="reference", **kw)
     sel_r = selection_of(log_r)
@@ -125,6 +127,28 @@ def test_auto_is_triton_on_gpu():
     q, k, v = rand_qkv(1, 2, 700, 64, dtype=torch.bfloat16, seed=4, device=DEV)
     _, st = pisa_attention(q, k, v, return_stats=True)
     assert st.backend == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,kw", [((1, 24, 4608, 128), dict(sparsity=0.85, sink_kv=[(0, 512)])),
+                                      ((2, 4, 1000, 64), dict(order=0, layout="BNHD")),
+                                      ((1, 8, 3000, 128), dict(order="drop", routing="cov", block_size=128))])
+def test_cuda_graph_replay(dtype, shape, kw):
+    """Short calls replay a captured CUDA graph: each replay must read the new inputs (the graph
+    holds static copies) and equal the eager call, also for a new shape and after other calls."""
+    b, h, n, d = shape
+    layout = kw.get("layout", "BHND")
+    for seed in (1, 2, 3):
+        q, k, v = rand_qkv(b, h, n, d, dtype=dtype, seed=seed, layout=layout, device=DEV)
+        eager = pisa_attention(q, k, v, backend="triton", cuda_graph=False, **kw)
+        graph = pisa_attention(q, k, v, backend="triton", cuda_graph=True, **kw)
+        assert max_err(graph, eager) <= (1e-2 if dtype == torch.bfloat16 else 2e-3)
+        # A different shape in between must not disturb the cached graph.
+        q2, k2, v2 = rand_qkv(1, 2, 700, d, dtype=dtype, seed=seed, layout=layout, device=DEV)
+        pisa_attention(q2, k2, v2, backend="triton", cuda_graph=True, **kw)
+    q[0, 0] += 1.0  # in-place change of an input: the replay must see it
+    assert max_err(pisa_attention(q, k, v, backend="triton", cuda_graph=True, **kw),
+                   pisa_attention(q, k, v, backend="triton", cuda_graph=False, **kw)) <= 1e-2
 
 
 # --- fuzz ---
