@@ -5,6 +5,7 @@ The widget names and their order are a contract (docs/architecture.md): saved wo
 """
 
 from .pisa_comfy import PisaSettings, patch_model
+from .pisa_comfy.capture import CaptureSettings, capture_model
 from .pisa_comfy.settings import BLOCK_SIZES, ROUTINGS, TAYLOR_ORDERS, TOKEN_ORDERS
 
 
@@ -89,5 +90,50 @@ class PISAPatch:
         return (patch_model(model, settings, unique_id),)
 
 
-NODE_CLASS_MAPPINGS = {"PISAPatch": PISAPatch}
-NODE_DISPLAY_NAME_MAPPINGS = {"PISAPatch": "PISA Patch"}
+class PISACapture:
+    """Record the q/k/v of chosen attention calls of a real run, for ``python -m pisa_kernels.eval``."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model whose attention to record. Put this node after PISA "
+                                               "Patch (nearest the sampler): it only sees the calls handed to it."}),
+                "filename_prefix": ("STRING", {
+                    "default": "pisa_capture",
+                    "tooltip": "Files go to ComfyUI's output folder under pisa_captures/, named "
+                               "<prefix>_<serial>_block<b>_step<s>.safetensors (one attention call per file)."}),
+                "blocks": ("STRING", {
+                    "default": "0, 10, 20",
+                    "tooltip": "Transformer blocks to record, e.g. '0, 10, 20' or '5-7' (FLUX/HunyuanVideo count "
+                               "single blocks after the double blocks). Empty: every block."}),
+                "steps": ("STRING", {
+                    "default": "10, 30",
+                    "tooltip": "Sampling steps to record (0 = first step), e.g. '10, 30'. Empty: every step."}),
+                "max_calls": ("INT", {
+                    "default": 6, "min": 1, "max": 10000,
+                    "tooltip": "At most this many calls are written per run. Each file holds q, k and v: "
+                               "about 0.3 GB for Wan 1.3B at 480p, 1 GB for Wan 14B at 480p."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model, recording: connect it to the sampler. Outputs are unchanged.",)
+    FUNCTION = "capture"
+    CATEGORY = "model/patch"
+    DESCRIPTION = ("Records the q/k/v of the chosen blocks and steps of a real sampling run to safetensors files, "
+                   "so `python -m pisa_kernels.eval --capture <folder>` can measure PISA's attention error on "
+                   "your own model. Does not change the result.")
+
+    def capture(self, model, filename_prefix, blocks, steps, max_calls, unique_id=None):
+        import folder_paths
+
+        settings = CaptureSettings.from_widgets(output_dir=folder_paths.get_output_directory(),
+                                                filename_prefix=filename_prefix, blocks=blocks, steps=steps,
+                                                max_calls=max_calls)
+        return (capture_model(model, settings, unique_id),)
+
+
+NODE_CLASS_MAPPINGS = {"PISAPatch": PISAPatch, "PISACapture": PISACapture}
+NODE_DISPLAY_NAME_MAPPINGS = {"PISAPatch": "PISA Patch", "PISACapture": "PISA Capture (Q/K/V)"}

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from .attention_call import KNOWN_KWARGS, AttentionCall
-from .forward_context import FORWARD_KEY, ForwardContext
+from .forward_context import ForwardContext
 from .kernels import run_pisa
 from .run_stats import start_timer, stop_timer
-from .token_layout import place, side_from_img_slice
+from .token_layout import Placement, TokenLayout, place, side_from_img_slice
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -67,27 +67,26 @@ def dispatch(state, func, previous, args: tuple, kwargs: dict):
     return out
 
 
-def _decide(state, call: AttentionCall):
-    """A :class:`Plan`, or the reason (str) the call runs dense."""
-    settings = state.settings
-    unknown = sorted(set(call.extra) - KNOWN_KWARGS)
-    if unknown:
-        return state.dense_reason(f"unsupported argument {unknown[0]}")
-    q, k, v = call.q, call.k, call.v
-    if not (q.shape == k.shape == v.shape):
-        return state.dense_reason(CROSS if call.dims(q)[2] != call.dims(k)[2] else "grouped-query attention")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        return state.dense_reason(f"dtype {q.dtype}")
-    b, _, n, d = call.dims(q)
-    if d not in SUPPORTED_HEAD_DIMS:
-        return state.dense_reason(f"head dim {d}")
-    if n < settings.min_tokens:
-        return state.dense_reason(SHORT)
+@dataclass
+class Geometry:
+    """Where a main-sequence call's tokens sit, and which keys are padding."""
 
+    layout: TokenLayout | None  # None: a model whose token order is not known (raster order)
+    placement: Placement | None
+    kv_valid: torch.Tensor | None
+
+
+def forward_context(state, transformer_options: dict) -> ForwardContext:
+    """The context ``state``'s forward wrapper stored for this forward (or one without a layout)."""
+    ctx = transformer_options.get(state.forward_key)
+    return ctx if isinstance(ctx, ForwardContext) else state.context_without_wrapper(transformer_options)
+
+
+def call_geometry(state, call: AttentionCall, ctx: ForwardContext):
+    """The call's :class:`Geometry`, or the dense reason (str) when it is not the model's main
+    attention or carries a mask other than key padding."""
+    b, _, n, _ = call.dims(call.q)
     to = call.transformer_options
-    ctx = to.get(FORWARD_KEY)
-    if not isinstance(ctx, ForwardContext):
-        ctx = state.context_without_wrapper(to)
     layout = ctx.layout
     if layout is not None and layout.family == "wan" and to.get("grid_sizes") is not None:
         layout = layout.with_main_grid(to["grid_sizes"])
@@ -103,6 +102,32 @@ def _decide(state, call: AttentionCall):
     if layout is not None:
         side = layout.extra_side or side_from_img_slice(to.get("img_slice"), n, n_extra) or side
         placement = place(layout, n, state.text_side(side))
+    return Geometry(layout, placement, kv_valid)
+
+
+def _decide(state, call: AttentionCall):
+    """A :class:`Plan`, or the reason (str) the call runs dense."""
+    settings = state.settings
+    unknown = sorted(set(call.extra) - KNOWN_KWARGS)
+    if unknown:
+        return state.dense_reason(f"unsupported argument {unknown[0]}")
+    q, k, v = call.q, call.k, call.v
+    if not (q.shape == k.shape == v.shape):
+        return state.dense_reason(CROSS if call.dims(q)[2] != call.dims(k)[2] else "grouped-query attention")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
+        return state.dense_reason(f"dtype {q.dtype}")
+    _, _, n, d = call.dims(q)
+    if d not in SUPPORTED_HEAD_DIMS:
+        return state.dense_reason(f"head dim {d}")
+    if n < settings.min_tokens:
+        return state.dense_reason(SHORT)
+
+    to = call.transformer_options
+    ctx = forward_context(state, to)
+    geometry = call_geometry(state, call, ctx)
+    if isinstance(geometry, str):
+        return geometry
+    layout, placement, kv_valid = geometry.layout, geometry.placement, geometry.kv_valid
 
     block = ctx.block_index(to)
     if ctx.step is not None and ctx.step < settings.dense_steps:

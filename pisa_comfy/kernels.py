@@ -12,13 +12,15 @@ import torch
 try:
     from ..pisa_kernels import backend as _backend
     from ..pisa_kernels import pisa_attention as _pisa_attention
+    from ..pisa_kernels.capture_format import Capture, write_capture
     from ..pisa_kernels.tiling import tile_permutation
 except ImportError:  # pisa_comfy imported as a top-level package
     from pisa_kernels import backend as _backend
     from pisa_kernels import pisa_attention as _pisa_attention
+    from pisa_kernels.capture_format import Capture, write_capture
     from pisa_kernels.tiling import tile_permutation
 
-__all__ = ["run_pisa", "backend_choice", "tile_permutation"]
+__all__ = ["run_pisa", "backend_choice", "tile_permutation", "Capture", "write_capture"]
 
 
 def run_pisa(q, k, v, **kwargs):

@@ -30,12 +30,14 @@ def _compiler_disabled(fn):
     return disable(fn) if disable is not None else fn
 
 
-def make_override(state, previous):
-    """The override of ``state``'s node; ``previous`` (or ComfyUI's ``func``) is its dense path."""
+def make_override(state, previous, body=dispatch):
+    """The override of ``state``'s node; ``previous`` (or ComfyUI's ``func``) is its dense path.
+    ``body(state, func, previous, args, kwargs)`` handles each call (PISA's :func:`dispatch`, or
+    another node kind's, e.g. the capture's)."""
 
     @_compiler_disabled
     def pisa_attention_override(func, *args, **kwargs):
-        return dispatch(state, func, previous, args, kwargs)
+        return body(state, func, previous, args, kwargs)
 
     pisa_attention_override.pisa_state = state
     pisa_attention_override.pisa_previous = previous

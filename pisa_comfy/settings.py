@@ -18,10 +18,11 @@ ROUTINGS = ("auto", "topk", "covariance")
 _RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
 
 
-def parse_dense_blocks(text: str) -> frozenset[int]:
-    """``"0, 1, 38-39"`` -> ``{0, 1, 38, 39}``; an empty string keeps no block dense."""
+def parse_dense_blocks(text: str, name: str = "dense_blocks") -> frozenset[int]:
+    """``"0, 1, 38-39"`` -> ``{0, 1, 38, 39}``; an empty string keeps no block dense.  ``name``
+    is the widget named in error messages (other widgets use the same list syntax)."""
     if not isinstance(text, str):
-        raise ValueError(f"dense_blocks must be text like '0, 1, 38-39', got {text!r}")
+        raise ValueError(f"{name} must be text like '0, 1, 38-39', got {text!r}")
     blocks: set[int] = set()
     for part in (p.strip() for p in text.replace(";", ",").split(",")):
         if not part:
@@ -31,11 +32,11 @@ def parse_dense_blocks(text: str) -> frozenset[int]:
             continue
         match = _RANGE.match(part)
         if match is None:
-            raise ValueError(f"dense_blocks: cannot read {part!r} in {text!r}; use block numbers and "
+            raise ValueError(f"{name}: cannot read {part!r} in {text!r}; use numbers and "
                              f"ranges separated by commas, e.g. '0, 1, 38-39'")
         first, last = int(match.group(1)), int(match.group(2))
         if last < first:
-            raise ValueError(f"dense_blocks: range {part!r} runs backwards; write it as '{last}-{first}'")
+            raise ValueError(f"{name}: range {part!r} runs backwards; write it as '{last}-{first}'")
         blocks.update(range(first, last + 1))
     return frozenset(blocks)
 

@@ -36,6 +36,12 @@ _ORDER_CACHE_SIZE = 32
 
 
 class PisaState:
+    #: The node's display name, for log lines.
+    node_name = "PISA Patch"
+    #: Key of this node kind's :class:`ForwardContext` in the per-forward options (each node kind
+    #: counts its own calls, so two kinds on one model never advance each other's block count).
+    forward_key = FORWARD_KEY
+
     def __init__(self, settings: PisaSettings, node_id: str | None = None):
         self.settings = settings
         self.node_id = node_id
@@ -153,6 +159,10 @@ class PisaState:
 
     # ---- installation --------------------------------------------------------------------------
 
+    def make_override(self, previous):
+        """This node's attention override over ``previous`` (the dense path)."""
+        return make_override(self, previous)
+
     def ensure_installed(self, transformer_options: dict) -> None:
         """Put this node's override back on top if a later writer replaced it (idempotent: checks
         the whole chain, and wraps a given replacement at most once per run)."""
@@ -162,7 +172,7 @@ class PisaState:
         with self._lock:
             cached = self._reinstalled.get(id(top))
             if cached is None or cached[0] is not top:
-                cached = (top, make_override(self, top))
+                cached = (top, self.make_override(top))
                 self._reinstalled[id(top)] = cached
         transformer_options[OVERRIDE_KEY] = cached[1]
         self.log_once(f"reinstalled:{describe_override(top)}",
@@ -179,18 +189,18 @@ class PisaState:
             return executor(*args, **kwargs)
         self.ensure_installed(to)
         model = executor.class_obj
-        outer = to.get(FORWARD_KEY)
-        to[FORWARD_KEY] = ForwardContext(layout=self._layout(model, executor.original, args, kwargs),
-                                         step=self._step(to),
-                                         double_blocks=len(getattr(model, "double_blocks", None) or ()),
-                                         whole_forward=True)
+        outer = to.get(self.forward_key)
+        to[self.forward_key] = ForwardContext(layout=self._layout(model, executor.original, args, kwargs),
+                                              step=self._step(to),
+                                              double_blocks=len(getattr(model, "double_blocks", None) or ()),
+                                              whole_forward=True)
         try:
             return executor(*args, **kwargs)
         finally:
             if outer is None:
-                to.pop(FORWARD_KEY, None)
+                to.pop(self.forward_key, None)
             else:
-                to[FORWARD_KEY] = outer
+                to[self.forward_key] = outer
 
     def _layout(self, model, forward, args, kwargs):
         try:
