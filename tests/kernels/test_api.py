@@ -358,3 +358,16 @@ def test_fp16_large_values_stay_finite(backend, order, bdev):
     out = _run(backend, q, k, v, bdev, sparsity=0.75, order=order)
     assert bool(torch.isfinite(out).all()), "overflow in the tail"
     assert max_err(out, dense) / 1200 < 0.05
+
+
+def test_perm_edited_in_place_under_inference_mode(qkv):
+    """ComfyUI samples under ``torch.inference_mode()``, where tensors have no version counter: a
+    cached permutation check must still not let an in-place edit that breaks the permutation
+    through (the output would silently lose and duplicate tokens)."""
+    q, k, v = qkv
+    with torch.inference_mode():
+        perm = torch.randperm(N)
+        pisa_attention(q, k, v, backend="reference", token_perm=perm)
+        perm[0] = perm[1]  # no longer a permutation
+        with pytest.raises(ValueError, match="token_perm"):
+            pisa_attention(q, k, v, backend="reference", token_perm=perm)
