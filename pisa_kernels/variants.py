@@ -16,6 +16,13 @@ Two places limit PISA's fidelity (see docs/fidelity.md for the numbers):
   - ``lognormal``: ``zbar + s^2/2 E[q^2] . Var_j[k]`` (the log-normal mass, diagonal covariance);
   - ``oracle``: the exact block mass from dense attention (an upper bound, not a method).
 
+* **The tail's mass.**  The zeroth order counts block ``j`` as ``n_j exp(zbar_ij)``, but the mean of
+  ``exp`` exceeds ``exp`` of the mean by the spread of the logits inside the block, which RoPE
+  makes large in compact tiles.  Prototypes (``tails``, see :data:`TAILS`): the second-order term
+  ``c_ij = s^2/2 E_i[q^2] . Var_j[k]`` (diagonal key covariance per block, mean ``q^2`` of the
+  query tile: one ``NQ x NB`` GEMM like the routing score, and one scalar per centroid in the
+  tail scan) as a log-normal factor ``exp(c_ij)`` or a Taylor factor ``1 + c_ij``.
+
 * **The first-order moment.**  PISA's hybrid term uses one global ``Hbar`` for every unselected
   block.  Prototypes (``moment``):
 
@@ -25,10 +32,10 @@ Two places limit PISA's fidelity (see docs/fidelity.md for the numbers):
     order) for those blocks, and the mean of all others for the rest;
   - ``block``: every block its own ``H_j`` (PISA-1st: exact first order, an upper bound).
 
-:func:`variant_outputs` runs one selection and returns every order / moment from one pass, so all
-of them use the same blocks.  It works in float32, one query tile at a time, on the inputs' device (small inputs; it
+:func:`variant_outputs` runs one selection and returns every order / moment / tail from one pass,
+so all of them use the same blocks.  It works in float32, one query tile at a time, on the inputs' device (small inputs; it
 holds ``[128, N]`` logits and ``[NB, D, D]`` moments per head) and does not take ``kv_valid``.
-With ``routing`` ``topk`` / ``cov`` and ``moment="global"`` it computes what
+With ``routing`` ``topk`` / ``cov``, ``moment="global"`` and the plain tail it computes what
 :func:`pisa_kernels.pisa_attention` computes (tests/fidelity checks this).
 """
 
@@ -41,9 +48,11 @@ from .routing import QUERY_TILE, Selection, forced_blocks_from_tokens, num_block
 
 ROUTINGS = ("topk", "cov", "sub", "err", "lognormal", "oracle")
 MOMENTS = ("global", "unselected", "near", "block")
-#: Tail weights: ``plain`` ``n_j exp(zbar)`` (PISA); ``ln`` / ``lnrow`` times ``exp(s^2/2 E[q^2] . Var_j[k])``
-#: (the log-normal mass correction; tile-mean or per-row ``q^2``).  Value: the output name suffix.
-TAILS = {"plain": "", "ln": "+ln", "lnrow": "+lnrow"}
+#: Tail weights (value: the output name suffix), with ``c_ij = s^2/2 E_i[q^2] . Var_j[k]`` the
+#: second-order term of the block's mass under a diagonal key covariance and the tile's mean ``q^2``:
+#: ``plain`` ``n_j exp(zbar)`` (PISA); ``ln`` times ``exp(c_ij)`` (log-normal mass); ``t2`` times
+#: ``1 + c_ij`` (the second-order Taylor term, exact to second order for any logit distribution).
+TAILS = {"plain": "", "ln": "+ln", "t2": "+t2"}
 #: Sub-tile / sub-block sizes of the ``sub`` and ``err`` routings.
 SUB_QUERY, SUB_KEY = 32, 16
 #: Half-width (in key blocks of the processing order) of the ``near`` moment's window.
@@ -167,10 +176,9 @@ def _attend_variants(q, k, v, stats, sel: Selection, *, scale: float, block: int
             num_e = den_e = None
             for tail in tails:
                 zc = (qq @ stats.kbar[r].T) * scale
-                if tail == "ln":  # log-normal mass of the block, diagonal covariance, tile-mean q^2
-                    zc = zc + 0.5 * scale * scale * ((qq * qq).mean(0) @ kvar.T)
-                elif tail == "lnrow":  # the same with each row's own q^2
-                    zc = zc + 0.5 * scale * scale * ((qq * qq) @ kvar.T)
+                if tail != "plain":
+                    c = 0.5 * scale * scale * ((qq * qq).mean(0) @ kvar.T)  # [NB], one per block for the tile
+                    zc = zc + (c if tail == "ln" else torch.log1p(c))
                 zc = zc.masked_fill(chosen, -torch.inf)
                 m = torch.maximum(z.amax(-1), zc.amax(-1))
                 p = torch.exp(z - m[:, None])

@@ -121,7 +121,7 @@ SETS: dict[str, dict[str, SetSpec]] = {
 }
 
 #: The tiny size of every set, for unit tests (a fraction of a second each on CPU).
-TINY_HEADS = 4
+TINY_HEADS = 6
 
 
 def get_set(name: str, size: str = "small") -> SetSpec:

@@ -1,0 +1,52 @@
+"""The evaluation CLI on a tiny set, and the prototypes of variants.py against the library."""
+
+import json
+
+import pytest
+import torch
+
+from pisa_kernels import eval as E
+from pisa_kernels import pisa_attention, variants
+
+
+def test_cli_writes_table_plot_and_json(tmp_path):
+    out = tmp_path / "report"
+    argv = ["--sets", "hunyuan-joint:tiny", "--sparsities", "0.875", "--orders", "1", "drop",
+            "--out", str(out), "--json", str(tmp_path / "r.json")]
+    assert E.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = report["rows"]
+    assert len(rows) == 2 * 2  # orders x token orders (CPU default routing: auto = topk)
+    assert {(r["method"], r["token_order"], r["routing"]) for r in rows} == {
+        (m, t, "topk") for m in ("pisa-o1", "pisa-drop") for t in ("tiled", "raster")}
+    for r in rows:
+        assert 0.0 < r["rel_l2"] < 1.0 and 0.5 < r["cos"] <= 1.0
+    assert {b["bar"] for b in report["bars"]} >= {"o1 <= 0.5 x drop", "tiled <= raster (o1)"}
+    conc = report["concentration"]["hunyuan-joint/tiny"]
+    assert len(conc["tiled"]) == len(conc["heads"]) == 6
+    md = (out / "fidelity.md").read_text()
+    assert "## Attention concentration" in md and "| tiled | topk | pisa-o1 |" in md and "## Bars" in md
+    assert (out / "fidelity.png").stat().st_size > 10_000
+
+
+def test_dense_reference_matches_sdpa_in_float64():
+    case = E.cases_from_sets(["wan-video:tiny"], 0, torch.device("cpu"))[0]
+    ref = E.dense_reference(case)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        *(t.double().transpose(1, 2) for t in (case.q, case.k, case.v))).transpose(1, 2)
+    assert E.metrics(ref, exact.float())[0] < 1e-5
+
+
+@pytest.mark.parametrize("routing", ["topk", "cov"])
+def test_prototype_plain_global_is_the_library(routing):
+    """variants.variant_outputs with the paper's choices computes pisa_attention: the prototype
+    numbers are comparable with the library's."""
+    case = E.cases_from_sets(["flux-image:tiny"], 0, torch.device("cpu"))[0]
+    q, k, v = (t.float() for t in (case.q, case.k, case.v))
+    sink = case.token_mask()
+    outs = variants.variant_outputs(q, k, v, sparsity=0.875, routing=routing, moments=("global",), tails=("plain",),
+                                    sink=sink, dense_rows=sink, token_perm=case.tiled_perm)
+    for order, name in ((1, "o1-global"), (0, "o0"), ("drop", "drop")):
+        lib = pisa_attention(q, k, v, sparsity=0.875, order=order, layout="BNHD", routing=routing,
+                             sink_kv=case.exact, dense_q=case.exact, token_perm=case.tiled_perm)
+        torch.testing.assert_close(outs[name], lib, atol=2e-5, rtol=1e-4)
