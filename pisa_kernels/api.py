@@ -109,6 +109,15 @@ def _version_of(t: torch.Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
+def _unchanged(perm: torch.Tensor, checked: torch.Tensor) -> bool:
+    """Whether an inference tensor (no version counter) still holds the checked values.  Compared
+    only on the CPU, where it costs no device synchronisation; a CUDA inference tensor is trusted
+    after its first check (an in-place edit of it is not detected: docs/fallbacks.md)."""
+    if _version_of(perm) is not None or perm.device.type != "cpu":
+        return True
+    return torch.equal(perm.to(torch.int64), checked)
+
+
 def _check_perm(perm, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Validate ``token_perm``; return it on ``device`` (int64) and on the CPU."""
     if perm is None:
@@ -117,10 +126,10 @@ def _check_perm(perm, n: int, device: torch.device) -> tuple[torch.Tensor, torch
             or perm.dtype == torch.bool:
         raise ValueError(f"token_perm must be an integer tensor of {n} entries")
     hit = _PERM_CACHE.get(id(perm))
-    if hit is not None and hit[0]() is perm and hit[1] == _version_of(perm):
+    if hit is not None and hit[0]() is perm and hit[1] == _version_of(perm) and _unchanged(perm, hit[2]):
         perm_cpu = hit[2]
     else:
-        perm_cpu = perm.detach().cpu().to(torch.int64)
+        perm_cpu = perm.detach().to("cpu", torch.int64, copy=True)  # a private copy: see _unchanged
         if bool((perm_cpu < 0).any()) or bool((perm_cpu >= n).any()) or \
                 not bool((torch.bincount(perm_cpu, minlength=n) == 1).all()):
             raise ValueError("token_perm must be a permutation of range(N)")
@@ -201,8 +210,8 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
             or not 0.0 <= float(sparsity) < 1.0:
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES}, got {block_size!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {BLOCK_SIZES} (an int), got {block_size!r}")
     order_i = _norm_order(order)
     if routing not in ("topk", "cov"):
         raise ValueError(f"routing must be 'topk' or 'cov', got {routing!r}")
@@ -220,7 +229,8 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
         key = (tuple(q.shape), q.dtype, q.device, layout, float(sparsity), block_size, order_i, scale, routing,
                backend, sink_key, dense_key, perm_key)
         hit = _PLAN_CACHE.get(key)
-        if hit is not None and (token_perm is None or hit[1]() is token_perm):
+        if hit is not None and (token_perm is None or (hit[1]() is token_perm
+                                                       and _unchanged(token_perm, hit[2]))):
             return hit[0]
     plan = _build_plan(q, sparsity=float(sparsity), block_size=block_size, order=order_i, scale=scale,
                        layout=layout, sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm,
@@ -228,7 +238,8 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
             _PLAN_CACHE.clear()
-        _PLAN_CACHE[key] = (plan, weakref.ref(token_perm) if token_perm is not None else None)
+        _PLAN_CACHE[key] = ((plan, weakref.ref(token_perm), _PERM_CACHE[id(token_perm)][2])
+                            if token_perm is not None else (plan, None, None))
     return plan
 
 

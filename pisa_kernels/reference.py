@@ -49,14 +49,17 @@ def pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor 
     qlen = _pad_blocks(torch.ones(1, 1, n, 1, dtype=ct, device=q.device), QUERY_TILE).sum(dim=(-2, -1))
     qbar = qt.sum(dim=-2) / qlen[0, 0].unsqueeze(-1)
 
-    kb = _pad_blocks(k.to(ct), block) * wb  # invalid keys zeroed
-    vb = _pad_blocks(v.to(ct), block) * wb
+    keep = wb > 0
+    # Invalid keys are selected away, not multiplied by 0: a padded key holding NaN or Inf must not
+    # reach any statistic (0 * NaN is NaN).
+    kb = torch.where(keep, _pad_blocks(k.to(ct), block), 0.0)
+    vb = torch.where(keep, _pad_blocks(v.to(ct), block), 0.0)
     safe = blen.clamp_min(1.0).view(b, 1, -1, 1)
     kbar = kb.sum(dim=-2) / safe  # [B, H, NB, D]
     vsum = vb.sum(dim=-2)
     hsum = covnorm = None
     if first_order or cov:
-        kc = (kb - kbar.unsqueeze(-2)) * wb  # centred valid keys
+        kc = torch.where(keep, kb - kbar.unsqueeze(-2), 0.0)  # centred valid keys
         htot = torch.einsum("bhjnd,bhjne->bhde", kc, vb)
         if cov:
             # ||H_j||_F per block, a few blocks at a time: never all [B,H,NB,D,D] at once.
@@ -85,6 +88,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
     hmean = stats.hmean if order == 1 else None
     for bi in range(b):
         kf, vf = k[bi].to(ct), v[bi].to(ct)  # [H, N, D]
+        if valid is not None:  # padded keys may hold anything: select them away (0 * NaN is NaN)
+            kf = torch.where(key_ok[bi][None, :, None], kf, 0.0)
+            vf = torch.where(key_ok[bi][None, :, None], vf, 0.0)
         for hi in range(h):
             row = bi * h + hi
             kk, vv = kf[hi], vf[hi]
@@ -114,8 +120,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
                     if order == 1:
                         num = num + g[:, None] * scale * (qq @ hmean[row])
                     den = den + g
-                out[bi, hi, r0:r1] = torch.where(den[:, None] > 0, num / den.clamp_min(1e-30)[:, None],
-                                                  torch.zeros_like(num))
+                # A row without any valid key gives 0; NaN inputs propagate as in dense attention.
+                out[bi, hi, r0:r1] = torch.where(den[:, None] == 0, torch.zeros_like(num), num / den[:, None])
     return out
 
 

@@ -39,7 +39,7 @@ class PooledStats:
     hsum: torch.Tensor | None  # [BH, D, D]  first-order moment sum_j sum_n (k_n - kbar_j) v_n^T
     covnorm: torch.Tensor | None  # [BH, NB]  ||H_j||_F, for covariance routing
     kbar_lp: torch.Tensor | None = None  # kbar in the input dtype
-    vsum_lp: torch.Tensor | None = None  # vsum in the input dtype
+    vmean_lp: torch.Tensor | None = None  # vsum / blen in the input dtype (sums can overflow fp16)
 
     @property
     def hmean(self) -> torch.Tensor | None:

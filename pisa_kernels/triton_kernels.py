@@ -46,7 +46,7 @@ _RUNTIME_INTS = ["N", "NB", "NQ", "KT", "blocks_per_prog"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VSUM_LP, BLEN, HSUM, COVN,
+def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
                    skb, skh, skn, svb, svh, svn, s_valid_b,
                    N, NB, H, D, blocks_per_prog,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
@@ -80,8 +80,10 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VSUM_LP, BLEN, HSUM, COVN,
         tl.store(KBAR + out_off, kbar, mask=dmask)
         tl.store(VSUM + out_off, vsum, mask=dmask)
         if WRITE_LP:
+            # The forward kernel takes the value MEAN in the input dtype (a 64-token sum of fp16
+            # values can exceed fp16's range) and weights it by the block length in fp32.
             tl.store(KBAR_LP + out_off, kbar.to(KBAR_LP.dtype.element_ty), mask=dmask)
-            tl.store(VSUM_LP + out_off, vsum.to(VSUM_LP.dtype.element_ty), mask=dmask)
+            tl.store(VMEAN_LP + out_off, (vsum / tl.maximum(cnt, 1.0)).to(VMEAN_LP.dtype.element_ty), mask=dmask)
         if h == 0:
             tl.store(BLEN + b * NB + j, cnt)
         if MOMENT or COV:
@@ -118,7 +120,7 @@ def _pool_q_kernel(Q, QBAR, sqb, sqh, sqn, N, NQ, H, D,
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
-def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HSUM,
+def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, s_valid_b,
                      N, NB, NQ, H, D, KT, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -155,12 +157,13 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HSUM,
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         rows_n = offs_n
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(kbase + rows_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(vbase + rows_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         kok = nmask
         if HAS_VALID:
             kok = kok & (tl.load(VALID + b64 * s_valid_b + rows_n, mask=nmask, other=0) != 0)
+        # Invalid keys are never loaded: a padded value holding NaN must not meet its zero weight.
+        kv_mask = kok[:, None] & dmask[None, :]
+        k = tl.load(kbase + rows_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vbase + rows_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
         # Raw logits; the scale is folded into one FMA with the max (base-2 units).
         qk = tl.where(kok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
@@ -187,11 +190,13 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VSUM, BLEN, HSUM,
             zc = tl.where(ok[None, :], tl.dot(q, tl.trans(kb)), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(zc, axis=1) * qk_scale)
             alpha = tl.math.exp2(m_i - m_new)
-            w = tl.math.exp2(zc * qk_scale - m_new[:, None])
-            vs = tl.load(VSUM + coff, mask=cmask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(w.to(vs.dtype), vs)
+            # n_j e^{z - m}: the block's token-weighted tail mass, which multiplies the value mean
+            # (n_j v̄_j = V̂_j) and adds to g.
+            wn = tl.math.exp2(zc * qk_scale - m_new[:, None]) * nj[None, :]
+            vm = tl.load(VMEAN + coff, mask=cmask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(wn.to(vm.dtype), vm)
             l_i = l_i * alpha
-            g_i = g_i * alpha + tl.sum(w * nj[None, :], axis=1)
+            g_i = g_i * alpha + tl.sum(wn, axis=1)
             m_i = m_new
         # Phase 3: hybrid first order, g * scale * q @ (HSUM / valid keys).
         if ORDER == 1:
@@ -275,12 +280,12 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool) -> PooledS
     covn = torch.empty(b * h, nb, dtype=torch.float32, device=dev) if cov else kbar
     lp = q.dtype in (torch.float16, torch.bfloat16)
     kbar_lp = torch.empty(b * h, nb, d, dtype=q.dtype, device=dev) if lp else kbar
-    vsum_lp = torch.empty_like(kbar_lp) if lp else vsum
+    vmean_lp = torch.empty_like(kbar_lp) if lp else vsum
     valid_t = valid if valid is not None else blen
     key = ("pool", torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", k.dtype, block, d,
            first_order, cov, valid is not None)
     _launch(_pool_k_kernel, (chunks, b * h), key, [dict(num_warps=4, num_stages=s) for s in (3, 2, 1)],
-            k, v, valid_t, kbar, vsum, kbar_lp, vsum_lp, blen, hsum, covn,
+            k, v, valid_t, kbar, vsum, kbar_lp, vmean_lp, blen, hsum, covn,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             valid.stride(0) if valid is not None else 0,
             n, nb, h, d, bpp,
@@ -289,7 +294,8 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool) -> PooledS
     _pool_q_kernel[(nq, b * h)](q, qbar, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
                                 BLOCK_M=QUERY_TILE, BLOCK_D=bd, num_warps=4)
     return PooledStats(qbar=qbar, kbar=kbar, vsum=vsum, blen=blen, hsum=hsum if first_order else None,
-                       covnorm=covn if cov else None, kbar_lp=kbar_lp, vsum_lp=vsum_lp)
+                       covnorm=covn if cov else None, kbar_lp=kbar_lp if lp else None,
+                       vmean_lp=vmean_lp if lp else None)
 
 
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
@@ -302,7 +308,8 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     lp = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     eff_order = order if not sel.all_blocks else -1
     kbar = stats.kbar_lp if stats.kbar_lp is not None else stats.kbar.to(lp)
-    vsum = stats.vsum_lp if stats.vsum_lp is not None else stats.vsum.to(lp)
+    vmean = stats.vmean_lp if stats.vmean_lp is not None else \
+        (stats.vsum / stats.blen.clamp_min(1.0).repeat_interleave(h, dim=0).unsqueeze(-1)).to(lp)
     hsum = stats.hsum if eff_order == 1 else stats.kbar
     valid_t = valid if valid is not None else stats.blen
     cfg = _launch_config(block, _block_d(d), dev, q.dtype)
@@ -310,7 +317,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
            valid is not None, cfg)
     compiled = _launch(
         _pisa_fwd_kernel, (nq, b * h), key, _fallbacks(cfg),
-        q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vsum, stats.blen, hsum,
+        q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vmean, stats.blen, hsum,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
