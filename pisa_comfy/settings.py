@@ -50,7 +50,7 @@ class PisaSettings:
     order: int | str = 1  # 1, 0 or "drop", as pisa_kernels.pisa_attention takes it
     dense_steps: int = 10
     dense_blocks: frozenset[int] = frozenset({0})
-    min_tokens: int = 4096
+    min_tokens: int = 8192
     tile_tokens: bool = True  # token_order "auto": compact space-time tiles where the layout is known
     routing: str = "auto"  # "auto" (covariance for images, top-k for video), "topk" or "cov"
     verbose: bool = False

@@ -11,7 +11,7 @@ CONTRACT = [  # (name, type or combo, default)
     ("taylor_order", ["1", "0", "drop"], "1"),
     ("dense_steps", "INT", 10),
     ("dense_blocks", "STRING", "0"),
-    ("min_tokens", "INT", 4096),
+    ("min_tokens", "INT", 8192),
     ("token_order", ["auto", "raster"], "auto"),
     ("routing", ["auto", "topk", "covariance"], "auto"),
     ("verbose", "BOOLEAN", False),

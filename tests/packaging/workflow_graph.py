@@ -25,7 +25,7 @@ PISA_CONTRACT = {
         "taylor_order": [["1", "0", "drop"], {"default": "1"}],
         "dense_steps": ["INT", {"default": 10, "min": 0, "max": 10000}],
         "dense_blocks": ["STRING", {"default": "0"}],
-        "min_tokens": ["INT", {"default": 4096, "min": 0, "max": 1000000, "step": 256}],
+        "min_tokens": ["INT", {"default": 8192, "min": 0, "max": 1000000, "step": 256}],
         "token_order": [["auto", "raster"], {"default": "auto"}],
         "routing": [["auto", "topk", "covariance"], {"default": "auto"}],
         "verbose": ["BOOLEAN", {"default": False}],
