@@ -173,24 +173,22 @@ def _attend_variants(q, k, v, stats, sel: Selection, *, scale: float, block: int
             chosen = sel.mask[r, t].bool()
             exact = chosen[key_block]
             z = ((qq @ k[r].T) * scale).masked_fill(~exact, -torch.inf)
-            num_e = den_e = None
-            for tail in tails:
-                zc = (qq @ stats.kbar[r].T) * scale
-                if tail != "plain":
-                    c = 0.5 * scale * scale * ((qq * qq).mean(0) @ kvar.T)  # [NB], one per block for the tile
-                    zc = zc + (c if tail == "ln" else torch.log1p(c))
-                zc = zc.masked_fill(chosen, -torch.inf)
-                m = torch.maximum(z.amax(-1), zc.amax(-1))
-                p = torch.exp(z - m[:, None])
+            zbar = (qq @ stats.kbar[r].T) * scale
+            c = 0.5 * scale * scale * ((qq * qq).mean(0) @ kvar.T)  # [NB]: second-order mass term per block
+            tail_logits = {name: (zbar if name == "plain" else zbar + (c if name == "ln" else torch.log1p(c)))
+                           .masked_fill(chosen, -torch.inf) for name in tails}
+            m = torch.stack([z.amax(-1)] + [zc.amax(-1) for zc in tail_logits.values()]).amax(0)
+            p = torch.exp(z - m[:, None])
+            num_e, den_e = p @ v[r], p.sum(-1)
+            outs["drop"][r, r0:r1] = num_e / den_e[:, None]
+            for tail, zc in tail_logits.items():
                 w = torch.exp(zc - m[:, None])  # per unselected block
                 gb = w * blen  # tail mass per block, in tokens
-                num_e, den_e = p @ v[r], p.sum(-1)
                 num0, den = num_e + w @ stats.vsum[r], den_e + gb.sum(-1)
                 outs[f"o0{TAILS[tail]}"][r, r0:r1] = num0 / den[:, None]
                 for mom in moments:
                     first = _first_order(mom, qq, w, gb, hj, htot, blen, chosen, t, block)
                     outs[f"o1-{mom}{TAILS[tail]}"][r, r0:r1] = (num0 + scale * first) / den[:, None]
-            outs["drop"][r, r0:r1] = num_e / den_e[:, None]
     return outs
 
 
