@@ -170,7 +170,7 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in place (no temporary)
         m_i = m_new
 
     # Phase 2: zeroth-order tail over every non-selected, non-empty block (centroid logits).
@@ -194,19 +194,22 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
             # (n_j v̄_j = V̂_j) and adds to g.
             wn = tl.math.exp2(zc * qk_scale - m_new[:, None]) * nj[None, :]
             vm = tl.load(VMEAN + coff, mask=cmask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(wn.to(vm.dtype), vm)
+            acc = tl.dot(wn.to(vm.dtype), vm, acc * alpha[:, None])
             l_i = l_i * alpha
             g_i = g_i * alpha + tl.sum(wn, axis=1)
             m_i = m_new
-        # Phase 3: hybrid first order, g * scale * q @ (HSUM / valid keys).
-        if ORDER == 1:
-            hm = tl.load(HSUM + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :],
-                         mask=dmask[:, None] & dmask[None, :], other=0.0)
-            hm = (hm * (sm_scale / tl.maximum(total, 1.0))).to(q.dtype)
-            acc += g_i[:, None] * tl.dot(q, hm)
 
     den = l_i + g_i
-    out = acc / tl.where(den > 0, den, 1.0)[:, None]
+    safe = tl.where(den > 0, den, 1.0)
+    out = acc / safe[:, None]
+    # Phase 3: hybrid first order, (g / den) * scale * q @ (HSUM / valid keys), added after the
+    # normalisation so the row weight g / den (the tail's share, <= 1) keeps fp16 in range; it is
+    # accumulated into ``out`` by the product itself (no D-wide temporary).
+    if ORDER == 1:
+        hm = tl.load(HSUM + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :],
+                     mask=dmask[:, None] & dmask[None, :], other=0.0)
+        hm = (hm * (sm_scale / tl.maximum(total, 1.0))).to(q.dtype)
+        out = tl.dot((q.to(tl.float32) * (g_i / safe)[:, None]).to(q.dtype), hm, out)
     tl.store(O + b64 * sob + h64 * soh + rows_m[:, None].to(tl.int64) * son + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
 
