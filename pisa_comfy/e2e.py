@@ -992,7 +992,8 @@ def table_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
         wf, iss = s.get("run_workflow"), s["run_issue"]
         peak = max((v.get("peak_gb") or 0) for v in [*r["dense"].values(), r["gated"], r["sparse"]])
         rows.append([
-            r["model"], f"{r['image_tokens']}+{r['text_tokens'] if r['family'] != 'wan' else 0} x{r['batch']}",
+            r["model"], (f"{r['image_tokens']} x{r['batch']}" if r["family"] == "wan" else
+                         f"{r['image_tokens']}+{r['text_tokens']} x{r['batch']}"),
             f"{s['dense_ms'] / 1000:.2f} ({s['dense_sdpa']})",
             f"{s['gated_ms'] / 1000:.2f} ({s['gated_over_dense']:.3f})", f"{s['sparse_ms'] / 1000:.2f}",
             f"{s['step_speedup']:.2f}x", _f(s.get("attention_share"), "{:.0%}"),
@@ -1044,7 +1045,7 @@ def markdown(report: dict) -> str:
 
 def compact_table(report: dict) -> str:
     head, rows = table_rows(report["results"])
-    keep = [0, 2, 3, 4, 5, 6, 8, 9]
+    keep = [0, 2, 3, 4, 5, 6, 7, 8, 9]
     cols = [[head[i]] + [r[i] for r in rows] for i in keep]
     widths = [max(len(c) for c in col) for col in cols]
     out = []
