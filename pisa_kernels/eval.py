@@ -4,6 +4,7 @@
     python -m pisa_kernels.eval --sets full --json r.json --out results/   # real resolutions (GPU)
     python -m pisa_kernels.eval --capture ComfyUI/output/pisa_captures/    # captured real q/k/v
     python -m pisa_kernels.eval --variants                       # also the prototypes of variants.py
+    python -m pisa_kernels.eval --variants auto --variant-moments global --variant-tails ln   # the proposal
 
 Cases are the generated DiT-like sets of :mod:`pisa_kernels.workloads` (``--sets``: a size
 ``tiny|small|full`` for every set, or ``name`` / ``name:size``) and capture files (``--capture``:
@@ -257,8 +258,10 @@ class Config:
     routings: tuple = ("auto",)
     backend: str = "auto"
     sol: bool = True
-    variants: tuple = ()  # routings of variants.py to run (all moments each)
+    variants: tuple = ()  # routings of variants.py to run ("auto": the node's rule)
     variant_sparsities: tuple = (BAR_SPARSITY,)
+    variant_moments: tuple = ()  # empty: all of variants.MOMENTS
+    variant_tails: tuple = ()  # empty: all of variants.TAILS
 
 
 def _order_name(order) -> str:
@@ -304,9 +307,11 @@ def _variant_rows(case: Case, cfg: Config, token_order: str, ref: torch.Tensor) 
 
     rows = []
     sink = case.token_mask()
-    for routing in cfg.variants:
+    for routing in dict.fromkeys(resolve_routing(r, case) for r in cfg.variants):
         for sp in cfg.variant_sparsities:
             outs = variants.variant_outputs(case.q, case.k, case.v, sparsity=sp, routing=routing, sink=sink,
+                                            moments=cfg.variant_moments or variants.MOMENTS,
+                                            tails=cfg.variant_tails or tuple(variants.TAILS),
                                             dense_rows=sink, token_perm=case.perm(token_order))
             for name, out in outs.items():
                 rel, cos = metrics(out.to(ref.device), ref)
@@ -426,11 +431,12 @@ def markdown(rows: list[dict], conc: dict, checks: list[dict], env: dict, cases:
 
 
 _COLORS = {"pisa-o1": "tab:blue", "pisa-o0": "tab:orange", "pisa-drop": "tab:red", "sol-topk": "tab:olive",
-           "sol-topk-matched": "tab:green"}
+           "sol-topk-matched": "tab:green", "proto-o1-global+ln": "tab:purple", "proto-o0+ln": "tab:pink"}
 
 
 def plot(rows: list[dict], cases: list[Case], path: str) -> None:
-    """Error vs sparsity per case: colour = method, line style = token order, marker = routing."""
+    """Error vs sparsity per case: colour = method, line style = token order, marker = routing.
+    Prototypes other than the proposed log-normal tail stay in the table only (readability)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -439,24 +445,28 @@ def plot(rows: list[dict], cases: list[Case], path: str) -> None:
     names = [c.name for c in cases if any(r["case"] == c.name for r in rows)]
     cols = min(3, max(1, len(names)))
     nrows = -(-len(names) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.0 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.8 * nrows + 1.6), squeeze=False)
+    handles = {}
     for ax, name in zip(axes.flat, names):
         sub = [r for r in rows if r["case"] == name and not math.isnan(r["sparsity"])]
-        for key in dict.fromkeys((r["method"], r["token_order"], r["routing"]) for r in sub):
+        for key in dict.fromkeys((r["method"], r["token_order"], r["routing"]) for r in sub if r["method"] in _COLORS):
             pts = sorted((r["sparsity"], r["rel_l2"]) for r in sub if (r["method"], r["token_order"], r["routing"]) == key)
             method, token_order, routing = key
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=_COLORS.get(method, "tab:gray"),
-                    linestyle={"tiled": "-", "raster": "--"}.get(token_order, ":"), marker={"cov": "x", "-": "s"}.get(routing, "o"),
-                    markersize=4, label=f"{method} {token_order}{'' if routing == '-' else ' ' + routing}")
+            label = f"{method} {token_order}{'' if routing == '-' else ' ' + routing}"
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], color=_COLORS[method],
+                              linestyle={"tiled": "-", "raster": "--"}.get(token_order, ":"),
+                              marker={"cov": "x", "-": "s"}.get(routing, "o"), markersize=4, label=label)
+            handles.setdefault(label, line)
         ax.set_title(name)
         ax.set_xlabel("sparsity")
         ax.set_ylabel("relative L2 error vs dense")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(6, len(handles)), fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.022 * -(-len(handles) // 6), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -487,7 +497,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sol", action="store_true", help="skip Sol-Attn even where it runs")
     ap.add_argument("--variants", nargs="*", default=None,
                     help="also run the prototypes of pisa_kernels.variants with these routings "
-                         "(no value: all); small inputs only")
+                         "(no value: all; auto: the node's rule); small inputs only")
+    ap.add_argument("--variant-moments", nargs="*", default=[], help="first-order moments of the prototypes "
+                    "(default: all of variants.MOMENTS)")
+    ap.add_argument("--variant-tails", nargs="*", default=[], help="tail weights of the prototypes "
+                    "(default: all of variants.TAILS)")
     ap.add_argument("--variant-sparsities", nargs="*", type=float, default=[BAR_SPARSITY])
     ap.add_argument("--out", default="fidelity-results", help="folder for fidelity.md and fidelity.png")
     ap.add_argument("--json", help="write every number and the environment to this file")
@@ -503,7 +517,8 @@ def main(argv=None) -> int:
                  routings=tuple(args.routings or (("topk", "cov") if device.type == "cuda" else ("auto",))),
                  backend=args.backend, sol=not args.no_sol,
                  variants=() if args.variants is None else tuple(args.variants or variants.ROUTINGS),
-                 variant_sparsities=tuple(args.variant_sparsities))
+                 variant_sparsities=tuple(args.variant_sparsities), variant_moments=tuple(args.variant_moments),
+                 variant_tails=tuple(args.variant_tails))
     sol, sol_note = sol_peer(device) if cfg.sol else (None, "disabled (--no-sol)")
     sol_note = sol_note if sol is not None else f"not run ({sol_note})"
     print(f"[eval] device {device}; Sol-Attn: {sol_note}", file=sys.stderr)
