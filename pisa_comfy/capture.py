@@ -48,7 +48,7 @@ class CaptureSettings:
     max_calls: int = 6  # files per sampling run
 
     @classmethod
-    def from_widgets(cls, *, output_dir: str, filename_prefix, blocks, steps, max_calls) -> "CaptureSettings":
+    def from_widgets(cls, *, output_dir: str, filename_prefix, blocks, steps, max_calls) -> CaptureSettings:
         if not isinstance(filename_prefix, str) or not filename_prefix.strip():
             raise ValueError("filename_prefix must be a non-empty name, e.g. 'wan_480p'")
         folder = os.path.abspath(os.path.join(output_dir, CAPTURE_FOLDER))
@@ -62,7 +62,7 @@ class CaptureSettings:
                    max_calls=max_calls)
 
 
-def capture_dispatch(state: "CaptureState", func, previous, args: tuple, kwargs: dict):
+def capture_dispatch(state: CaptureState, func, previous, args: tuple, kwargs: dict):
     """The body of the capture override: record the call if it was chosen, then pass it on unchanged."""
     call = AttentionCall.parse(args, kwargs)
     state.observe(call)
@@ -136,7 +136,7 @@ class CaptureState(PisaState):
         return os.path.join(c.folder, name + ".safetensors")
 
     def _record(self, call: AttentionCall, geometry, block: int | None, step: int | None) -> Capture:
-        b, h, n, d = call.dims(call.q)
+        _, h, n, d = call.dims(call.q)
         q, k, v = (t if call.layout == "BNHD" else t.transpose(1, 2) for t in call.kernel_inputs())
         layout, placement = geometry.layout, geometry.placement
         grids = [[first, list(grid)] for first, grid in placement.grids] if placement is not None else []

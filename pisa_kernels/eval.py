@@ -140,7 +140,7 @@ def cases_from_captures(paths: list[str], device: torch.device) -> list[Case]:
         m = cap.meta
         placed = [(int(g[0]), tuple(g[1])) for g in m.get("grids") or []]
         grids = [g for _, g in placed]
-        b, n, h, d = cap.q.shape
+        _, n, h, d = cap.q.shape
         desc = (f"{m.get('family') or m.get('model') or '?'} block {m.get('block')} step {m.get('step')}, "
                 f"grids {grids or '-'}, {m.get('text_tokens', 0)} extra tokens, {n} tokens, {h} heads, d={d}")
         cases.append(Case(name=os.path.splitext(os.path.basename(path))[0], q=cap.q, k=cap.k, v=cap.v,
@@ -390,20 +390,20 @@ def _fmt_sp(sp) -> str:
 
 def markdown(rows: list[dict], conc: dict, checks: list[dict], env: dict, cases: list[Case]) -> str:
     lines = [f"# Attention fidelity ({env['date']}, {env['device']})", "",
-             f"torch {env['torch']}, PISA backend `{env['backend']}`, seed {env['seed']}; "
-             f"Sol-Attn: {env['sol']}.", "",
+             (f"torch {env['torch']}, PISA backend `{env['backend']}`, seed {env['seed']}; "
+              f"Sol-Attn: {env['sol']}."), "",
              "## Attention concentration", "",
-             "Share of dense attention mass in each query row's top 12.5 % of 64-key blocks "
-             "(mean over rows; per head: min / mean / max).", "",
+             ("Share of dense attention mass in each query row's top 12.5 % of 64-key blocks "
+              "(mean over rows; per head: min / mean / max)."), "",
              "| case | tokens x heads | raster | tiled |", "|---|---|---|---|"]
+
+    def span(xs):
+        return "-" if not xs else f"{min(xs):.2f} / {sum(xs) / len(xs):.2f} / {max(xs):.2f}"
+
     for c in cases:
         cc = conc.get(c.name, {})
-
-        def span(key):
-            xs = cc.get(key)
-            return "-" if not xs else f"{min(xs):.2f} / {sum(xs) / len(xs):.2f} / {max(xs):.2f}"
-
-        lines.append(f"| {c.name} ({c.describe}) | {c.q.shape[1]} x {c.q.shape[2]} | {span('raster')} | {span('tiled')} |")
+        lines.append(f"| {c.name} ({c.describe}) | {c.q.shape[1]} x {c.q.shape[2]} | {span(cc.get('raster'))} | "
+                     f"{span(cc.get('tiled'))} |")
     sps = sorted({r["sparsity"] for r in rows if not math.isnan(r["sparsity"])})
     lines += ["", "## Relative L2 error vs dense (mean row cosine similarity)", ""]
     for c in cases:

@@ -1,6 +1,7 @@
 """Prototypes of PISA changes, to measure before anything goes into the kernels.
 
-Two places limit PISA's fidelity (see docs/fidelity.md for the numbers):
+Three places could limit PISA's fidelity; docs/fidelity.md has the numbers.  Of everything here
+only the log-normal tail (``ln``) measurably helps, and it is the change proposed for the kernels.
 
 * **Routing.**  The pooled score ``s qbar_i . kbar_j`` is the *mean* logit over the 128 x 64
   (query, key) pairs of a tile and a block, but the mass a block holds is a log-sum-exp.  RoPE
@@ -33,8 +34,9 @@ Two places limit PISA's fidelity (see docs/fidelity.md for the numbers):
   - ``block``: every block its own ``H_j`` (PISA-1st: exact first order, an upper bound).
 
 :func:`variant_outputs` runs one selection and returns every order / moment / tail from one pass,
-so all of them use the same blocks.  It works in float32, one query tile at a time, on the inputs' device (small inputs; it
-holds ``[128, N]`` logits and ``[NB, D, D]`` moments per head) and does not take ``kv_valid``.
+so all of them use the same blocks.  It works in float32, one query tile at a time, on the inputs'
+device (small inputs: it holds ``[128, N]`` logits and ``[NB, D, D]`` moments per head) and does
+not take ``kv_valid``.
 With ``routing`` ``topk`` / ``cov``, ``moment="global"`` and the plain tail it computes what
 :func:`pisa_kernels.pisa_attention` computes (tests/fidelity checks this).
 """
@@ -44,7 +46,14 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .routing import QUERY_TILE, Selection, forced_blocks_from_tokens, num_blocks, route, topk_count
+from .routing import (
+    QUERY_TILE,
+    Selection,
+    forced_blocks_from_tokens,
+    num_blocks,
+    route,
+    topk_count,
+)
 
 ROUTINGS = ("topk", "cov", "sub", "err", "lognormal", "oracle")
 MOMENTS = ("global", "unselected", "near", "block")
@@ -71,7 +80,7 @@ def _pad_rows(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _sub_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-mean-exp of sub-tile x sub-block pooled scores, the plain pooled score), ``[BH, NQ, NB]``."""
-    bh, n, d = q.shape
+    bh, n, _ = q.shape
     qs, ql = _pad_rows(q, SUB_QUERY)
     ks, kl = _pad_rows(k, SUB_KEY)
     qm = qs.sum(2) / ql.view(1, -1, 1)  # [BH, NSQ, D]
@@ -108,19 +117,26 @@ def _oracle_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int) -
     return out
 
 
-def _lognormal_scores(q: torch.Tensor, k: torch.Tensor, stats, scale: float, block: int) -> torch.Tensor:
-    bh, n, d = q.shape
+def second_moments(q: torch.Tensor, k: torch.Tensor, kbar: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean ``q^2`` of every query tile ``[BH, NQ, D]``, per-dimension key variance of every block
+    ``[BH, NB, D]``): the statistics of the second-order mass term ``c_ij``."""
     qs, ql = _pad_rows(q, QUERY_TILE)
     ks, kl = _pad_rows(k, block)
     q2 = (qs * qs).sum(2) / ql.view(1, -1, 1)
-    kvar = ((ks * ks).sum(2) / kl.view(1, -1, 1) - stats.kbar ** 2).clamp_min(0)
-    zbar = torch.bmm(stats.qbar, stats.kbar.transpose(1, 2)) * scale
-    return zbar + 0.5 * scale * scale * torch.bmm(q2, kvar.transpose(1, 2))
+    kvar = ((ks * ks).sum(2) / kl.view(1, -1, 1) - kbar ** 2).clamp_min(0)
+    return q2, kvar
+
+
+def mass_bias(q2: torch.Tensor, kvar: torch.Tensor, scale: float) -> torch.Tensor:
+    """``c [BH, NQ, NB] = s^2/2 E_i[q^2] . Var_j[k]``: the second-order term of block ``j``'s mass
+    for query tile ``i`` (diagonal key covariance)."""
+    return 0.5 * scale * scale * torch.bmm(q2, kvar.transpose(1, 2))
 
 
 def select(q: torch.Tensor, k: torch.Tensor, stats, *, routing: str, scale: float, k_top: int,
-           heads: int, block: int, forced: torch.Tensor | None) -> Selection:
-    """The exact blocks of every query tile (``q, k``: ``[BH, N, D]`` float, processing order)."""
+           heads: int, block: int, forced: torch.Tensor | None, bias: torch.Tensor) -> Selection:
+    """The exact blocks of every query tile (``q, k``: ``[BH, N, D]`` float, processing order;
+    ``bias``: :func:`mass_bias`)."""
     n_forced = int(forced.sum()) if forced is not None else 0
     if routing in ("topk", "cov"):
         return route(stats, scale=scale, k=k_top, heads=heads, forced_blocks=forced, n_forced=n_forced,
@@ -131,7 +147,7 @@ def select(q: torch.Tensor, k: torch.Tensor, stats, *, routing: str, scale: floa
         lme, zbar = _sub_scores(q, k, scale, block)
         score = lme + torch.log(-torch.expm1(zbar - lme).clamp_max(-1e-12))  # log(exp(lme) - exp(zbar))
     elif routing == "lognormal":
-        score = _lognormal_scores(q, k, stats, scale, block)
+        score = torch.bmm(stats.qbar, stats.kbar.transpose(1, 2)) * scale + bias
     elif routing == "oracle":
         score = _oracle_scores(q, k, scale, block)
     else:
@@ -154,8 +170,10 @@ def _block_moments(k: torch.Tensor, v: torch.Tensor, kbar: torch.Tensor, block: 
     return torch.einsum("jnd,jne->jde", kc, vb[0])
 
 
-def _attend_variants(q, k, v, stats, sel: Selection, *, scale: float, block: int, moments, tails) -> dict:
-    """Every order / moment / tail for one selection; ``q, k, v``: ``[BH, N, D]`` float, processing order."""
+def _attend_variants(q, k, v, stats, sel: Selection, bias: torch.Tensor, *, scale: float, block: int, moments,
+                     tails) -> dict:
+    """Every order / moment / tail for one selection; ``q, k, v``: ``[BH, N, D]`` float, processing
+    order; ``bias``: :func:`mass_bias`."""
     bh, n, d = q.shape
     nq = num_blocks(n, QUERY_TILE)
     blen = stats.blen[0]  # no kv_valid: the same for every batch element
@@ -165,8 +183,6 @@ def _attend_variants(q, k, v, stats, sel: Selection, *, scale: float, block: int
     for r in range(bh):
         hj = _block_moments(k[r], v[r], stats.kbar[r], block)  # [NB, D, D]
         htot = hj.sum(0)
-        kb, _ = _pad_rows(k[r:r + 1], block)
-        kvar = ((kb[0] ** 2).sum(1) / blen.unsqueeze(1) - stats.kbar[r] ** 2).clamp_min(0)  # [NB, D]
         for t in range(nq):
             r0, r1 = t * QUERY_TILE, min(n, (t + 1) * QUERY_TILE)
             qq = q[r, r0:r1]
@@ -174,7 +190,7 @@ def _attend_variants(q, k, v, stats, sel: Selection, *, scale: float, block: int
             exact = chosen[key_block]
             z = ((qq @ k[r].T) * scale).masked_fill(~exact, -torch.inf)
             zbar = (qq @ stats.kbar[r].T) * scale
-            c = 0.5 * scale * scale * ((qq * qq).mean(0) @ kvar.T)  # [NB]: second-order mass term per block
+            c = bias[r, t]  # [NB]: second-order mass term of every block for this tile
             tail_logits = {name: (zbar if name == "plain" else zbar + (c if name == "ln" else torch.log1p(c)))
                            .masked_fill(chosen, -torch.inf) for name in tails}
             m = torch.stack([z.amax(-1)] + [zc.amax(-1) for zc in tail_logits.values()]).amax(0)
@@ -234,21 +250,24 @@ def variant_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsi
     forced = forced_blocks_from_tokens(sink.cpu()[perm.cpu()] if sink is not None else None, block)
     forced = forced.to(dev) if forced is not None else None
     flat = [t.reshape(b * h, n, d) for t in (qh, kh, vh)]
+    bias = mass_bias(*second_moments(flat[0], flat[1], stats.kbar, block), scale)
     sel = select(flat[0], flat[1], stats, routing=routing, scale=scale, k_top=topk_count(sparsity, num_blocks(n, block)),
-                 heads=h, block=block, forced=forced)
-    outs = _attend_variants(*flat, stats, sel, scale=scale, block=block, moments=tuple(moments), tails=tuple(tails))
+                 heads=h, block=block, forced=forced, bias=bias)
+    outs = _attend_variants(*flat, stats, sel, bias, scale=scale, block=block, moments=tuple(moments),
+                            tails=tuple(tails))
+    rows = exact = None
+    if dense_rows is not None and bool(dense_rows.any()):
+        rows = dense_rows.nonzero().squeeze(1).to(dev)
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            *(t.detach().float().transpose(1, 2) for t in (q[:, rows], k, v)), scale=scale).transpose(1, 2)
     result = {}
     for name, o in outs.items():
         o = o.view(b, h, n, d).transpose(1, 2)
         o = torch.empty_like(o).index_copy_(1, perm, o)
-        if dense_rows is not None and bool(dense_rows.any()):
-            rows = dense_rows.nonzero().squeeze(1).to(dev)
-            qr = q.detach().float()[:, rows].transpose(1, 2)
-            exact = torch.nn.functional.scaled_dot_product_attention(
-                qr, k.detach().float().transpose(1, 2), v.detach().float().transpose(1, 2), scale=scale)
-            o[:, rows] = exact.transpose(1, 2)
+        if rows is not None:
+            o[:, rows] = exact
         result[name] = o
     return result
 
 
-__all__ = ["ROUTINGS", "MOMENTS", "variant_outputs", "select"]
+__all__ = ["MOMENTS", "ROUTINGS", "TAILS", "mass_bias", "second_moments", "select", "variant_outputs"]

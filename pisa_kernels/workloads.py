@@ -36,8 +36,8 @@ exactly on one device type.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import torch
 
@@ -212,7 +212,7 @@ def _objects(grid: Sequence[int], channels: int, g: torch.Generator) -> torch.Te
     that persist over frames)."""
     video = len(grid) == 3
     hw = grid[-2:]
-    cells = max(4, int(round(math.prod(hw) / 160)))  # about one object per 13x13 tokens
+    cells = max(4, round(math.prod(hw) / 160))  # about one object per 13x13 tokens
     seeds = torch.rand(cells, 2, generator=g, dtype=torch.float64) * torch.tensor(hw, dtype=torch.float64)
     feats = torch.randn(cells, channels, generator=g, dtype=torch.float64)
     yy, xx = torch.meshgrid(*(torch.arange(s, dtype=torch.float64) for s in hw), indexing="ij")
@@ -381,7 +381,7 @@ def top_block_mass(q: torch.Tensor, k: torch.Tensor, *, share: float = 0.125, bl
     scale = d ** -0.5 if scale is None else scale
     kk = k if token_perm is None else k.index_select(1, token_perm.to(k.device))
     nb = -(-n // block_size)
-    top = max(1, int(round(share * nb)))
+    top = max(1, round(share * nb))
     if n <= EXACT_ROWS:
         sel = torch.arange(n, device=q.device)
     else:

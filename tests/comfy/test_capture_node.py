@@ -52,7 +52,7 @@ def test_capture_after_pisa_records_real_calls(tiny, sample, patch, capture, fam
     files = sorted(capture.folder.iterdir())
     assert files and all(f.name.startswith("t_") and f.name.endswith("_block1_step2.safetensors") for f in files)
     cap = read_capture(str(files[0]))
-    b, n, h, d = cap.q.shape
+    b, n, h, _ = cap.q.shape
     assert n == tm.main_tokens and cap.meta["block"] == 1 and cap.meta["step"] == 2
     assert cap.meta["family"] == family and cap.meta["heads"] == h == 2
     grids = cap.meta["grids"]
