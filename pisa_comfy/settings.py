@@ -7,8 +7,9 @@ node instead of surfacing as a failure in the middle of sampling.
 from __future__ import annotations
 
 import math
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 BLOCK_SIZES = ("64", "128")
 TAYLOR_ORDERS = ("1", "0", "drop")
@@ -54,7 +55,9 @@ class PisaSettings:
     tile_tokens: bool = True  # token_order "auto": compact space-time tiles where the layout is known
     routing: str = "auto"  # "auto" (covariance for images, top-k for video), "topk" or "cov"
     verbose: bool = False
-    backend: str = "auto"  # pisa_kernels backend; not a widget (tests pin "reference")
+    #: pisa_kernels backend; not a widget.  ``PISA_BACKEND=reference`` (environment) makes the node
+    #: run the PyTorch reference where Triton cannot run: slower than dense, for tests and debugging.
+    backend: str = field(default_factory=lambda: os.environ.get("PISA_BACKEND", "auto"))
 
     @classmethod
     def from_widgets(cls, *, sparsity, block_size, taylor_order, dense_steps, dense_blocks, min_tokens,

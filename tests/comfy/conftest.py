@@ -20,6 +20,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+# The node's "auto" backend keeps attention dense where Triton cannot run (CPU): these tests exercise
+# the sparse path through the PyTorch reference instead (pisa_comfy.settings.PisaSettings.backend).
+os.environ.setdefault("PISA_BACKEND", "reference")
+
 COMFY_ROOT = Path(os.environ.get("COMFYUI_PATH") or Path.home() / "comfy" / "ComfyUI").expanduser()
 #: ComfyUI imports a node folder under its folder name; a name that is not an identifier proves
 #: that nothing in the pack depends on its own package name.
