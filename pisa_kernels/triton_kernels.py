@@ -214,10 +214,6 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
              out.to(O.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
 
 
-#: (num_warps, num_stages, tail_stages) forced by the tuning script (scripts/gpu_session.py); None
-#: in normal use.
-CONFIG_OVERRIDE: tuple[int, int, int] | None = None
-
 #: Launch configurations that fit, found per (capability, dtype, block, head dim): see _launch.
 _FITTING: dict[tuple, tuple[int, int, int]] = {}
 
@@ -227,8 +223,6 @@ def _launch_config(block_n: int, block_d: int, device: torch.device, dtype: torc
     software pipelines as deep as Hopper's shared memory allows for 64-token bf16 blocks (measured
     best, docs/kernels.md); shallower for larger tiles.  :func:`_launch` steps down from here when a
     GPU has less shared memory (sm80: 164 KB; sm86/89: 100 KB)."""
-    if CONFIG_OVERRIDE is not None:
-        return CONFIG_OVERRIDE
     warps = 8 if block_d >= 128 else 4
     if dtype == torch.float32:
         return warps, 1, 1
