@@ -22,10 +22,10 @@ OVERRIDE_KEY = "optimized_attention_override"
 _CHAIN_SEARCH_LIMIT = 64
 
 
-def _compiler_disabled(fn):
-    """Keep ``torch.compile`` (TorchCompileModel) out of the override: one predictable graph break
-    per attention call, instead of dynamo tracing the bookkeeping (locks, per-forward counters that
-    would make it recompile for every block) and the kernel call."""
+def compiler_disabled(fn):
+    """Keep ``torch.compile`` (TorchCompileModel) out of ``fn``: one predictable graph break per
+    call, instead of dynamo tracing the bookkeeping (locks, per-forward counters that would make it
+    recompile for every block) and the kernel call."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
 
@@ -35,7 +35,7 @@ def make_override(state, previous, body=dispatch):
     ``body(state, func, previous, args, kwargs)`` handles each call (PISA's :func:`dispatch`, or
     another node kind's, e.g. the capture's)."""
 
-    @_compiler_disabled
+    @compiler_disabled
     def pisa_attention_override(func, *args, **kwargs):
         return body(state, func, previous, args, kwargs)
 

@@ -24,12 +24,13 @@ from . import token_layout
 from .dispatch import EXPECTED_REASONS
 from .forward_context import FORWARD_KEY, ForwardContext
 from .kernels import backend_choice, tile_permutation
-from .override import OVERRIDE_KEY, chain_contains, describe_override, make_override
+from .override import OVERRIDE_KEY, chain_contains, compiler_disabled, describe_override, make_override
 from .run_stats import RunStats, send_to_ui
 from .settings import PisaSettings
 from .steps import ScheduleTracker, current_sigma, schedule_of, step_in_schedule
 
 log = logging.getLogger("pisa")
+
 
 #: Token orders kept per state (one per sequence shape and device; a workflow uses a handful).
 _ORDER_CACHE_SIZE = 32
@@ -187,13 +188,7 @@ class PisaState:
         to = args[-1] if args and isinstance(args[-1], dict) else kwargs.get("transformer_options")
         if not isinstance(to, dict):
             return executor(*args, **kwargs)
-        self.ensure_installed(to)
-        model = executor.class_obj
-        outer = to.get(self.forward_key)
-        to[self.forward_key] = ForwardContext(layout=self._layout(model, executor.original, args, kwargs),
-                                              step=self._step(to),
-                                              double_blocks=len(getattr(model, "double_blocks", None) or ()),
-                                              whole_forward=True)
+        outer = self._enter_forward(to, executor, args, kwargs)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -201,6 +196,20 @@ class PisaState:
                 to.pop(self.forward_key, None)
             else:
                 to[self.forward_key] = outer
+
+    @compiler_disabled
+    def _enter_forward(self, to: dict, executor, args, kwargs):
+        """The per-forward bookkeeping (re-install, layout, step): one opaque call under
+        ``torch.compile``, so the compiled model breaks once here per forward, not at every lock,
+        import and ``.item()`` inside.  Returns the context it replaced."""
+        self.ensure_installed(to)
+        model = executor.class_obj
+        outer = to.get(self.forward_key)
+        to[self.forward_key] = ForwardContext(layout=self._layout(model, executor.original, args, kwargs),
+                                              step=self._step(to),
+                                              double_blocks=len(getattr(model, "double_blocks", None) or ()),
+                                              whole_forward=True)
+        return outer
 
     def _layout(self, model, forward, args, kwargs):
         try:
