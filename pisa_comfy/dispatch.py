@@ -148,6 +148,9 @@ def _decide(state, call: AttentionCall):
     routing = settings.routing
     if routing == "auto":
         routing = "cov" if layout is not None and layout.images_only else "topk"
+    # The log-normal tail corrects the mass RoPE spreads inside compact tiles; in raster stripes it
+    # overshoots on video (docs/fidelity.md), so it goes with the tiled order only.
+    tail = "lognormal" if token_perm is not None else "plain"
     return Plan(dict(sparsity=settings.sparsity, block_size=settings.block_size, order=settings.order,
                      scale=call.extra.get("scale"), layout=call.layout, sink_kv=exact, dense_q=exact,
-                     kv_valid=kv_valid, token_perm=token_perm, routing=routing, backend=backend))
+                     kv_valid=kv_valid, token_perm=token_perm, routing=routing, tail=tail, backend=backend))

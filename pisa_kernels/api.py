@@ -17,12 +17,15 @@ import torch
 
 from . import reference
 from .backend import resolve_backend
-from .routing import QUERY_TILE, forced_blocks_from_tokens, num_blocks, route, topk_count
+from .routing import QUERY_TILE, forced_blocks_from_tokens, num_blocks, route, routing_chunk_bytes, topk_count
 
 Ranges = Union[Sequence[Sequence[int]], torch.Tensor, None]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 BLOCK_SIZES = (64, 128)
+#: How the tail weighs an unselected block: ``plain`` ``n_j exp(s q . kbar_j)`` (the paper's zeroth
+#: order), ``lognormal`` times ``exp(c_ij)``, its second-order mass term (routing.mass_bias).
+TAILS = ("plain", "lognormal")
 #: Largest head dim of the Triton kernels (one register tile per row); larger ones use the reference.
 TRITON_MAX_HEAD_DIM = 128
 
@@ -175,6 +178,7 @@ class _Plan:
     block: int
     order: int
     cov: bool
+    lognormal: bool  # the log-normal tail (only with a tail: order 0 or 1)
     scale: float
     blocks: int
     k_top: int
@@ -204,7 +208,7 @@ def _ranges_key(arg):
         return None  # malformed: the uncached path raises the proper ValueError
 
 
-def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, token_perm, routing,
+def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, token_perm, routing, tail,
           backend) -> _Plan:
     """Validate the settings and build (or fetch) the call's plan."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
@@ -215,6 +219,8 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
     order_i = _norm_order(order)
     if routing not in ("topk", "cov"):
         raise ValueError(f"routing must be 'topk' or 'cov', got {routing!r}")
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
@@ -227,14 +233,14 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
     key = None
     if sink_key is not None and dense_key is not None:
         key = (tuple(q.shape), q.dtype, q.device, layout, float(sparsity), block_size, order_i, scale, routing,
-               backend, sink_key, dense_key, perm_key)
+               tail, backend, sink_key, dense_key, perm_key)
         hit = _PLAN_CACHE.get(key)
         if hit is not None and (token_perm is None or (hit[1]() is token_perm
                                                        and _unchanged(token_perm, hit[2]))):
             return hit[0]
     plan = _build_plan(q, sparsity=float(sparsity), block_size=block_size, order=order_i, scale=scale,
                        layout=layout, sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm,
-                       routing=routing, backend=backend)
+                       routing=routing, tail=tail, backend=backend)
     if key is not None:
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
             _PLAN_CACHE.clear()
@@ -243,7 +249,7 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
     return plan
 
 
-def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, token_perm, routing,
+def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, token_perm, routing, tail,
                 backend) -> _Plan:
     seq_dim = 2 if layout == "BHND" else 1
     n, d = q.shape[seq_dim], q.shape[3]
@@ -265,7 +271,7 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
     forced = forced_blocks_from_tokens(sink, block_size)  # CPU
     dense_idx = dense_rows.nonzero().squeeze(1).to(dev) if dense_rows is not None else None
     return _Plan(layout=layout, seq_dim=seq_dim, heads=h, tokens=n, backend=be, block=block_size, order=order,
-                 cov=routing == "cov", scale=scale, blocks=nb, k_top=topk_count(sparsity, nb),
+                 cov=routing == "cov", lognormal=tail == "lognormal" and order >= 0, scale=scale, blocks=nb, k_top=topk_count(sparsity, nb),
                  n_forced=int(forced.sum()) if forced is not None else 0,
                  forced=forced.to(dev) if forced is not None else None,
                  perm=perms[0] if perms is not None else None, dense_idx=dense_idx)
@@ -274,7 +280,8 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
 def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsity: float = 0.875,
                    block_size: int = 64, order: Union[int, str] = 1, scale: float | None = None,
                    layout: str = "BHND", sink_kv: Ranges = None, dense_q: Ranges = None, kv_valid=None,
-                   token_perm: torch.Tensor | None = None, routing: str = "topk", backend: str = "auto",
+                   token_perm: torch.Tensor | None = None, routing: str = "topk", tail: str = "plain",
+                   backend: str = "auto",
                    cuda_graph: Union[bool, str] = "auto", return_stats: bool = False):
     """Piecewise sparse attention (self-attention).
 
@@ -296,6 +303,10 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
             are runs of this order (see :mod:`pisa_kernels.tiling`); the output is in input order.
         routing: ``"topk"`` (pooled score) or ``"cov"`` (pooled score + ``log ||H_j||_F``: blocks whose
             first-order residual is large are computed exactly).
+        tail: ``"plain"`` (the paper's tail: block ``j`` weighs ``n_j exp(s q . kbar_j)``) or
+            ``"lognormal"`` (times ``exp(c_ij)``, ``c_ij = s^2/2 E_i[q^2] . Var_j[k]``: the mass the
+            spread of the logits inside a block adds, which RoPE makes large in compact 2-D / 3-D
+            tiles; docs/fidelity.md measures it).  Recommended with a tiled ``token_perm``.
         backend: ``"triton"``, ``"reference"`` or ``"auto"`` (Triton where it runs, else reference).
         cuda_graph: ``"auto"`` replays short Triton calls (see :mod:`pisa_kernels.graphs`) as one CUDA
             graph, where a dozen small launches would otherwise cost more CPU time than GPU time;
@@ -307,7 +318,8 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
     """
     _validate_qkv(q, k, v, layout)
     plan = _plan(q, sparsity=sparsity, block_size=block_size, order=order, scale=scale, layout=layout,
-                 sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm, routing=routing, backend=backend)
+                 sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm, routing=routing, tail=tail,
+                 backend=backend)
     valid = _valid_mask(kv_valid, q.shape[0], plan.tokens, q.device)
     from . import graphs
 
@@ -327,9 +339,16 @@ def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
     """The device work of one call: pure tensor operations, no host synchronisation (capturable)."""
     layout, seq_dim, perm = plan.layout, plan.seq_dim, plan.perm
 
+    triton_lp = plan.backend == "triton" and q.dtype in (torch.float16, torch.bfloat16)
+    chunk = routing_chunk_bytes(3 * q.numel() * q.element_size())
+
     def route_fn(stats):
+        # The Triton kernel reads only the bias (fp16 for 16-bit inputs), whose -inf marks the
+        # selected blocks; the reference reads the mask and a bias in its compute dtype.
         return route(stats, scale=plan.scale, k=plan.k_top, heads=plan.heads, forced_blocks=plan.forced,
-                     n_forced=plan.n_forced, cov=plan.cov, may_have_empty=valid is not None)
+                     n_forced=plan.n_forced, cov=plan.cov, may_have_empty=valid is not None,
+                     bias_dtype=torch.float16 if triton_lp else None, keep_mask=plan.backend != "triton",
+                     chunk_bytes=chunk)
 
     # Processing order: one gathered copy along the sequence (cheaper than gathers in the kernel).
     qp, kp, vp, valid_p = q, k, v, valid
@@ -344,12 +363,14 @@ def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
 
         qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
         valid8 = valid_p.to(torch.int8).contiguous() if valid_p is not None else None
-        stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov)
+        stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov,
+                        lognormal=plan.lognormal)
         tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats), scale=plan.scale,
                   block=plan.block, order=plan.order)
     else:
         out_h.copy_(reference.reference_forward(qh, kh, vh, valid_p, scale=plan.scale, block=plan.block,
-                                                order=plan.order, cov=plan.cov, route_fn=route_fn))
+                                                order=plan.order, cov=plan.cov, route_fn=route_fn,
+                                                lognormal=plan.lognormal))
     if perm is not None:
         out = torch.empty_like(out).index_copy_(seq_dim, perm, out)
     if plan.dense_idx is not None:

@@ -4,7 +4,7 @@
     python -m pisa_kernels.eval --sets full --json r.json --out results/   # real resolutions (GPU)
     python -m pisa_kernels.eval --capture ComfyUI/output/pisa_captures/    # captured real q/k/v
     python -m pisa_kernels.eval --variants                       # also the prototypes of variants.py
-    python -m pisa_kernels.eval --variants auto --variant-moments global --variant-tails ln   # the proposal
+    python -m pisa_kernels.eval --tails plain lognormal          # both tails in every token order
 
 Cases are the generated DiT-like sets of :mod:`pisa_kernels.workloads` (``--sets``: a size
 ``tiny|small|full`` for every set, or ``name`` / ``name:size``) and capture files (``--capture``:
@@ -16,8 +16,10 @@ by the mean cosine similarity of the output rows (one row per token and head).
 The methods run as the node runs them: text / extra tokens exact as keys (``sink_kv``) and as
 queries (``dense_q``), the tiled token order (text first, grids in compact tiles) or the raster
 (input) order, routing ``topk`` or ``cov`` (``auto`` = the node's rule: ``cov`` for images,
-``topk`` for video).  All methods of one token order see the same order, and PISA's three
-orders share their selected blocks (routing does not depend on the order).  Sol-Attn
+``topk`` for video), the tail ``plain`` (the paper's) or ``lognormal`` (``--tails``; ``auto`` = the
+node's rule: log-normal in tiled orders, plain in raster order; methods ``pisa-o1+ln`` /
+``pisa-o0+ln``).  All methods of one token order see the same order, and PISA's orders and
+tails share their selected blocks (routing depends on neither).  Sol-Attn
 (``comfy_kitchen.sol_attn``: its INT8 CUDA kernel on a GPU, its full-precision eager reference on
 the CPU, where its O(N^2) memory allows) runs on the same permuted tokens with the text blocks as
 sinks: ``sol-topk`` with ``topk_ratio`` = PISA's density, ``sol-topk-matched`` with the ratio
@@ -52,6 +54,8 @@ from .tiling import joint_permutation
 SPARSITIES = (0.75, 0.875, 0.9, 0.95)
 ORDERS = (1, 0, "drop")
 TOKEN_ORDERS = ("tiled", "raster")
+#: Tails to run; ``auto`` is the node's rule (:func:`resolve_tail`).
+TAILS = ("auto",)
 #: The sparsity of the issue's bars.
 BAR_SPARSITY = 0.875
 #: Bars: PISA order 1 error at most this times keep-or-drop's (same blocks), and this times Sol-Attn's.
@@ -184,10 +188,25 @@ def resolve_routing(routing: str, case: Case) -> str:
     return routing
 
 
-def run_pisa(case: Case, *, order, sparsity: float, token_order: str, routing: str, backend: str) -> torch.Tensor:
+def resolve_tail(tail: str, token_order: str) -> str:
+    """``auto``: the node's rule, the log-normal tail in tiled orders (where RoPE spreads the logits
+    inside compact blocks) and the plain tail in raster order (docs/fidelity.md)."""
+    if tail == "auto":
+        return "plain" if token_order == "raster" else "lognormal"
+    return tail
+
+
+def method_name(order, tail: str = "plain") -> str:
+    """``pisa-o1`` / ``pisa-o0`` / ``pisa-drop``; ``+ln`` marks the log-normal tail (drop has no tail)."""
+    base = {1: "pisa-o1", 0: "pisa-o0", "drop": "pisa-drop"}[order]
+    return base + ("+ln" if tail == "lognormal" and order != "drop" else "")
+
+
+def run_pisa(case: Case, *, order, sparsity: float, token_order: str, routing: str, backend: str,
+             tail: str = "plain") -> torch.Tensor:
     return pisa_attention(case.q, case.k, case.v, sparsity=sparsity, order=order, layout="BNHD",
                           sink_kv=case.exact or None, dense_q=case.exact or None, kv_valid=case.kv_valid,
-                          token_perm=case.perm(token_order), routing=routing, backend=backend)
+                          token_perm=case.perm(token_order), routing=routing, tail=tail, backend=backend)
 
 
 def sol_peer(device: torch.device):
@@ -256,16 +275,13 @@ class Config:
     orders: tuple = ORDERS
     token_orders: tuple = TOKEN_ORDERS
     routings: tuple = ("auto",)
+    tails: tuple = TAILS
     backend: str = "auto"
     sol: bool = True
     variants: tuple = ()  # routings of variants.py to run ("auto": the node's rule)
     variant_sparsities: tuple = (BAR_SPARSITY,)
     variant_moments: tuple = ()  # empty: all of variants.MOMENTS
     variant_tails: tuple = ()  # empty: all of variants.TAILS
-
-
-def _order_name(order) -> str:
-    return {1: "pisa-o1", 0: "pisa-o0", "drop": "pisa-drop"}[order]
 
 
 def evaluate_case(case: Case, cfg: Config, sol=None, log=print) -> list[dict]:
@@ -282,11 +298,13 @@ def evaluate_case(case: Case, cfg: Config, sol=None, log=print) -> list[dict]:
         if not case.has_order(token_order):
             continue
         for routing in dict.fromkeys(resolve_routing(r, case) for r in cfg.routings):
+            tails = tuple(dict.fromkeys(resolve_tail(t, token_order) for t in cfg.tails))
             for sp in cfg.sparsities:
                 for order in cfg.orders:
-                    add(_order_name(order), token_order, routing, sp,
-                        run_pisa(case, order=order, sparsity=sp, token_order=token_order, routing=routing,
-                                 backend=cfg.backend))
+                    for tail in tails if order != "drop" else tails[:1]:
+                        add(method_name(order, tail), token_order, routing, sp,
+                            run_pisa(case, order=order, sparsity=sp, token_order=token_order, routing=routing,
+                                     backend=cfg.backend, tail=tail))
         if sol is not None and case.q.shape[-1] == 128:
             try:
                 for sp in cfg.sparsities:
@@ -355,29 +373,35 @@ def bars(rows: list[dict], cases: list[Case]) -> list[dict]:
             checks.append(dict(bar=name, case=case, token_order=token_order, routing=routing, value=value,
                                limit=limit, ok=bool(value <= limit)))
 
-    combos = {(r["case"], r["token_order"], r["routing"]) for r in rows if r["method"] == "pisa-o1"}
-    for case_name, token_order, routing in sorted(combos):
-        o1 = _lookup(rows, case_name, "pisa-o1", token_order, routing)
+    o1_names = {method_name(1, t): t for t in ("plain", "lognormal")}
+    combos = {(r["case"], r["token_order"], r["routing"], r["method"]) for r in rows if r["method"] in o1_names}
+    for case_name, token_order, routing, o1_name in sorted(combos):
+        o1 = _lookup(rows, case_name, o1_name, token_order, routing)
         drop = _lookup(rows, case_name, "pisa-drop", token_order, routing)
-        o0 = _lookup(rows, case_name, "pisa-o0", token_order, routing)
-        check(f"o1 <= {DROP_RATIO} x drop", case_name, token_order, routing, o1,
+        o0 = _lookup(rows, case_name, method_name(0, o1_names[o1_name]), token_order, routing)
+        check(f"{o1_name} <= {DROP_RATIO} x drop", case_name, token_order, routing, o1,
               None if drop is None else DROP_RATIO * drop)
-        check("o1 <= o0", case_name, token_order, routing, o1, o0)
+        check(f"{o1_name} <= {method_name(0, o1_names[o1_name])}", case_name, token_order, routing, o1, o0)
     video = {c.name for c in cases if c.video}
-    for case_name, token_order, routing in sorted(combos):
+    raster_o1 = method_name(1, resolve_tail("auto", "raster"))
+    for case_name, token_order, routing, o1_name in sorted(combos):
         if case_name in video and token_order == "tiled":
-            check("tiled <= raster (o1)", case_name, "tiled", routing, _lookup(rows, case_name, "pisa-o1", "tiled", routing),
-                  _lookup(rows, case_name, "pisa-o1", "raster", routing))
+            # the same method in both orders, and the node's tiled method against the node's raster one
+            for raster_name in dict.fromkeys((o1_name, raster_o1)):
+                check(f"tiled {o1_name} <= raster {raster_name}", case_name, "tiled", routing,
+                      _lookup(rows, case_name, o1_name, "tiled", routing),
+                      _lookup(rows, case_name, raster_name, "raster", routing))
     for token_order in TOKEN_ORDERS:
+        node_o1 = method_name(1, resolve_tail("auto", token_order))
         for peer in ("sol-topk-matched", "sol-topk"):
             ratios = []
             for case_name in sorted({r["case"] for r in rows}):
                 sol = _lookup(rows, case_name, peer, token_order, "-")
-                pisa = _lookup(rows, case_name, "pisa-o1", token_order, _default_routing(cases, case_name))
+                pisa = _lookup(rows, case_name, node_o1, token_order, _default_routing(cases, case_name))
                 if sol and pisa is not None:
                     ratios.append(pisa / sol)
             if ratios:
-                check(f"o1 <= {SOL_RATIO} x {peer} (mean ratio over cases)", "all", token_order, "auto",
+                check(f"{node_o1} <= {SOL_RATIO} x {peer} (mean ratio over cases)", "all", token_order, "auto",
                       sum(ratios) / len(ratios), SOL_RATIO)
     return checks
 
@@ -431,12 +455,12 @@ def markdown(rows: list[dict], conc: dict, checks: list[dict], env: dict, cases:
 
 
 _COLORS = {"pisa-o1": "tab:blue", "pisa-o0": "tab:orange", "pisa-drop": "tab:red", "sol-topk": "tab:olive",
-           "sol-topk-matched": "tab:green", "proto-o1-global+ln": "tab:purple", "proto-o0+ln": "tab:pink"}
+           "sol-topk-matched": "tab:green", "pisa-o1+ln": "tab:purple", "pisa-o0+ln": "tab:pink"}
 
 
 def plot(rows: list[dict], cases: list[Case], path: str) -> None:
     """Error vs sparsity per case: colour = method, line style = token order, marker = routing.
-    Prototypes other than the proposed log-normal tail stay in the table only (readability)."""
+    The prototypes of variants.py stay in the table only (readability)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,6 +515,8 @@ def main(argv=None) -> int:
                     help="raster, tiled (the node's order) and/or tile:FxHxW (another tile shape)")
     ap.add_argument("--routings", nargs="*", default=None, choices=["auto", "topk", "cov"],
                     help="default: auto on CPU (fast), topk and cov on CUDA")
+    ap.add_argument("--tails", nargs="*", default=list(TAILS), choices=["auto", "plain", "lognormal"],
+                    help="PISA tails (auto: log-normal in tiled orders, plain in raster order, as the node)")
     ap.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -515,7 +541,7 @@ def main(argv=None) -> int:
     cfg = Config(sparsities=tuple(args.sparsities), orders=tuple(1 if o == "1" else 0 if o == "0" else o for o in args.orders),
                  token_orders=tuple(args.token_orders),
                  routings=tuple(args.routings or (("topk", "cov") if device.type == "cuda" else ("auto",))),
-                 backend=args.backend, sol=not args.no_sol,
+                 tails=tuple(args.tails), backend=args.backend, sol=not args.no_sol,
                  variants=() if args.variants is None else tuple(args.variants or variants.ROUTINGS),
                  variant_sparsities=tuple(args.variant_sparsities), variant_moments=tuple(args.variant_moments),
                  variant_tails=tuple(args.variant_tails))

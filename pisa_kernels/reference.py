@@ -34,9 +34,10 @@ def _pad_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, block: int,
-         first_order: bool, cov: bool) -> PooledStats:
+         first_order: bool, cov: bool, lognormal: bool = False) -> PooledStats:
     """Block means of q and k, value sums, the mean first-order moment and (optionally) the
-    per-block residual norms, over the real (and valid) tokens of each block."""
+    per-block residual norms and the second moments of the log-normal tail, over the real (and
+    valid) tokens of each block."""
     b, h, n, d = q.shape
     ct = _compute_dtype(q)
     if valid is None:
@@ -57,7 +58,10 @@ def pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor 
     safe = blen.clamp_min(1.0).view(b, 1, -1, 1)
     kbar = kb.sum(dim=-2) / safe  # [B, H, NB, D]
     vsum = vb.sum(dim=-2)
-    hsum = covnorm = None
+    hsum = covnorm = q2 = kvar = None
+    if lognormal:
+        q2 = (qt * qt).sum(dim=-2) / qlen[0, 0].unsqueeze(-1)
+        kvar = (torch.where(keep, kb - kbar.unsqueeze(-2), 0.0) ** 2).sum(dim=-2) / safe  # two-pass
     if first_order or cov:
         kc = torch.where(keep, kb - kbar.unsqueeze(-2), 0.0)  # centred valid keys
         htot = torch.einsum("bhjnd,bhjne->bhde", kc, vb)
@@ -70,13 +74,16 @@ def pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor 
         if first_order:
             hsum = htot.reshape(b * h, d, d)
     return PooledStats(qbar=qbar.reshape(b * h, -1, d), kbar=kbar.reshape(b * h, -1, d),
-                       vsum=vsum.reshape(b * h, -1, d), blen=blen, hsum=hsum, covnorm=covnorm)
+                       vsum=vsum.reshape(b * h, -1, d), blen=blen, hsum=hsum, covnorm=covnorm,
+                       q2=q2.reshape(b * h, -1, d) if lognormal else None,
+                       kvar=kvar.reshape(b * h, -1, d) if lognormal else None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
            stats: PooledStats, sel: Selection, *, scale: float, block: int, order: int) -> torch.Tensor:
     """Exact attention over the selected blocks plus the Taylor tail over all others, in one
-    softmax.  Returns ``[B, H, N, D]`` in the compute dtype."""
+    softmax (with ``sel.tail_bias``, every tail block's logit is raised by its log-normal mass
+    correction).  Returns ``[B, H, N, D]`` in the compute dtype."""
     b, h, n, d = q.shape
     ct = _compute_dtype(q)
     nq = num_blocks(n, QUERY_TILE)
@@ -106,6 +113,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
                 m = z.amax(dim=-1)
                 if tail:
                     zc = (qq @ stats.kbar[row].T) * scale  # [R, NB]
+                    if sel.tail_bias is not None:
+                        zc = zc + sel.tail_bias[row, t0:t1].to(ct)[tile_of_row]
                     tail_ok = ~selected[tile_of_row] & (stats.blen[bi] > 0)
                     zc = zc.masked_fill(~tail_ok, -torch.inf)
                     m = torch.maximum(m, zc.amax(dim=-1))
@@ -126,8 +135,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
 
 
 def reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
-                      *, scale: float, block: int, order: int, cov: bool, route_fn) -> torch.Tensor:
+                      *, scale: float, block: int, order: int, cov: bool, route_fn,
+                      lognormal: bool = False) -> torch.Tensor:
     """Pool, route (``route_fn(stats) -> Selection``) and attend, all in PyTorch."""
-    stats = pool(q, k, v, valid, block, first_order=order == 1, cov=cov)
+    stats = pool(q, k, v, valid, block, first_order=order == 1, cov=cov, lognormal=lognormal and order >= 0)
     sel = route_fn(stats)
     return attend(q, k, v, valid, stats, sel, scale=scale, block=block, order=order)

@@ -20,8 +20,8 @@ QUERY_TILE = 128
 #: Added to the block's first-order residual norm before its log (covariance routing).
 COV_EPS = 1e-5
 
-#: Bytes of scratch the score map may take per routing chunk.
-_ROUTING_CHUNK_BYTES = 16 << 20
+#: Most bytes of scratch the score map may take per routing chunk.
+ROUTING_CHUNK_BYTES = 16 << 20
 
 
 @dataclass
@@ -34,12 +34,16 @@ class PooledStats:
 
     qbar: torch.Tensor | None  # [BH, NQ, D]  mean query of each query tile (None: pooled in routing)
     kbar: torch.Tensor  # [BH, NB, D]  mean of the valid keys of each key block (0 if none)
-    vsum: torch.Tensor  # [BH, NB, D]  SUM of the values of the valid keys of each key block
+    vsum: torch.Tensor | None  # [BH, NB, D]  SUM of the values of the valid keys of each block
+    #                                (None where the Triton pre-scan wrote only ``vmean_lp``)
     blen: torch.Tensor  # [B, NB]      number of valid keys of each key block
     hsum: torch.Tensor | None  # [BH, D, D]  first-order moment sum_j sum_n (k_n - kbar_j) v_n^T
     covnorm: torch.Tensor | None  # [BH, NB]  ||H_j||_F, for covariance routing
     kbar_lp: torch.Tensor | None = None  # kbar in the input dtype
     vmean_lp: torch.Tensor | None = None  # vsum / blen in the input dtype (sums can overflow fp16)
+    # Second moments of the log-normal tail (``tail="lognormal"``), float32:
+    q2: torch.Tensor | None = None  # [BH, NQ, D]  mean q^2 of each query tile
+    kvar: torch.Tensor | None = None  # [BH, NB, D]  per-dimension variance of the valid keys of each block
 
     @property
     def hmean(self) -> torch.Tensor | None:
@@ -67,19 +71,30 @@ def topk_count(sparsity: float, n_blocks: int) -> int:
 
 @dataclass
 class Selection:
-    """The exact key blocks of every query tile."""
+    """The exact key blocks of every query tile, and the log-normal tail's mass correction."""
 
     idx: torch.Tensor  # [BH, NQ, KT] int32, in no particular order
-    mask: torch.Tensor  # [BH, NQ, NB] int8, 1 where selected
+    mask: torch.Tensor | None  # [BH, NQ, NB] int8, 1 where selected (None: tail_bias marks them)
     count: int  # KT, the same for every query tile (load balance)
+    blocks: int = 0  # NB (0: the mask's last dimension)
+    #: [BH, NQ, NB]: ``c_ij`` (natural-log units) of every unselected block, ``-inf`` at the
+    #: selected ones; None for the plain tail.  See :func:`mass_bias`.
+    tail_bias: torch.Tensor | None = None
 
     @property
     def all_blocks(self) -> bool:
-        return self.count == self.mask.shape[-1]
+        return self.count == (self.blocks or self.mask.shape[-1])
+
+    def selected(self) -> torch.Tensor:
+        """bool ``[BH, NQ, NB]``, True at the exact blocks (from the mask, or the bias's ``-inf``)."""
+        if self.mask is not None:
+            return self.mask.bool()
+        return self.tail_bias == -torch.inf
 
 
 def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks: torch.Tensor | None = None,
-          n_forced: int = 0, cov: bool = False, may_have_empty: bool = True) -> Selection:
+          n_forced: int = 0, cov: bool = False, may_have_empty: bool = True, bias_dtype: torch.dtype | None = None,
+          keep_mask: bool = True, chunk_bytes: int = ROUTING_CHUNK_BYTES) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
@@ -88,22 +103,29 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
     never preferred over a block with one (``may_have_empty=False`` skips that step when the
     caller knows every block has a valid key).  ``n_forced`` is the host-side count of
     ``forced_blocks`` (passed in so routing never synchronises with the device).
+
+    With ``stats.kvar`` (the log-normal tail) it also writes ``Selection.tail_bias`` in
+    ``bias_dtype`` (default: the statistics' dtype) through each chunk's score buffer; ``keep_mask=False`` then
+    skips the int8 mask (the Triton kernel reads only the bias, whose ``-inf`` marks the selected
+    blocks).  ``chunk_bytes`` bounds that scratch (see :func:`routing_chunk_bytes`).
     """
     bh, nq, _ = stats.qbar.shape
     nb = stats.kbar.shape[1]
     kt = min(nb, k + n_forced)
     device = stats.qbar.device
     idx = torch.empty(bh, nq, kt, dtype=torch.int32, device=device)
-    mask = torch.zeros(bh, nq, nb, dtype=torch.int8, device=device)
-    if kt == nb:
+    lognormal = stats.kvar is not None
+    if kt == nb:  # everything exact: no tail, so no bias
         idx.copy_(torch.arange(nb, dtype=torch.int32, device=device).expand(bh, nq, nb))
-        mask.fill_(1)
-        return Selection(idx, mask, kt)
-    rows = max(1, _ROUTING_CHUNK_BYTES // max(1, nq * nb * 4))
+        return Selection(idx, torch.ones(bh, nq, nb, dtype=torch.int8, device=device), kt, nb)
+    mask = torch.zeros(bh, nq, nb, dtype=torch.int8, device=device) if keep_mask or not lognormal else None
+    bias = torch.empty(bh, nq, nb, dtype=bias_dtype or stats.kbar.dtype, device=device) if lognormal else None
+    rows = max(1, chunk_bytes // max(1, nq * nb * 4))
     for s in range(0, bh, rows):
         e = min(bh, s + rows)
-        buf = torch.empty(e - s, nq, nb, dtype=stats.kbar.dtype, device=device)
-        score = torch.baddbmm(buf, stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
+        # In place (beta=0 ignores the buffer's contents): one score buffer per chunk, no temporary.
+        score = torch.empty(e - s, nq, nb, dtype=stats.kbar.dtype, device=device)
+        score.baddbmm_(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
         if cov and stats.covnorm is not None:
             score.add_(torch.log(stats.covnorm[s:e] + COV_EPS).unsqueeze(1))
         if may_have_empty:
@@ -114,8 +136,38 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
         # Unsorted: the kernel visits the exact blocks in any order (online softmax).
         top = torch.topk(score, kt, dim=-1, sorted=False).indices
         idx[s:e] = top
-        mask[s:e].scatter_(-1, top, 1)
-    return Selection(idx, mask, kt)
+        if mask is not None:
+            mask[s:e].scatter_(-1, top, 1)
+        if lognormal:
+            c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score)
+            c.scatter_(-1, top, -torch.inf)
+            if bias.dtype != c.dtype:  # c >= 0: only the top of a narrower type can overflow
+                c.clamp_(max=torch.finfo(bias.dtype).max)
+            bias[s:e] = c
+    return Selection(idx, mask, kt, nb, bias)
+
+
+def mass_bias(q2: torch.Tensor, kvar: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``c [BH, NQ, NB] = s^2/2 E_i[q^2] . Var_j[k]``: the second-order term of block ``j``'s mass for
+    query tile ``i`` under a diagonal key covariance (docs/fidelity.md).
+
+    The zeroth order counts a block as ``n_j exp(s q . kbar_j)``, but the mean of ``exp`` over the
+    block's keys exceeds ``exp`` of the mean by the spread of the logits inside it (large where RoPE
+    rotates fast); a log-normal logit has mass ``n_j exp(s q . kbar_j + s^2/2 q^T Cov_j q)``.  With
+    the tile's mean ``q^2`` in place of each row's it is one ``NQ x NB`` GEMM per head, like the
+    routing score.  ``out``: a float32 buffer of the result's shape to reuse.
+    """
+    if out is None:
+        out = torch.empty(q2.shape[0], q2.shape[1], kvar.shape[1], dtype=q2.dtype, device=q2.device)
+    return out.baddbmm_(q2, kvar.transpose(1, 2), beta=0.0, alpha=0.5 * scale * scale)
+
+
+def routing_chunk_bytes(qkv_bytes: int) -> int:
+    """Score scratch per routing chunk: 1/128 of the bytes of q, k, v, between 2 and 16 MiB.
+
+    Scaled so the scratch (and torch.topk's workspace, which grows with it) stays a small share of
+    the call's extra memory at every size; 16 MiB is where fewer, larger chunks stop being faster."""
+    return max(2 << 20, min(ROUTING_CHUNK_BYTES, qkv_bytes // 128))
 
 
 def forced_blocks_from_tokens(sink_tokens: torch.Tensor | None, block: int) -> torch.Tensor | None:

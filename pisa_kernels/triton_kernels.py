@@ -31,6 +31,7 @@ import triton.language as tl
 from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
 
 LOG2E = 1.4426950408889634
+_LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
 
 #: Centroids per step of the tail scan, and its software-pipelining depth.
 TAIL_GROUP = 64
@@ -46,11 +47,11 @@ _RUNTIME_INTS = ["N", "NB", "NQ", "KT", "blocks_per_prog"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
+def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN, KVAR,
                    skb, skh, skn, svb, svh, svn, s_valid_b,
                    N, NB, H, D, blocks_per_prog,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
-                   MOMENT: tl.constexpr, COV: tl.constexpr, WRITE_LP: tl.constexpr):
+                   MOMENT: tl.constexpr, COV: tl.constexpr, WRITE_LP: tl.constexpr, SECOND: tl.constexpr):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -78,12 +79,17 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
         vsum = tl.sum(v_in.to(tl.float32), axis=0)
         out_off = (bh.to(tl.int64) * NB + j) * D + offs_d
         tl.store(KBAR + out_off, kbar, mask=dmask)
-        tl.store(VSUM + out_off, vsum, mask=dmask)
+        if SECOND:
+            # Per-dimension variance of the valid keys, two-pass on the tile already in registers.
+            kc = tl.where(m2, k_in.to(tl.float32) - kbar[None, :], 0.0)
+            tl.store(KVAR + out_off, tl.sum(kc * kc, axis=0) / tl.maximum(cnt, 1.0), mask=dmask)
         if WRITE_LP:
             # The forward kernel takes the value MEAN in the input dtype (a 64-token sum of fp16
             # values can exceed fp16's range) and weights it by the block length in fp32.
             tl.store(KBAR_LP + out_off, kbar.to(KBAR_LP.dtype.element_ty), mask=dmask)
             tl.store(VMEAN_LP + out_off, (vsum / tl.maximum(cnt, 1.0)).to(VMEAN_LP.dtype.element_ty), mask=dmask)
+        else:  # fp32 inputs: the forward kernel divides the sums itself
+            tl.store(VSUM + out_off, vsum, mask=dmask)
         if h == 0:
             tl.store(BLEN + b * NB + j, cnt)
         if MOMENT or COV:
@@ -102,8 +108,8 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
 
 
 @triton.jit(do_not_specialize=["N", "NQ"])
-def _pool_q_kernel(Q, QBAR, sqb, sqh, sqn, N, NQ, H, D,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pool_q_kernel(Q, QBAR, Q2, sqb, sqh, sqn, N, NQ, H, D,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SECOND: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -117,6 +123,8 @@ def _pool_q_kernel(Q, QBAR, sqb, sqh, sqn, N, NQ, H, D,
                 mask=inb[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     cnt = tl.sum(inb.to(tl.float32), axis=0)
     tl.store(QBAR + (bh.to(tl.int64) * NQ + qt) * D + offs_d, tl.sum(q, axis=0) / cnt, mask=dmask)
+    if SECOND:
+        tl.store(Q2 + (bh.to(tl.int64) * NQ + qt) * D + offs_d, tl.sum(q * q, axis=0) / cnt, mask=dmask)
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
@@ -125,7 +133,7 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
                      N, NB, NQ, H, D, KT, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      GROUP: tl.constexpr, TAIL_STAGES: tl.constexpr, ORDER: tl.constexpr,
-                     HAS_VALID: tl.constexpr):
+                     HAS_VALID: tl.constexpr, TAIL_BIAS: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -183,16 +191,22 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
             cmask = jm[:, None] & dmask[None, :]
             coff = (bh.to(tl.int64) * NB + offs_j[:, None]) * D + offs_d[None, :]
             kb = tl.load(KBAR + coff, mask=cmask, other=0.0)
-            chosen = tl.load(sel_base + offs_j, mask=jm, other=1)
             nj = tl.load(BLEN + b64 * NB + offs_j, mask=jm, other=0.0)
             total += tl.sum(nj, axis=0)
-            ok = (chosen == 0) & (nj > 0)
-            zc = tl.where(ok[None, :], tl.dot(q, tl.trans(kb)), float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(zc, axis=1) * qk_scale)
+            zc = tl.dot(q, tl.trans(kb)) * qk_scale  # centroid logits, base-2 units
+            if TAIL_BIAS:
+                # SEL holds the log-normal mass correction c_ij, -inf at the selected blocks.
+                c = tl.load(sel_base + offs_j, mask=jm, other=float("-inf")).to(tl.float32)
+                ok = (c > float("-inf")) & (nj > 0)
+                zc = zc + (c * _LOG2E_IN_KERNEL)[None, :]
+            else:
+                ok = (tl.load(sel_base + offs_j, mask=jm, other=1) == 0) & (nj > 0)
+            zc = tl.where(ok[None, :], zc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(zc, axis=1))
             alpha = tl.math.exp2(m_i - m_new)
             # n_j e^{z - m}: the block's token-weighted tail mass, which multiplies the value mean
             # (n_j v̄_j = V̂_j) and adds to g.
-            wn = tl.math.exp2(zc * qk_scale - m_new[:, None]) * nj[None, :]
+            wn = tl.math.exp2(zc - m_new[:, None]) * nj[None, :]
             vm = tl.load(VMEAN + coff, mask=cmask, other=0.0)
             acc = tl.dot(wn.to(vm.dtype), vm, acc * alpha[:, None])
             l_i = l_i * alpha
@@ -261,38 +275,43 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool) -> PooledStats:
+def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal: bool = False) -> PooledStats:
     """Pooled statistics with the Triton pre-scan.  q, k, v: ``[B, H, N, D]`` views (unit stride on D),
-    in the processing order; ``valid``: int8 ``[B, N]`` or None."""
+    in the processing order; ``valid``: int8 ``[B, N]`` or None.  For bf16 / fp16 inputs the value
+    statistics come only as ``vmean_lp`` (``vsum`` is None): the forward kernel reads nothing else."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     dev = q.device
     bd = _block_d(d)
+    lp = q.dtype in (torch.float16, torch.bfloat16)
     kbar = torch.empty(b * h, nb, d, dtype=torch.float32, device=dev)
-    vsum = torch.empty_like(kbar)
+    vsum = kbar if lp else torch.empty_like(kbar)  # (a placeholder where the kernel never writes it)
+    kvar = torch.empty_like(kbar) if lognormal else kbar
     blen = torch.empty(b, nb, dtype=torch.float32, device=dev)
     bpp = max(POOL_MIN_BLOCKS, -(-nb // POOL_CHUNKS))
     chunks = -(-nb // bpp)
     hsum = torch.zeros(b * h, d, d, dtype=torch.float32, device=dev) if first_order else kbar
     covn = torch.empty(b * h, nb, dtype=torch.float32, device=dev) if cov else kbar
-    lp = q.dtype in (torch.float16, torch.bfloat16)
     kbar_lp = torch.empty(b * h, nb, d, dtype=q.dtype, device=dev) if lp else kbar
     vmean_lp = torch.empty_like(kbar_lp) if lp else vsum
     valid_t = valid if valid is not None else blen
     key = ("pool", torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", k.dtype, block, d,
-           first_order, cov, valid is not None)
+           first_order, cov, valid is not None, lognormal)
     _launch(_pool_k_kernel, (chunks, b * h), key, [dict(num_warps=4, num_stages=s) for s in (3, 2, 1)],
-            k, v, valid_t, kbar, vsum, kbar_lp, vmean_lp, blen, hsum, covn,
+            k, v, valid_t, kbar, vsum, kbar_lp, vmean_lp, blen, hsum, covn, kvar,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             valid.stride(0) if valid is not None else 0,
             n, nb, h, d, bpp,
-            BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp)
+            BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp,
+            SECOND=lognormal)
     qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
-    _pool_q_kernel[(nq, b * h)](q, qbar, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
-                                BLOCK_M=QUERY_TILE, BLOCK_D=bd, num_warps=4)
-    return PooledStats(qbar=qbar, kbar=kbar, vsum=vsum, blen=blen, hsum=hsum if first_order else None,
-                       covnorm=covn if cov else None, kbar_lp=kbar_lp if lp else None,
-                       vmean_lp=vmean_lp if lp else None)
+    q2 = torch.empty_like(qbar) if lognormal else qbar
+    _pool_q_kernel[(nq, b * h)](q, qbar, q2, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
+                                BLOCK_M=QUERY_TILE, BLOCK_D=bd, SECOND=lognormal, num_warps=4)
+    return PooledStats(qbar=qbar, kbar=kbar, vsum=None if lp else vsum, blen=blen,
+                       hsum=hsum if first_order else None, covnorm=covn if cov else None,
+                       kbar_lp=kbar_lp if lp else None, vmean_lp=vmean_lp if lp else None,
+                       q2=q2 if lognormal else None, kvar=kvar if lognormal else None)
 
 
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
@@ -309,16 +328,18 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
         (stats.vsum / stats.blen.clamp_min(1.0).repeat_interleave(h, dim=0).unsqueeze(-1)).to(lp)
     hsum = stats.hsum if eff_order == 1 else stats.kbar
     valid_t = valid if valid is not None else stats.blen
+    tail_bias = sel.tail_bias is not None and eff_order >= 0
+    marks = sel.tail_bias if tail_bias else sel.mask
     cfg = _launch_config(block, _block_d(d), dev, q.dtype)
     key = (torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", q.dtype, block, d, eff_order,
-           valid is not None, cfg)
+           valid is not None, tail_bias, cfg)
     compiled = _launch(
         _pisa_fwd_kernel, (nq, b * h), key, _fallbacks(cfg),
-        q, k, v, out, valid_t, sel.idx, sel.mask, kbar, vmean, stats.blen, hsum,
+        q, k, v, out, valid_t, sel.idx, marks, kbar, vmean, stats.blen, hsum,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
         n, nb, nq, h, d, sel.count, scale * LOG2E, scale,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
-        HAS_VALID=valid is not None)
+        HAS_VALID=valid is not None, TAIL_BIAS=tail_bias)
     return compiled if return_kernel else out

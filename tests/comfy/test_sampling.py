@@ -30,6 +30,20 @@ def test_sparsity_zero_matches_the_unpatched_model(tiny, sample, patch, family):
     assert not any(tm.patcher.get_wrappers(w, "pisa") for w in tm.patcher.wrappers)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("token_order", ["auto", "raster"])
+def test_tail_follows_the_token_order(tiny, sample, patch, call_log, family, token_order):
+    """The log-normal tail goes with the tiled order (auto), the paper's plain tail with raster."""
+    tm = tiny(family)
+    patched, _ = patch(call_log.install(tm.patcher), sparsity=0.5, token_order=token_order, **EVERYTHING_SPARSE)
+    sample(tm, patched, steps=1)
+    assert call_log.kernel_kwargs
+    for kw in call_log.kernel_kwargs:
+        tiled = kw["token_perm"] is not None
+        assert tiled == (token_order == "auto")
+        assert kw["tail"] == ("lognormal" if tiled else "plain")
+
+
 def test_pisa_runs_in_sparse_steps_and_blocks_only(tiny, sample, patch, call_log):
     """Wan, 3 steps, CFG batch: step 0 dense (dense_steps 1), block 0 always dense, block 1 PISA in
     steps 1-2; cross-attention (12 text keys) always dense."""
@@ -111,7 +125,7 @@ def test_hunyuan_refiner_dense_text_exact_and_padding_from_the_data(tiny, sample
     text = (0, 7) if text_first else (n - 7, n)
     for kw in call_log.kernel_kwargs:
         assert kw["sink_kv"] == [text] and kw["dense_q"] == [text]
-        assert kw["token_perm"] is not None and kw["routing"] == "topk"
+        assert kw["token_perm"] is not None and kw["routing"] == "topk" and kw["tail"] == "lognormal"
         assert torch.equal(kw["kv_valid"], padded[0])
 
 

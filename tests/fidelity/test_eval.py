@@ -18,18 +18,21 @@ def test_cli_writes_table_plot_and_json(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     rows = [r for r in report["rows"] if r["method"].startswith("pisa")]
     assert len(rows) == 2 * 2  # orders x token orders (CPU default routing: auto = topk)
+    # the node's tails (auto): log-normal in the tiled order, plain in raster order
     assert {(r["method"], r["token_order"], r["routing"]) for r in rows} == {
-        (m, t, "topk") for m in ("pisa-o1", "pisa-drop") for t in ("tiled", "raster")}
+        ("pisa-o1+ln", "tiled", "topk"), ("pisa-drop", "tiled", "topk"),
+        ("pisa-o1", "raster", "topk"), ("pisa-drop", "raster", "topk")}
     for r in report["rows"]:
         assert (0.0 < r["rel_l2"] < 1.0 and 0.5 < r["cos"] <= 1.0), r
     if importlib.util.find_spec("comfy_kitchen") is not None:  # its eager reference runs on the CPU
         sol = {r["method"] for r in report["rows"] if r["method"].startswith("sol")}
         assert sol == {"sol-topk", "sol-topk-matched", "sol-tau"}
-    assert {b["bar"] for b in report["bars"]} >= {"o1 <= 0.5 x drop", "tiled <= raster (o1)"}
+    assert {b["bar"] for b in report["bars"]} >= {"pisa-o1+ln <= 0.5 x drop", "pisa-o1 <= 0.5 x drop",
+                                                  "tiled pisa-o1+ln <= raster pisa-o1"}
     conc = report["concentration"]["hunyuan-joint/tiny"]
     assert len(conc["tiled"]) == len(conc["heads"]) == 6
     md = (out / "fidelity.md").read_text()
-    assert "## Attention concentration" in md and "| tiled | topk | pisa-o1 |" in md and "## Bars" in md
+    assert "## Attention concentration" in md and "| tiled | topk | pisa-o1+ln |" in md and "## Bars" in md
     assert (out / "fidelity.png").stat().st_size > 10_000
 
 
@@ -42,15 +45,16 @@ def test_dense_reference_matches_sdpa_in_float64():
 
 
 @pytest.mark.parametrize("routing", ["topk", "cov"])
-def test_prototype_plain_global_is_the_library(routing):
-    """variants.variant_outputs with the paper's choices computes pisa_attention: the prototype
+def test_prototype_global_moment_is_the_library(routing):
+    """variants.variant_outputs with the global moment computes pisa_attention (both tails): the prototype
     numbers are comparable with the library's."""
     case = E.cases_from_sets(["flux-image:tiny"], 0, torch.device("cpu"))[0]
     q, k, v = (t.float() for t in (case.q, case.k, case.v))
     sink = case.token_mask()
-    outs = variants.variant_outputs(q, k, v, sparsity=0.875, routing=routing, moments=("global",), tails=("plain",),
-                                    sink=sink, dense_rows=sink, token_perm=case.tiled_perm)
-    for order, name in ((1, "o1-global"), (0, "o0"), ("drop", "drop")):
-        lib = pisa_attention(q, k, v, sparsity=0.875, order=order, layout="BNHD", routing=routing,
+    outs = variants.variant_outputs(q, k, v, sparsity=0.875, routing=routing, moments=("global",),
+                                    tails=("plain", "ln"), sink=sink, dense_rows=sink, token_perm=case.tiled_perm)
+    for order, tail, name in ((1, "plain", "o1-global"), (0, "plain", "o0"), ("drop", "plain", "drop"),
+                              (1, "lognormal", "o1-global+ln"), (0, "lognormal", "o0+ln")):
+        lib = pisa_attention(q, k, v, sparsity=0.875, order=order, layout="BNHD", routing=routing, tail=tail,
                              sink_kv=case.exact, dense_q=case.exact, token_perm=case.tiled_perm)
         torch.testing.assert_close(outs[name], lib, atol=2e-5, rtol=1e-4)

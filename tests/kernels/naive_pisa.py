@@ -13,6 +13,9 @@ statistics and a single max-shifted softmax over everything a token sees:
   ``H_tot = sum_j sum_n (k_n - kbar_j) v_n^T`` over all blocks (selected too), ``T_valid`` the
   number of valid keys of the batch element; no denominator part;
 * order 0 drops the first-order term, order -1 ("drop") drops the whole tail;
+* ``tail="lognormal"``: every tail logit ``zbar_j`` gains ``c_j = s^2/2 sum_d E_t[q_d^2] Var_j[k_d]``
+  (``E_t`` the mean over the query tile's rows, ``Var_j`` the population variance over the block's
+  valid keys), in the denominator, the numerator and the first-order mass alike;
 * tokens are processed in ``token_perm`` order (blocks are runs of that order), invalid keys
   (``kv_valid``) are excluded from everything (exact part, means, sums, lengths, ``H``);
 * routing: per 128-row query tile, top-``k`` blocks by ``s qbar.kbar_j`` (+ ``log(||H_j||_F + 1e-5)``
@@ -67,7 +70,7 @@ def topk_budget(sparsity: float, nb: int) -> int:
 
 
 def naive_pisa(q, k, v, *, sparsity=0.875, block_size=64, order=1, scale=None, layout="BHND",
-               sink_kv=None, dense_q=None, kv_valid=None, token_perm=None, routing="topk",
+               sink_kv=None, dense_q=None, kv_valid=None, token_perm=None, routing="topk", tail="plain",
                selection: torch.Tensor | None = None):
     """Returns ``(out, selection)``: ``out`` float64 in the caller's layout, ``selection`` bool
     ``[B*H, NQ, NB]`` (key blocks of the processing order chosen exactly per query tile)."""
@@ -108,6 +111,8 @@ def naive_pisa(q, k, v, *, sparsity=0.875, block_size=64, order=1, scale=None, l
         dk = torch.where(w[None, :, None], K - kbar[:, key_block], 0.0)  # k - kbar_j, valid keys only
         htot = torch.einsum("hnd,hne->hde", dk, Vw)  # sum over all blocks of H_j
         hbar = htot / t_valid if t_valid > 0 else torch.zeros_like(htot)  # per valid key
+        kvar = torch.zeros(h_, nb, d, dtype=torch.float64).index_add_(1, key_block, dk * dk) \
+            / nj.clamp_min(1.0)[None, :, None]  # [H, NB, D]
         if routing == "cov" and selection is None:
             hnorm = torch.stack([torch.einsum("hnd,hne->hde", dk[:, j * bs:(j + 1) * bs], Vw[:, j * bs:(j + 1) * bs])
                                  .flatten(1).norm(dim=1) for j in range(nb)], dim=1)  # [H, NB] ||H_j||_F
@@ -129,12 +134,15 @@ def naive_pisa(q, k, v, *, sparsity=0.875, block_size=64, order=1, scale=None, l
                     sel.scatter_(1, torch.argsort(-r, dim=1, stable=True)[:, :kt], True)
             sel_all[b * h_:(b + 1) * h_, t] = sel
             exact = sel[:, key_block] & w[None, :]  # [H, N] keys computed exactly
-            tail = (~sel) & (nj[None, :] > 0)  # [H, NB] unselected non-empty blocks
+            in_tail = (~sel) & (nj[None, :] > 0)  # [H, NB] unselected non-empty blocks
             if order < 0:
-                tail = torch.zeros_like(tail)
+                in_tail = torch.zeros_like(in_tail)
             # Every token of the tile, each with its own max shift (rows are independent).
             z = (s * qt @ K.transpose(1, 2)).masked_fill(~exact[:, None, :], -math.inf)  # [H, R, N]
-            zbar = (s * qt @ kbar.transpose(1, 2)).masked_fill(~tail[:, None, :], -math.inf)  # [H, R, NB]
+            zbar = s * qt @ kbar.transpose(1, 2)  # [H, R, NB]
+            if tail == "lognormal":
+                zbar = zbar + (0.5 * s * s * torch.einsum("hd,hjd->hj", (qt * qt).mean(dim=1), kvar))[:, None, :]
+            zbar = zbar.masked_fill(~in_tail[:, None, :], -math.inf)
             m = torch.maximum(z.amax(dim=-1, keepdim=True), zbar.amax(dim=-1, keepdim=True))
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
             e = torch.exp(z - m)

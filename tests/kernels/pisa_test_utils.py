@@ -9,7 +9,7 @@ import math
 import torch
 
 from pisa_kernels import api as pisa_api
-from pisa_kernels.routing import Selection
+from pisa_kernels.routing import Selection, mass_bias
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -148,8 +148,14 @@ def capture_routing(replay: Selection | None = None):
         sel = orig(stats, **kw)
         if replay is not None:
             dev = stats.qbar.device
-            assert replay.mask.shape == sel.mask.shape, (replay.mask.shape, sel.mask.shape)
-            sel = Selection(replay.idx.to(dev), replay.mask.to(dev), replay.count)
+            chosen = replay.selected().to(dev)
+            assert chosen.shape == sel.selected().shape, (chosen.shape, sel.selected().shape)
+            bias = None
+            if sel.tail_bias is not None:  # this backend's own mass correction on the replayed blocks
+                bias = mass_bias(stats.q2, stats.kvar, kw["scale"]).masked_fill(chosen, -torch.inf)
+                bias = bias.to(sel.tail_bias.dtype)
+            sel = Selection(replay.idx.to(dev), chosen.to(torch.int8) if sel.mask is not None else None,
+                            replay.count, chosen.shape[-1], bias)
         log.append((stats, sel, kw))
         return sel
 
@@ -165,9 +171,11 @@ def selection_of(log) -> Selection:
     return log[0][1]
 
 
-def same_selection_on_nonempty(mask_a: torch.Tensor, mask_b: torch.Tensor, blen: torch.Tensor, heads: int):
-    """Whether two ``[BH, NQ, NB]`` selections agree on every block that has a valid key (blocks
-    without valid keys contribute nothing either way, so their tie-break is free)."""
-    a, b = mask_a.cpu().bool(), mask_b.cpu().bool()
+def same_selection_on_nonempty(mask_a, mask_b, blen: torch.Tensor, heads: int):
+    """Whether two ``[BH, NQ, NB]`` selections (masks or :class:`Selection`) agree on every block that
+    has a valid key (blocks without valid keys contribute nothing either way, so their tie-break is
+    free)."""
+    a, b = (m.selected() if isinstance(m, Selection) else m for m in (mask_a, mask_b))
+    a, b = a.cpu().bool(), b.cpu().bool()
     nonempty = (blen.cpu() > 0).repeat_interleave(heads, dim=0)[:, None, :]  # [BH, 1, NB]
     return bool(((a == b) | ~nonempty).all())

@@ -50,6 +50,8 @@ BAD_ARGS = [
     ("layout", bad(layout=None)),
     ("routing", bad(routing="covariance")),
     ("routing", bad(routing=None)),
+    ("tail", bad(tail="ln")),
+    ("tail", bad(tail=None)),
     ("backend", bad(backend="cuda")),
     ("backend", bad(backend="")),
     ("scale", bad(scale=float("nan"))),
@@ -285,7 +287,8 @@ def test_nan_query_row_propagates_like_dense(backend, order, bdev):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("order", [1, 0])
 @pytest.mark.parametrize("where", ["k_nan", "v_nan", "v_inf"])
-def test_nonfinite_key_or_value_propagates_like_dense(backend, order, where, bdev):
+@pytest.mark.parametrize("tail", ["plain", "lognormal"])
+def test_nonfinite_key_or_value_propagates_like_dense(backend, order, where, tail, bdev):
     """Dense attention turns every row non-finite when a key is NaN or a value is NaN/Inf; the
     Taylor tail covers every block, so with orders 1 and 0 every PISA row must be non-finite too
     (never a finite, silently wrong number)."""
@@ -294,7 +297,7 @@ def test_nonfinite_key_or_value_propagates_like_dense(backend, order, where, bde
     t[0, 0, 70, 5] = float("nan") if where.endswith("nan") else float("inf")
     dense = F.scaled_dot_product_attention(q, k, v)
     assert bool(_nonfinite_rows(dense).all())
-    out = _run(backend, q, k, v, bdev, sparsity=0.6, order=order)
+    out = _run(backend, q, k, v, bdev, sparsity=0.6, order=order, tail=tail)
     assert bool(_nonfinite_rows(out).all()), f"{int((~_nonfinite_rows(out)).sum())} finite rows"
 
 
@@ -316,16 +319,17 @@ def test_nonfinite_inputs_do_not_crash(backend, order, where, bdev):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e30])
-def test_masked_keys_with_garbage_have_no_influence(backend, value, bdev):
+@pytest.mark.parametrize("tail", ["plain", "lognormal"])
+def test_masked_keys_with_garbage_have_no_influence(backend, value, tail, bdev):
     """Padded keys (kv_valid False) get exactly zero weight: whatever they hold, even NaN or Inf
     (uninitialised padding), must not change the output."""
     q, k, v = rand_qkv(2, 1, 300, 64, seed=8)
     lengths = torch.tensor([300, 230])
-    clean = _run(backend, q, k, v, bdev, sparsity=0.6, kv_valid=lengths)
+    clean = _run(backend, q, k, v, bdev, sparsity=0.6, kv_valid=lengths, tail=tail)
     k2, v2 = k.clone(), v.clone()
     k2[1, :, 240:] = value
     v2[1, :, 235:] = value
-    out = _run(backend, q, k2, v2, bdev, sparsity=0.6, kv_valid=lengths)
+    out = _run(backend, q, k2, v2, bdev, sparsity=0.6, kv_valid=lengths, tail=tail)
     assert bool(torch.isfinite(out).all())
     assert max_err(out, clean) <= 1e-6
 
@@ -333,7 +337,8 @@ def test_masked_keys_with_garbage_have_no_influence(backend, value, bdev):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("order", [1, 0, "drop"])
 @pytest.mark.parametrize("scales", [(30, 1, 1), (10, 10, 1), (100, 3, 1)], ids=["q30", "qk10", "q100k3"])
-def test_fp16_large_logits_stay_finite(backend, order, scales, bdev):
+@pytest.mark.parametrize("tail", ["plain", "lognormal"])
+def test_fp16_large_logits_stay_finite(backend, order, scales, tail, bdev):
     """fp16 with logits in the hundreds or thousands: no overflow (max subtraction covers exact
     and centroid logits), no NaN/Inf where dense attention has none."""
     qs, ks, vs = scales
@@ -341,7 +346,7 @@ def test_fp16_large_logits_stay_finite(backend, order, scales, bdev):
     q, k, v = (q * qs).half(), (k * ks).half(), (v * vs).half()
     dense = F.scaled_dot_product_attention(q, k, v)
     assert bool(torch.isfinite(dense).all())
-    out = _run(backend, q, k, v, bdev, sparsity=0.75, order=order)
+    out = _run(backend, q, k, v, bdev, sparsity=0.75, order=order, tail=tail)
     assert bool(torch.isfinite(out).all())
 
 

@@ -266,3 +266,32 @@ def test_structured_layouts(layout):
 def test_low_precision_inputs(dtype, order):
     q, k, v = rand_qkv(2, 2, 300, 64, dtype=dtype, seed=22, v_shift=0.5)
     check(q, k, v, sparsity=0.6, order=order, kv_valid=torch.tensor([300, 201]), naive_routing=False)
+
+
+# --- the log-normal tail ---
+
+LN_CASES = {
+    "partial_blocks": dict(n=383, sparsity=0.6),
+    "block128": dict(n=300, sparsity=0.5, block_size=128),
+    "lengths": dict(n=300, sparsity=0.7, kv_valid=torch.tensor([300, 133])),
+    "empty_blocks": dict(n=300, sparsity=0.6, kv_valid=torch.arange(300)[None, :].repeat(2, 1) % 200 < 64),
+    # a random order scatters the sink tokens: three of them force at most three of the 11 blocks
+    "perm_sinks_dense": dict(n=700, sparsity=0.75, token_perm=torch.randperm(700, generator=torch.Generator().manual_seed(3)),
+                             sink_kv=[(0, 3)], dense_q=[(0, 20)]),
+    "cov": dict(n=300, sparsity=0.7, routing="cov"),
+}
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", list(LN_CASES))
+def test_lognormal_tail(order, case):
+    """``tail="lognormal"`` against the oracle's own mass correction (tile-mean q^2, per-block key
+    variance over the valid keys), on inputs whose keys spread inside blocks (so the correction is
+    large and must be applied exactly); "drop" has no tail, so the tail changes nothing there."""
+    kw = dict(LN_CASES[case])
+    n = kw.pop("n")
+    q, k, v = rand_qkv(2, 2, n, 64, dtype=torch.float64, seed=len(case), q_scale=2.0, k_scale=2.0, v_shift=0.5)
+    out = check(q, k, v, order=order, tail="lognormal", **kw)
+    plain = pisa_attention(q, k, v, order=order, backend="reference", **kw)
+    change = float((out - plain).abs().max())
+    assert (change > 1e-3) if order != "drop" else (change == 0.0), change

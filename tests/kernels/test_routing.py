@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pisa_kernels.routing import (QUERY_TILE, PooledStats, forced_blocks_from_tokens, num_blocks, route,
-                                  topk_count)
+from pisa_kernels.routing import (QUERY_TILE, ROUTING_CHUNK_BYTES, PooledStats, forced_blocks_from_tokens,
+                                  num_blocks, route, routing_chunk_bytes, topk_count)
 
 
 def test_constants_and_block_counts():
@@ -136,3 +136,52 @@ def test_forced_blocks_from_tokens():
     fb = forced_blocks_from_tokens(sink, 64)
     assert fb.tolist() == [True, False, True, False, True]
     assert forced_blocks_from_tokens(sink, 128).tolist() == [True, True, True]
+
+
+def lognormal_stats(bh=4, nq=3, nb=8, d=16, seed=1):
+    g = torch.Generator().manual_seed(seed + 100)
+    st = make_stats(bh=bh, nq=nq, nb=nb, d=d, seed=seed, b=bh // 2)
+    st.q2 = torch.rand(bh, nq, d, generator=g) * 3
+    st.kvar = torch.rand(bh, nb, d, generator=g) * 2
+    return st
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 << 20])
+def test_lognormal_bias_marks_the_selection(chunk_bytes):
+    """The bias holds ``s^2/2 q2 . kvar`` at every unselected block and -inf at the selected ones,
+    the same selection as the plain route (the bias does not route), whatever the chunking."""
+    st = lognormal_stats()
+    scale = 0.25
+    sel = route(st, scale=scale, k=3, heads=2, chunk_bytes=chunk_bytes)
+    check_selection(sel, 3, 8)
+    assert torch.equal(sel.mask.bool(), brute_topk(st, scale, 3))
+    c = 0.5 * scale ** 2 * torch.einsum("btd,bjd->btj", st.q2, st.kvar)
+    chosen = sel.mask.bool()
+    assert bool(torch.isneginf(sel.tail_bias[chosen]).all())
+    torch.testing.assert_close(sel.tail_bias[~chosen], c[~chosen])
+    lean = route(st, scale=scale, k=3, heads=2, keep_mask=False, bias_dtype=torch.float16, chunk_bytes=chunk_bytes)
+    assert lean.mask is None and lean.tail_bias.dtype == torch.float16 and not lean.all_blocks
+    assert torch.equal(lean.selected(), chosen)
+    torch.testing.assert_close(lean.tail_bias[~chosen].float(), c[~chosen], rtol=1e-3, atol=1e-3)
+
+
+def test_lognormal_bias_saturates_in_fp16():
+    """A correction beyond fp16's range is stored as fp16's largest finite value, never +inf (the
+    kernel subtracts the running max, so a finite bias cannot overflow)."""
+    st = lognormal_stats()
+    st.kvar *= 1e6
+    sel = route(st, scale=1.0, k=3, heads=2, keep_mask=False, bias_dtype=torch.float16)
+    finite = ~sel.selected()
+    assert bool(torch.isfinite(sel.tail_bias[finite]).all())
+    assert float(sel.tail_bias[finite].max()) == torch.finfo(torch.float16).max
+
+
+def test_all_blocks_has_no_bias():
+    sel = route(lognormal_stats(), scale=0.25, k=8, heads=2, keep_mask=False)
+    assert sel.all_blocks and sel.tail_bias is None and bool(sel.mask.all())
+
+
+def test_routing_chunk_bytes_bounds():
+    assert routing_chunk_bytes(0) == 2 << 20
+    assert routing_chunk_bytes(1 << 30) == (1 << 30) // 128
+    assert routing_chunk_bytes(1 << 40) == ROUTING_CHUNK_BYTES
