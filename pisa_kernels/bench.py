@@ -3,6 +3,7 @@ ComfyUI's Sol-Attn kernel (``comfy_kitchen.sol_attn``), at DiT shapes, in one pr
 
     python -m pisa_kernels.bench                      # all shapes, table on stdout
     python -m pisa_kernels.bench --shapes wan720 --json out.json
+    python -m pisa_kernels.bench --tails plain lognormal   # also order 1 with the log-normal tail
 
 Times are medians of CUDA-event timings (``triton.testing.do_bench``) after warm-up.  The error
 column is the relative L2 error against the cuDNN output on the same inputs.
@@ -88,25 +89,31 @@ def _peak_extra_mb(fn) -> float:
     return peak / 2**20
 
 
-def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64) -> float:
-    """Time of the pre-scan plus routing alone, the fixed overhead of a PISA call."""
+def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: bool = False) -> float:
+    """Time of the pre-scan plus routing alone (as :func:`pisa_attention` runs them for bf16 inputs
+    without a mask), the fixed overhead of a PISA call."""
     from . import triton_kernels as tk
-    from .routing import num_blocks, route, topk_count
+    from .routing import num_blocks, route, routing_chunk_bytes, topk_count
 
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     h = qh.shape[1]
     kk = topk_count(sparsity, num_blocks(qh.shape[2], block))
     scale = qh.shape[-1] ** -0.5
 
+    chunk = routing_chunk_bytes(3 * q.numel() * q.element_size())
+
     def run():
-        st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=False)
-        return route(st, scale=scale, k=kk, heads=h, forced_blocks=None, cov=False)
+        st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=False, lognormal=lognormal)
+        return route(st, scale=scale, k=kk, heads=h, forced_blocks=None, cov=False, may_have_empty=False,
+                     bias_dtype=torch.float16, keep_mask=False, chunk_bytes=chunk)
 
     return time_ms(run)
 
 
 def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 128, seed: int = 0,
-                sparsities=SPARSITIES, orders=ORDERS, block: int = 64) -> list[dict]:
+                sparsities=SPARSITIES, orders=ORDERS, block: int = 64, tails=("plain",)) -> list[dict]:
+    """Dense SDPA, PISA (every order with the plain tail; order 1 with each other tail in ``tails``)
+    and Sol-Attn on one set of inputs."""
     from torch.nn.attention import SDPBackend
 
     dev = torch.device("cuda")
@@ -122,17 +129,18 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
     add("dense-cudnn", 0.0, time_ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)), ref, None)
     out = sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
     add("dense-flash", 0.0, time_ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)), out, ref)
+    runs = [(order, "plain") for order in orders] + [(1, t) for t in tails if t != "plain" and 1 in orders]
     for sp in sparsities:
-        for order in orders:
+        for order, tail in runs:
             fn = lambda: pisa_attention(q, k, v, sparsity=sp, order=order, layout="BNHD", block_size=block,
-                                        backend="triton")
+                                        tail=tail, backend="triton")
             out = fn()
             extra = {}
             if order == 1 and sp == 0.875:
-                extra = dict(prescan_routing_ms=prescan_routing_ms(q, k, v, sp, block),
+                extra = dict(prescan_routing_ms=prescan_routing_ms(q, k, v, sp, block, tail == "lognormal"),
                              extra_mem_mb=_peak_extra_mb(fn),
                              qkv_mb=3 * q.numel() * q.element_size() / 2**20)
-            add(f"pisa-o{order}", sp, time_ms(fn), out, ref, **extra)
+            add(f"pisa-o{order}" + ("+ln" if tail == "lognormal" else ""), sp, time_ms(fn), out, ref, **extra)
     sol = _sol_attn()
     if sol is not None:
         for sp in sparsities:
@@ -174,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", nargs="*", default=["random"], choices=["random", "dit"])
     ap.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
     ap.add_argument("--block-size", type=int, default=64, choices=[64, 128])
+    ap.add_argument("--tails", nargs="*", default=["plain"], choices=["plain", "lognormal"],
+                    help="tails of order 1 (plain: the paper's; lognormal: the node's in tiled order)")
     ap.add_argument("--json", help="write rows and environment to this file")
     ap.add_argument("--md", help="write the table as markdown (with the environment) to this file")
     ap.add_argument("--extra-n", nargs="*", type=int, default=[],
@@ -190,12 +200,12 @@ def main(argv=None) -> int:
         for name in args.shapes:
             n, h = SHAPES[name]
             sps = tuple(args.sparsities) + ((0.85,) if name == "flux1024" and 0.85 not in args.sparsities else ())
-            rows += bench_shape(name, n, h, data=data, sparsities=sps, block=args.block_size)
+            rows += bench_shape(name, n, h, data=data, sparsities=sps, block=args.block_size, tails=tuple(args.tails))
             print(format_table([r for r in rows if r["shape"] == name and r["data"] == data]), flush=True)
     for n in args.extra_n:
         for data in args.data:
             rows += bench_shape(f"N{n}", n, 24, data=data, sparsities=(0.75, 0.875), orders=(1,),
-                                block=args.block_size)
+                                block=args.block_size, tails=tuple(args.tails))
             print(format_table([r for r in rows if r["shape"] == f"N{n}" and r["data"] == data]), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -133,7 +133,7 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
                      N, NB, NQ, H, D, KT, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      GROUP: tl.constexpr, TAIL_STAGES: tl.constexpr, ORDER: tl.constexpr,
-                     HAS_VALID: tl.constexpr, TAIL_BIAS: tl.constexpr):
+                     HAS_VALID: tl.constexpr, TAIL_BIAS: tl.constexpr, KV_TMA: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -147,9 +147,6 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
     dmask = offs_d < D
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows_m[:, None].to(tl.int64) * sqn + offs_d[None, :],
                 mask=mrow[:, None] & dmask[None, :], other=0.0)
-    kbase = K + b64 * skb + h64 * skh
-    vbase = V + b64 * svb + h64 * svh
-
     # Finite "minus infinity" for the running max: a fully masked block then yields p = 0 and
     # alpha = 1 instead of NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
@@ -166,12 +163,20 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
         nmask = offs_n < N
         rows_n = offs_n
         kok = nmask
-        if HAS_VALID:
-            kok = kok & (tl.load(VALID + b64 * s_valid_b + rows_n, mask=nmask, other=0) != 0)
-        # Invalid keys are never loaded: a padded value holding NaN must not meet its zero weight.
-        kv_mask = kok[:, None] & dmask[None, :]
-        k = tl.load(kbase + rows_n[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(vbase + rows_n[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if KV_TMA:
+            # K and V are tensor descriptors: Hopper's bulk tensor copies (rows past N read as 0;
+            # only used without kv_valid, so every loaded row is a real key).
+            k = K.load([b, h, j * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = V.load([b, h, j * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+        else:
+            if HAS_VALID:
+                kok = kok & (tl.load(VALID + b64 * s_valid_b + rows_n, mask=nmask, other=0) != 0)
+            # Invalid keys are never loaded: a padded value holding NaN must not meet its zero weight.
+            kv_mask = kok[:, None] & dmask[None, :]
+            k = tl.load(K + b64 * skb + h64 * skh + rows_n[:, None].to(tl.int64) * skn + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(V + b64 * svb + h64 * svh + rows_n[:, None].to(tl.int64) * svn + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
         # Raw logits; the scale is folded into one FMA with the max (base-2 units).
         qk = tl.where(kok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
@@ -275,6 +280,35 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+#: Read the exact blocks' K and V with tensor descriptors (TMA) where the GPU has them; False
+#: forces pointer loads everywhere (A/B timing: scripts/gpu_session.py).
+USE_TMA = True
+
+
+def _tma_ok(k: torch.Tensor, v: torch.Tensor, d: int) -> bool:
+    """Whether K and V can be read as ``[B, H, N, D]`` tensor descriptors: sm90+, 16-bit, a
+    power-of-two head dim (the box is the whole row), 16-byte aligned base and strides."""
+    if not USE_TMA or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    if k.dtype not in (torch.float16, torch.bfloat16) or d != _block_d(d) or _descriptor_class() is None:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+               for t in (k, v))
+
+
+def _descriptor_class():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton without host-side descriptors
+        return None
+    return TensorDescriptor
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block: int):
+    desc = _descriptor_class()
+    return tuple(desc(t, list(t.shape), list(t.stride()), [1, 1, block, t.shape[-1]]) for t in (k, v))
+
+
 def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal: bool = False) -> PooledStats:
     """Pooled statistics with the Triton pre-scan.  q, k, v: ``[B, H, N, D]`` views (unit stride on D),
     in the processing order; ``valid``: int8 ``[B, N]`` or None.  For bf16 / fp16 inputs the value
@@ -330,16 +364,18 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     valid_t = valid if valid is not None else stats.blen
     tail_bias = sel.tail_bias is not None and eff_order >= 0
     marks = sel.tail_bias if tail_bias else sel.mask
+    kv_tma = valid is None and _tma_ok(k, v, d)
+    kk, vv = _kv_descriptors(k, v, block) if kv_tma else (k, v)
     cfg = _launch_config(block, _block_d(d), dev, q.dtype)
     key = (torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", q.dtype, block, d, eff_order,
-           valid is not None, tail_bias, cfg)
+           valid is not None, tail_bias, kv_tma, cfg)
     compiled = _launch(
         _pisa_fwd_kernel, (nq, b * h), key, _fallbacks(cfg),
-        q, k, v, out, valid_t, sel.idx, marks, kbar, vmean, stats.blen, hsum,
+        q, kk, vv, out, valid_t, sel.idx, marks, kbar, vmean, stats.blen, hsum,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
         n, nb, nq, h, d, sel.count, scale * LOG2E, scale,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
-        HAS_VALID=valid is not None, TAIL_BIAS=tail_bias)
+        HAS_VALID=valid is not None, TAIL_BIAS=tail_bias, KV_TMA=kv_tma)
     return compiled if return_kernel else out

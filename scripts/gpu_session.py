@@ -2,8 +2,9 @@
 
     python scripts/gpu_session.py [--quick]
 
-1. environment; 2. Triton vs reference (bf16/fp16, all orders, masks, token order) at moderate
-shapes; 3. Wan 720p timing breakdown (pre-scan, routing, forward) and a launch-config sweep.
+1. environment; 2. Triton vs reference (bf16/fp16, all orders, both tails, masks, token order)
+at moderate shapes; 3. Wan 720p timing breakdown (pre-scan, routing, forward) and A/B timings of
+the kernel variants (tensor-descriptor K/V loads on/off, plain / log-normal tail).
 """
 import argparse
 import json
@@ -30,14 +31,15 @@ def check_correctness():
         perm = tiling.tile_permutation((3, 10, n // 30), block_size=64, device="cuda") if n % 30 == 0 else None
         for order in (1, 0, "drop"):
             for kw in ({}, {"kv_valid": valid}, {"token_perm": perm}, {"routing": "cov", "sink_kv": [(0, 70)],
-                                                                       "dense_q": [(10, 40)]}):
+                                                                       "dense_q": [(10, 40)]},
+                       {"tail": "lognormal"}, {"tail": "lognormal", "kv_valid": valid, "token_perm": perm}):
                 if "token_perm" in kw and perm is None:
                     continue
                 r = pisa_attention(q, k, v, sparsity=0.8, order=order, layout="BNHD", backend="reference", **kw)
                 o = pisa_attention(q, k, v, sparsity=0.8, order=order, layout="BNHD", backend="triton", **kw)
                 e = rel_l2(o, r)
                 worst = max(worst, e)
-                print(f"check {dt} n={n} d={d} order={order} {list(kw)} rel_l2={e:.2e}")
+                print(f"check {dt} n={n} d={d} order={order} {kw.get('tail', '')} {list(kw)} rel_l2={e:.2e}")
         o = pisa_attention(q, k, v, sparsity=0.0, layout="BNHD", backend="triton")
         ref = sdpa(q.float(), k.float(), v.float(), torch.nn.attention.SDPBackend.MATH)
         print(f"sparsity0 vs dense {dt}: {rel_l2(o, ref):.2e}")
@@ -101,10 +103,38 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     return res
 
 
+def ab(n=75600, h=40, d=128, sparsity=0.875):
+    """The same call with each kernel variant, interleaved, at the Wan 720p shape (random inputs)."""
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    res = {}
+    outs = {}
+    for rnd in range(2):
+        for tma in (False, True):
+            tk.USE_TMA = tma
+            for tail in ("plain", "lognormal"):
+                for order in (1, "drop"):
+                    if order == "drop" and tail != "plain":
+                        continue
+                    fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, order=order, layout="BNHD", tail=tail)
+                    outs[(tma, tail, order)] = fn()
+                    res.setdefault(f"tma={tma} tail={tail} order={order}", []).append(round(time_ms(fn), 3))
+    tk.USE_TMA = True
+    for (tma, tail, order), o in outs.items():
+        if tma:
+            print(f"tma vs pointer loads, {tail} {order}: rel L2 {rel_l2(o, outs[(False, tail, order)]):.1e}")
+    res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
+    print(json.dumps(res, indent=1))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--ab-only", action="store_true", help="only the A/B timings of the kernel variants")
     args = ap.parse_args()
+    if args.ab_only:
+        print(json.dumps(environment()))
+        ab()
+        raise SystemExit(0)
     print(json.dumps(environment()))
     t = time.time()
     if not args.skip_check:

@@ -15,7 +15,7 @@ from naive_pisa import naive_pisa
 from pisa_kernels import pisa_attention
 from pisa_kernels.tiling import joint_permutation, tile_permutation
 from pisa_test_utils import (TOL, assert_close_to, capture_routing, rand_qkv, same_selection_on_nonempty,
-                             selection_of, strided_variant, structured_qkv)
+                             strided_variant, structured_qkv)
 
 ORDERS = [1, 0, "drop"]
 
