@@ -56,10 +56,8 @@ class PISAPatch:
                     "default": "auto",
                     "tooltip": "auto: group the image/video tokens into compact 2-D/3-D tiles before "
                                "forming blocks (Wan, HunyuanVideo, FLUX), so a block is a small "
-                               "neighbourhood instead of a stripe of a row, and weigh each approximated "
-                               "block by its log-normal mass (the spread of its keys); better quality at "
-                               "the same speed. raster: the model's own order and the paper's plain tail "
-                               "(for comparison)."}),
+                               "neighbourhood instead of a stripe of a row; better quality at the same "
+                               "speed. raster: the model's own order (for comparison)."}),
                 "routing": (list(ROUTINGS), {
                     "default": "auto",
                     "tooltip": "How each query tile picks its exact blocks. topk: highest pooled attention "

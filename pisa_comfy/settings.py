@@ -88,8 +88,7 @@ class PisaSettings:
         blocks = ",".join(str(b) for b in sorted(self.dense_blocks)) or "none"
         return (f"sparsity {self.sparsity:g}, block {self.block_size}, order {self.order}, "
                 f"dense steps {self.dense_steps}, dense blocks {blocks}, min tokens {self.min_tokens}, "
-                f"{'tiled order, log-normal tail' if self.tile_tokens else 'raster order, plain tail'}, "
-                f"routing {self.routing}")
+                f"{'tiled' if self.tile_tokens else 'raster'} order, routing {self.routing}")
 
 
 def _choice(name: str, value, allowed: tuple[str, ...]) -> str:

@@ -2,9 +2,9 @@
 
 Every method of one comparison sees the same token order and the same selected blocks (routing
 depends neither on the order nor on the tail): the node's configuration, tiled order where the
-grid is known, text exact, routing "auto", and the node's tail for each order (log-normal in the
-tiled order, plain in raster order).  The numbers come from ``pisa_attention`` itself (reference
-backend on the CPU).
+grid is known, text exact, routing "auto", the node's log-normal tail (the paper's plain tail is
+measured next to it).  The numbers come from ``pisa_attention`` itself (reference backend on the
+CPU).
 """
 
 import pytest
@@ -40,8 +40,8 @@ def test_first_order_at_most_half_of_keep_or_drop(errors):
 
 
 def test_first_order_at_most_zeroth_order(errors):
-    """With the node's tail (log-normal in the tiled order).  The plain tail misses this on the
-    FLUX-like set at full size (docs/fidelity.md), which is why the node uses the log-normal one."""
+    """With the node's (log-normal) tail.  The plain tail misses this on the FLUX-like set at full
+    size (docs/fidelity.md)."""
     name, _, errs = errors
     e = errs["tiled"]
     assert e["pisa-o1+ln"] <= e["pisa-o0+ln"], (name, e)
@@ -51,8 +51,8 @@ def test_tiled_at_most_raster_for_video(errors):
     name, video, errs = errors
     if not video:
         pytest.skip("image set: the tiled-vs-raster bar is for video grids")
-    assert errs["tiled"]["pisa-o1+ln"] <= errs["raster"]["pisa-o1"], (name, errs)  # the node's configurations
-    assert errs["tiled"]["pisa-o1"] <= errs["raster"]["pisa-o1"], (name, errs)  # one method, both orders
+    assert errs["tiled"]["pisa-o1+ln"] <= errs["raster"]["pisa-o1+ln"], (name, errs)
+    assert errs["tiled"]["pisa-o1"] <= errs["raster"]["pisa-o1"], (name, errs)
 
 
 def test_log_normal_tail_improves_the_first_order(errors):

@@ -42,7 +42,7 @@ def to_dev(kw, dev):
 def compare(q, k, v, device, *, replay=False, **kw):
     """Reference vs Triton on the same inputs (on ``device``); returns the Triton output."""
     q, k, v = (t.to(device) for t in (q, k, v))
-    kw = to_dev(kw, device)
+    kw = dict(to_dev(kw, device), cuda_graph=False)  # a graph replay would not call the routing
     with capture_routing() as log_r:
         ref, st_r = pisa_attention(q, k, v, backend="reference", return_stats=True, **kw)
     sel_r = selection_of(log_r)
