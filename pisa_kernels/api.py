@@ -339,16 +339,14 @@ def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
     """The device work of one call: pure tensor operations, no host synchronisation (capturable)."""
     layout, seq_dim, perm = plan.layout, plan.seq_dim, plan.perm
 
-    triton_lp = plan.backend == "triton" and q.dtype in (torch.float16, torch.bfloat16)
     chunk = routing_chunk_bytes(3 * q.numel() * q.element_size())
 
     def route_fn(stats):
-        # The Triton kernel reads only the bias (fp16 for 16-bit inputs), whose -inf marks the
-        # selected blocks; the reference reads the mask and a bias in its compute dtype.
+        # The reference reads the log-normal mass correction from the routing; the Triton kernel
+        # computes it per tile from the pooled second moments.
         return route(stats, scale=plan.scale, k=plan.k_top, heads=plan.heads, forced_blocks=plan.forced,
                      n_forced=plan.n_forced, cov=plan.cov, may_have_empty=valid is not None,
-                     bias_dtype=torch.float16 if triton_lp else None, keep_mask=plan.backend != "triton",
-                     chunk_bytes=chunk)
+                     tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk)
 
     # Processing order: one gathered copy along the sequence (cheaper than gathers in the kernel).
     qp, kp, vp, valid_p = q, k, v, valid

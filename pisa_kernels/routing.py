@@ -41,9 +41,11 @@ class PooledStats:
     covnorm: torch.Tensor | None  # [BH, NB]  ||H_j||_F, for covariance routing
     kbar_lp: torch.Tensor | None = None  # kbar in the input dtype
     vmean_lp: torch.Tensor | None = None  # vsum / blen in the input dtype (sums can overflow fp16)
-    # Second moments of the log-normal tail (``tail="lognormal"``), float32:
-    q2: torch.Tensor | None = None  # [BH, NQ, D]  mean q^2 of each query tile
-    kvar: torch.Tensor | None = None  # [BH, NB, D]  per-dimension variance of the valid keys of each block
+    # Second moments of the log-normal tail (``tail="lognormal"``):
+    q2: torch.Tensor | None = None  # [BH, NQ, D]  float32, mean q^2 of each query tile
+    #: [BH, NB, D] per-dimension variance of the valid keys of each block (float32; the Triton
+    #: pre-scan writes it in the input's 16-bit dtype, which the forward kernel reads)
+    kvar: torch.Tensor | None = None
 
     @property
     def hmean(self) -> torch.Tensor | None:
@@ -74,27 +76,21 @@ class Selection:
     """The exact key blocks of every query tile, and the log-normal tail's mass correction."""
 
     idx: torch.Tensor  # [BH, NQ, KT] int32, in no particular order
-    mask: torch.Tensor | None  # [BH, NQ, NB] int8, 1 where selected (None: tail_bias marks them)
+    mask: torch.Tensor  # [BH, NQ, NB] int8, 1 where selected
     count: int  # KT, the same for every query tile (load balance)
-    blocks: int = 0  # NB (0: the mask's last dimension)
     #: [BH, NQ, NB]: ``c_ij`` (natural-log units) of every unselected block, ``-inf`` at the
-    #: selected ones; None for the plain tail.  See :func:`mass_bias`.
+    #: selected ones, for the reference's log-normal tail (the Triton kernel computes ``c_ij``
+    #: itself from ``q2`` and ``kvar``: O(N) memory instead of O(N^2)).  See :func:`mass_bias`.
     tail_bias: torch.Tensor | None = None
 
     @property
     def all_blocks(self) -> bool:
-        return self.count == (self.blocks or self.mask.shape[-1])
-
-    def selected(self) -> torch.Tensor:
-        """bool ``[BH, NQ, NB]``, True at the exact blocks (from the mask, or the bias's ``-inf``)."""
-        if self.mask is not None:
-            return self.mask.bool()
-        return self.tail_bias == -torch.inf
+        return self.count == self.mask.shape[-1]
 
 
 def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks: torch.Tensor | None = None,
-          n_forced: int = 0, cov: bool = False, may_have_empty: bool = True, bias_dtype: torch.dtype | None = None,
-          keep_mask: bool = True, chunk_bytes: int = ROUTING_CHUNK_BYTES) -> Selection:
+          n_forced: int = 0, cov: bool = False, may_have_empty: bool = True, tail_bias: bool = False,
+          chunk_bytes: int = ROUTING_CHUNK_BYTES) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
@@ -104,22 +100,21 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
     caller knows every block has a valid key).  ``n_forced`` is the host-side count of
     ``forced_blocks`` (passed in so routing never synchronises with the device).
 
-    With ``stats.kvar`` (the log-normal tail) it also writes ``Selection.tail_bias`` in
-    ``bias_dtype`` (default: the statistics' dtype) through each chunk's score buffer; ``keep_mask=False`` then
-    skips the int8 mask (the Triton kernel reads only the bias, whose ``-inf`` marks the selected
-    blocks).  ``chunk_bytes`` bounds that scratch (see :func:`routing_chunk_bytes`).
+    ``tail_bias`` (the reference's log-normal tail; needs ``stats.q2`` and ``stats.kvar``) also
+    writes ``Selection.tail_bias`` through each chunk's score buffer.  ``chunk_bytes`` bounds that
+    scratch (see :func:`routing_chunk_bytes`).
     """
     bh, nq, _ = stats.qbar.shape
     nb = stats.kbar.shape[1]
     kt = min(nb, k + n_forced)
     device = stats.qbar.device
     idx = torch.empty(bh, nq, kt, dtype=torch.int32, device=device)
-    lognormal = stats.kvar is not None
+    mask = torch.zeros(bh, nq, nb, dtype=torch.int8, device=device)
     if kt == nb:  # everything exact: no tail, so no bias
         idx.copy_(torch.arange(nb, dtype=torch.int32, device=device).expand(bh, nq, nb))
-        return Selection(idx, torch.ones(bh, nq, nb, dtype=torch.int8, device=device), kt, nb)
-    mask = torch.zeros(bh, nq, nb, dtype=torch.int8, device=device) if keep_mask or not lognormal else None
-    bias = torch.empty(bh, nq, nb, dtype=bias_dtype or stats.kbar.dtype, device=device) if lognormal else None
+        mask.fill_(1)
+        return Selection(idx, mask, kt)
+    bias = torch.empty(bh, nq, nb, dtype=stats.kbar.dtype, device=device) if tail_bias else None
     rows = max(1, chunk_bytes // max(1, nq * nb * 4))
     for s in range(0, bh, rows):
         e = min(bh, s + rows)
@@ -136,15 +131,10 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
         # Unsorted: the kernel visits the exact blocks in any order (online softmax).
         top = torch.topk(score, kt, dim=-1, sorted=False).indices
         idx[s:e] = top
-        if mask is not None:
-            mask[s:e].scatter_(-1, top, 1)
-        if lognormal:
-            c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score)
-            c.scatter_(-1, top, -torch.inf)
-            if bias.dtype != c.dtype:  # c >= 0: only the top of a narrower type can overflow
-                c.clamp_(max=torch.finfo(bias.dtype).max)
-            bias[s:e] = c
-    return Selection(idx, mask, kt, nb, bias)
+        mask[s:e].scatter_(-1, top, 1)
+        if bias is not None:
+            bias[s:e] = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score).scatter_(-1, top, -torch.inf)
+    return Selection(idx, mask, kt, bias)
 
 
 def mass_bias(q2: torch.Tensor, kvar: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:

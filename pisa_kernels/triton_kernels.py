@@ -51,7 +51,8 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
                    skb, skh, skn, svb, svh, svn, s_valid_b,
                    N, NB, H, D, blocks_per_prog,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
-                   MOMENT: tl.constexpr, COV: tl.constexpr, WRITE_LP: tl.constexpr, SECOND: tl.constexpr):
+                   MOMENT: tl.constexpr, COV: tl.constexpr, WRITE_LP: tl.constexpr, SECOND: tl.constexpr,
+                   KVAR_MAX: tl.constexpr):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -82,7 +83,8 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
         if SECOND:
             # Per-dimension variance of the valid keys, two-pass on the tile already in registers.
             kc = tl.where(m2, k_in.to(tl.float32) - kbar[None, :], 0.0)
-            tl.store(KVAR + out_off, tl.sum(kc * kc, axis=0) / tl.maximum(cnt, 1.0), mask=dmask)
+            kvar = tl.minimum(tl.sum(kc * kc, axis=0) / tl.maximum(cnt, 1.0), KVAR_MAX)  # finite in fp16
+            tl.store(KVAR + out_off, kvar.to(KVAR.dtype.element_ty), mask=dmask)
         if WRITE_LP:
             # The forward kernel takes the value MEAN in the input dtype (a 64-token sum of fp16
             # values can exceed fp16's range) and weights it by the block length in fp32.
@@ -128,12 +130,13 @@ def _pool_q_kernel(Q, QBAR, Q2, sqb, sqh, sqn, N, NQ, H, D,
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
-def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
+def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, KVAR,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, s_valid_b,
                      N, NB, NQ, H, D, KT, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      GROUP: tl.constexpr, TAIL_STAGES: tl.constexpr, ORDER: tl.constexpr,
-                     HAS_VALID: tl.constexpr, TAIL_BIAS: tl.constexpr, KV_TMA: tl.constexpr):
+                     HAS_VALID: tl.constexpr, LOGNORMAL: tl.constexpr, KV_TMA: tl.constexpr,
+                     TAIL_TMA: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -190,29 +193,39 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM,
     if ORDER >= 0:
         total = 0.0  # valid keys of this batch element, for the mean moment of phase 3
         sel_base = SEL + tile * NB
+        if LOGNORMAL:
+            # c_ij = s^2/2 E_i[q^2] . Var_j[k] (log-normal mass), base-2 units: the tile's mean q^2
+            # once, then one D-vector dot per centroid.
+            q2 = tl.load(Q2 + tile * D + offs_d, mask=dmask, other=0.0) * (0.5 * sm_scale * sm_scale * _LOG2E_IN_KERNEL)
         for j0 in tl.range(0, NB, GROUP, num_stages=TAIL_STAGES):
             offs_j = j0 + tl.arange(0, GROUP)
             jm = offs_j < NB
             cmask = jm[:, None] & dmask[None, :]
             coff = (bh.to(tl.int64) * NB + offs_j[:, None]) * D + offs_d[None, :]
-            kb = tl.load(KBAR + coff, mask=cmask, other=0.0)
+            if TAIL_TMA:  # [BH, NB, D] descriptors: rows past NB read as 0
+                kb = KBAR.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
+            else:
+                kb = tl.load(KBAR + coff, mask=cmask, other=0.0)
             nj = tl.load(BLEN + b64 * NB + offs_j, mask=jm, other=0.0)
             total += tl.sum(nj, axis=0)
+            ok = (tl.load(sel_base + offs_j, mask=jm, other=1) == 0) & (nj > 0)
             zc = tl.dot(q, tl.trans(kb)) * qk_scale  # centroid logits, base-2 units
-            if TAIL_BIAS:
-                # SEL holds the log-normal mass correction c_ij, -inf at the selected blocks.
-                c = tl.load(sel_base + offs_j, mask=jm, other=float("-inf")).to(tl.float32)
-                ok = (c > float("-inf")) & (nj > 0)
-                zc = zc + (c * _LOG2E_IN_KERNEL)[None, :]
-            else:
-                ok = (tl.load(sel_base + offs_j, mask=jm, other=1) == 0) & (nj > 0)
+            if LOGNORMAL:
+                if TAIL_TMA:
+                    kv = KVAR.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
+                else:
+                    kv = tl.load(KVAR + coff, mask=cmask, other=0.0)
+                zc = zc + tl.sum(kv.to(tl.float32) * q2[None, :], axis=1)[None, :]
             zc = tl.where(ok[None, :], zc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(zc, axis=1))
             alpha = tl.math.exp2(m_i - m_new)
             # n_j e^{z - m}: the block's token-weighted tail mass, which multiplies the value mean
             # (n_j v̄_j = V̂_j) and adds to g.
             wn = tl.math.exp2(zc - m_new[:, None]) * nj[None, :]
-            vm = tl.load(VMEAN + coff, mask=cmask, other=0.0)
+            if TAIL_TMA:
+                vm = VMEAN.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
+            else:
+                vm = tl.load(VMEAN + coff, mask=cmask, other=0.0)
             acc = tl.dot(wn.to(vm.dtype), vm, acc * alpha[:, None])
             l_i = l_i * alpha
             g_i = g_i * alpha + tl.sum(wn, axis=1)
@@ -280,20 +293,21 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-#: Read the exact blocks' K and V with tensor descriptors (TMA) where the GPU has them; False
-#: forces pointer loads everywhere (A/B timing: scripts/gpu_session.py).
+#: Read tiles with tensor descriptors (TMA) where the GPU has them; False forces pointer loads
+#: everywhere (A/B timing: scripts/gpu_session.py).
 USE_TMA = True
 
 
-def _tma_ok(k: torch.Tensor, v: torch.Tensor, d: int) -> bool:
-    """Whether K and V can be read as ``[B, H, N, D]`` tensor descriptors: sm90+, 16-bit, a
-    power-of-two head dim (the box is the whole row), 16-byte aligned base and strides."""
-    if not USE_TMA or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+def _tma_ok(tensors, d: int) -> bool:
+    """Whether ``tensors`` can be read through tensor descriptors: sm90+, 16-bit, a power-of-two
+    head dim (a box is whole rows), 16-byte aligned bases and strides."""
+    t0 = tensors[0]
+    if not USE_TMA or t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
-    if k.dtype not in (torch.float16, torch.bfloat16) or d != _block_d(d) or _descriptor_class() is None:
+    if d != _block_d(d) or _descriptor_class() is None:
         return False
-    return all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
-               for t in (k, v))
+    return all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
 def _descriptor_class():
@@ -304,9 +318,9 @@ def _descriptor_class():
     return TensorDescriptor
 
 
-def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block: int):
+def _descriptors(tensors, box: list[int]):
     desc = _descriptor_class()
-    return tuple(desc(t, list(t.shape), list(t.stride()), [1, 1, block, t.shape[-1]]) for t in (k, v))
+    return tuple(desc(t, list(t.shape), list(t.stride()), box) for t in tensors)
 
 
 def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal: bool = False) -> PooledStats:
@@ -320,7 +334,8 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
     lp = q.dtype in (torch.float16, torch.bfloat16)
     kbar = torch.empty(b * h, nb, d, dtype=torch.float32, device=dev)
     vsum = kbar if lp else torch.empty_like(kbar)  # (a placeholder where the kernel never writes it)
-    kvar = torch.empty_like(kbar) if lognormal else kbar
+    # The key variances feed only the forward kernel's tail: stored in its (16-bit) input dtype.
+    kvar = torch.empty(b * h, nb, d, dtype=q.dtype if lp else torch.float32, device=dev) if lognormal else kbar
     blen = torch.empty(b, nb, dtype=torch.float32, device=dev)
     bpp = max(POOL_MIN_BLOCKS, -(-nb // POOL_CHUNKS))
     chunks = -(-nb // bpp)
@@ -337,7 +352,7 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
             valid.stride(0) if valid is not None else 0,
             n, nb, h, d, bpp,
             BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp,
-            SECOND=lognormal)
+            SECOND=lognormal, KVAR_MAX=torch.finfo(kvar.dtype).max)
     qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
     q2 = torch.empty_like(qbar) if lognormal else qbar
     _pool_q_kernel[(nq, b * h)](q, qbar, q2, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
@@ -351,7 +366,8 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
            order: int, return_kernel: bool = False):
     """Run the fused forward kernel, writing into ``out`` (a ``[B, H, N, D]`` view).  With
-    ``return_kernel`` it returns Triton's compiled kernel (register and spill counts) instead."""
+    ``return_kernel`` it returns Triton's compiled kernel (register and spill counts) instead.
+    ``stats.kvar`` (the log-normal tail) comes from :func:`pool` with ``lognormal=True``."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     dev = q.device
@@ -362,20 +378,25 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
         (stats.vsum / stats.blen.clamp_min(1.0).repeat_interleave(h, dim=0).unsqueeze(-1)).to(lp)
     hsum = stats.hsum if eff_order == 1 else stats.kbar
     valid_t = valid if valid is not None else stats.blen
-    tail_bias = sel.tail_bias is not None and eff_order >= 0
-    marks = sel.tail_bias if tail_bias else sel.mask
-    kv_tma = valid is None and _tma_ok(k, v, d)
-    kk, vv = _kv_descriptors(k, v, block) if kv_tma else (k, v)
+    lognormal = stats.kvar is not None and eff_order >= 0
+    q2, kvar = (stats.q2, stats.kvar) if lognormal else (stats.kbar, kbar)
+    # Tensor descriptors (TMA) on sm90+: K / V of the exact blocks (only without kv_valid, whose
+    # masked rows must not be loaded) and the tail's centroids, value means and key variances.
+    kv_tma = valid is None and _tma_ok((k, v), d)
+    tail_tma = eff_order >= 0 and _tma_ok((kbar, vmean, kvar), d)
+    kk, vv = _descriptors((k, v), [1, 1, block, d]) if kv_tma else (k, v)
+    kbar_a, vmean_a, kvar_a = _descriptors((kbar, vmean, kvar), [1, TAIL_GROUP, d]) if tail_tma \
+        else (kbar, vmean, kvar)
     cfg = _launch_config(block, _block_d(d), dev, q.dtype)
     key = (torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", q.dtype, block, d, eff_order,
-           valid is not None, tail_bias, kv_tma, cfg)
+           valid is not None, lognormal, kv_tma, tail_tma, cfg)
     compiled = _launch(
         _pisa_fwd_kernel, (nq, b * h), key, _fallbacks(cfg),
-        q, kk, vv, out, valid_t, sel.idx, marks, kbar, vmean, stats.blen, hsum,
+        q, kk, vv, out, valid_t, sel.idx, sel.mask, kbar_a, vmean_a, stats.blen, hsum, q2, kvar_a,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
         n, nb, nq, h, d, sel.count, scale * LOG2E, scale,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
-        HAS_VALID=valid is not None, TAIL_BIAS=tail_bias, KV_TMA=kv_tma)
+        HAS_VALID=valid is not None, LOGNORMAL=lognormal, KV_TMA=kv_tma, TAIL_TMA=tail_tma)
     return compiled if return_kernel else out

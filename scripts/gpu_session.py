@@ -108,20 +108,23 @@ def ab(n=75600, h=40, d=128, sparsity=0.875):
     q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     res = {}
     outs = {}
+    group = tk.TAIL_GROUP
     for rnd in range(2):
-        for tma in (False, True):
-            tk.USE_TMA = tma
+        for tma, tail_group in ((False, group), (True, group), (True, 2 * group)):
+            tk.USE_TMA, tk.TAIL_GROUP = tma, tail_group
             for tail in ("plain", "lognormal"):
                 for order in (1, "drop"):
-                    if order == "drop" and tail != "plain":
+                    if order == "drop" and (tail != "plain" or tail_group != group):
                         continue
                     fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, order=order, layout="BNHD", tail=tail)
-                    outs[(tma, tail, order)] = fn()
-                    res.setdefault(f"tma={tma} tail={tail} order={order}", []).append(round(time_ms(fn), 3))
-    tk.USE_TMA = True
-    for (tma, tail, order), o in outs.items():
+                    outs[(tma, tail_group, tail, order)] = fn()
+                    res.setdefault(f"tma={tma} group={tail_group} tail={tail} order={order}", []).append(
+                        round(time_ms(fn), 3))
+    tk.USE_TMA, tk.TAIL_GROUP = True, group
+    for (tma, tail_group, tail, order), o in outs.items():
         if tma:
-            print(f"tma vs pointer loads, {tail} {order}: rel L2 {rel_l2(o, outs[(False, tail, order)]):.1e}")
+            print(f"tma group {tail_group} vs pointer loads, {tail} {order}: "
+                  f"rel L2 {rel_l2(o, outs[(False, group, tail, order)]):.1e}")
     res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
     print(json.dumps(res, indent=1))
 

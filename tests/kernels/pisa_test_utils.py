@@ -148,14 +148,12 @@ def capture_routing(replay: Selection | None = None):
         sel = orig(stats, **kw)
         if replay is not None:
             dev = stats.qbar.device
-            chosen = replay.selected().to(dev)
-            assert chosen.shape == sel.selected().shape, (chosen.shape, sel.selected().shape)
+            assert replay.mask.shape == sel.mask.shape, (replay.mask.shape, sel.mask.shape)
+            chosen = replay.mask.to(dev)
             bias = None
             if sel.tail_bias is not None:  # this backend's own mass correction on the replayed blocks
-                bias = mass_bias(stats.q2, stats.kvar, kw["scale"]).masked_fill(chosen, -torch.inf)
-                bias = bias.to(sel.tail_bias.dtype)
-            sel = Selection(replay.idx.to(dev), chosen.to(torch.int8) if sel.mask is not None else None,
-                            replay.count, chosen.shape[-1], bias)
+                bias = mass_bias(stats.q2, stats.kvar, kw["scale"]).masked_fill(chosen.bool(), -torch.inf)
+            sel = Selection(replay.idx.to(dev), chosen, replay.count, bias)
         log.append((stats, sel, kw))
         return sel
 
@@ -171,11 +169,9 @@ def selection_of(log) -> Selection:
     return log[0][1]
 
 
-def same_selection_on_nonempty(mask_a, mask_b, blen: torch.Tensor, heads: int):
-    """Whether two ``[BH, NQ, NB]`` selections (masks or :class:`Selection`) agree on every block that
-    has a valid key (blocks without valid keys contribute nothing either way, so their tie-break is
-    free)."""
-    a, b = (m.selected() if isinstance(m, Selection) else m for m in (mask_a, mask_b))
-    a, b = a.cpu().bool(), b.cpu().bool()
+def same_selection_on_nonempty(mask_a: torch.Tensor, mask_b: torch.Tensor, blen: torch.Tensor, heads: int):
+    """Whether two ``[BH, NQ, NB]`` selections agree on every block that has a valid key (blocks
+    without valid keys contribute nothing either way, so their tie-break is free)."""
+    a, b = mask_a.cpu().bool(), mask_b.cpu().bool()
     nonempty = (blen.cpu() > 0).repeat_interleave(heads, dim=0)[:, None, :]  # [BH, 1, NB]
     return bool(((a == b) | ~nonempty).all())

@@ -62,9 +62,9 @@ def compare_on_gpu(q, k, v, *, max_disagree=0.01, **kw):
     sel_t = selection_of(log_t)
     assert own.shape == q.shape and own.dtype == q.dtype and own.device == q.device
     blen = log_r[0][0].blen
-    heads = sel_r.selected().shape[0] // blen.shape[0]
+    heads = sel_r.mask.shape[0] // blen.shape[0]
     nonempty = (blen > 0).repeat_interleave(heads, dim=0)[:, None, :]
-    differs = ((sel_r.selected() != sel_t.selected()) & nonempty).any(dim=-1)  # [BH, NQ]
+    differs = ((sel_r.mask != sel_t.mask) & nonempty).any(dim=-1)  # [BH, NQ]
     frac = float(differs.float().mean())
     if frac == 0.0:
         tri = own
