@@ -335,46 +335,62 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
     return out, stats
 
 
+#: With a token order, a call gathers q, k, v and its output in the processing order.  Where q + k + v
+#: take at least ``PERM_GROUP_MIN_BYTES``, it does so for ``PERM_HEAD_GROUPS`` groups of heads one
+#: after the other, so the copies take a third of the bytes of q + k + v instead of 4/3 (each group
+#: still fills the GPU at such lengths; smaller calls keep one group and fewer launches).
+PERM_HEAD_GROUPS = 4
+PERM_GROUP_MIN_BYTES = 256 << 20
+
+
 def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
     """The device work of one call: pure tensor operations, no host synchronisation (capturable)."""
     layout, seq_dim, perm = plan.layout, plan.seq_dim, plan.perm
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # caller's layout and order
+    if perm is None:
+        _attend_heads(plan, *(t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out)), valid)
+    else:
+        # Processing order: gathered copies along the sequence (cheaper than gathers in the kernel).
+        valid_p = valid.index_select(1, perm) if valid is not None else None
+        head_dim = 3 - seq_dim
+        groups = PERM_HEAD_GROUPS if 3 * q.numel() * q.element_size() >= PERM_GROUP_MIN_BYTES else 1
+        step = -(-plan.heads // groups)
+        for h0 in range(0, plan.heads, step):
+            qp, kp, vp = (t.narrow(head_dim, h0, min(step, plan.heads - h0)).index_select(seq_dim, perm)
+                          for t in (q, k, v))
+            op = torch.empty_like(qp)
+            _attend_heads(plan, *(t if layout == "BHND" else t.transpose(1, 2) for t in (qp, kp, vp, op)), valid_p)
+            out.narrow(head_dim, h0, qp.shape[head_dim]).index_copy_(seq_dim, perm, op)
+    if plan.dense_idx is not None:
+        views = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out))
+        _dense_rows_inplace(*views, plan.dense_idx, valid, plan.scale)
+    return out
 
-    chunk = routing_chunk_bytes(3 * q.numel() * q.element_size())
+
+def _attend_heads(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
+    """PISA on ``[B, H', N, D]`` views in the processing order (all heads or a group), into ``out_h``."""
+    chunk = routing_chunk_bytes(3 * qh.numel() * qh.element_size())
 
     def route_fn(stats):
         # The reference reads the log-normal mass correction from the routing; the Triton kernel
         # computes it per tile from the pooled second moments.
-        return route(stats, scale=plan.scale, k=plan.k_top, heads=plan.heads, forced_blocks=plan.forced,
+        return route(stats, scale=plan.scale, k=plan.k_top, heads=qh.shape[1], forced_blocks=plan.forced,
                      n_forced=plan.n_forced, cov=plan.cov, may_have_empty=valid is not None,
                      tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk)
 
-    # Processing order: one gathered copy along the sequence (cheaper than gathers in the kernel).
-    qp, kp, vp, valid_p = q, k, v, valid
-    if perm is not None:
-        qp, kp, vp = (t.index_select(seq_dim, perm) for t in (q, k, v))
-        valid_p = valid.index_select(1, perm) if valid is not None else None
-    qh, kh, vh = (t if layout == "BHND" else t.transpose(1, 2) for t in (qp, kp, vp))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # caller's layout, processing order
-    out_h = out if layout == "BHND" else out.transpose(1, 2)
     if plan.backend == "triton":
         from . import triton_kernels as tk
 
         qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
-        valid8 = valid_p.to(torch.int8).contiguous() if valid_p is not None else None
+        valid8 = valid.to(torch.int8).contiguous() if valid is not None else None
         stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov,
                         lognormal=plan.lognormal)
         tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats), scale=plan.scale,
                   block=plan.block, order=plan.order)
     else:
-        out_h.copy_(reference.reference_forward(qh, kh, vh, valid_p, scale=plan.scale, block=plan.block,
+        out_h.copy_(reference.reference_forward(qh, kh, vh, valid, scale=plan.scale, block=plan.block,
                                                 order=plan.order, cov=plan.cov, route_fn=route_fn,
                                                 lognormal=plan.lognormal))
-    if perm is not None:
-        out = torch.empty_like(out).index_copy_(seq_dim, perm, out)
-    if plan.dense_idx is not None:
-        views = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out))
-        _dense_rows_inplace(*views, plan.dense_idx, valid, plan.scale)
-    return out
 
 
 def _dense_rows_inplace(qh, kh, vh, out_h, idx: torch.Tensor, valid, scale: float) -> None:

@@ -52,7 +52,7 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
                    N, NB, H, D, blocks_per_prog,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
                    MOMENT: tl.constexpr, COV: tl.constexpr, WRITE_LP: tl.constexpr, SECOND: tl.constexpr,
-                   KVAR_MAX: tl.constexpr):
+                   KVAR_MAX: tl.constexpr, EXACT_DOT: tl.constexpr):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -97,7 +97,10 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
         if MOMENT or COV:
             # H_j = sum_n (k_n - kbar) v_n^T = K^T V - kbar vsum^T: one tensor-core product on the
             # loaded tiles (masked rows are zero) and a rank-one correction, both fp32-accumulated.
-            hj = tl.dot(tl.trans(k_in), v_in) - kbar[:, None] * vsum[None, :]
+            if EXACT_DOT:  # fp32 inputs: a TF32 product would cancel badly against the fp32 correction
+                hj = tl.dot(tl.trans(k_in), v_in, input_precision="ieee") - kbar[:, None] * vsum[None, :]
+            else:
+                hj = tl.dot(tl.trans(k_in), v_in) - kbar[:, None] * vsum[None, :]
             if MOMENT:
                 hacc += hj
             if COV:
@@ -278,8 +281,9 @@ def _fallbacks(cfg: tuple[int, int, int]) -> list[dict]:
 
 def _launch(kernel, grid, key: tuple, configs: list[dict], *args, **meta):
     """Launch with the first of ``configs`` whose shared memory fits this GPU (cached per key)."""
+    key = (key, tuple(sorted(meta.items())))
     known = _FITTING.get(key)
-    for cfg in ([known] if known else configs):
+    for cfg in ([known] if known else []) + configs:
         try:
             compiled = kernel[grid](*args, **meta, **cfg)
         except triton.runtime.errors.OutOfResources:
@@ -352,7 +356,7 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
             valid.stride(0) if valid is not None else 0,
             n, nb, h, d, bpp,
             BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp,
-            SECOND=lognormal, KVAR_MAX=torch.finfo(kvar.dtype).max)
+            SECOND=lognormal, KVAR_MAX=torch.finfo(kvar.dtype).max, EXACT_DOT=k.dtype == torch.float32)
     qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
     q2 = torch.empty_like(qbar) if lognormal else qbar
     _pool_q_kernel[(nq, b * h)](q, qbar, q2, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,

@@ -117,7 +117,11 @@ def ab(n=75600, h=40, d=128, sparsity=0.875):
                     if order == "drop" and (tail != "plain" or tail_group != group):
                         continue
                     fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, order=order, layout="BNHD", tail=tail)
-                    outs[(tma, tail_group, tail, order)] = fn()
+                    try:
+                        outs[(tma, tail_group, tail, order)] = fn()
+                    except RuntimeError as exc:
+                        print(f"tma={tma} group={tail_group} tail={tail} order={order}: {exc}")
+                        continue
                     res.setdefault(f"tma={tma} group={tail_group} tail={tail} order={order}", []).append(
                         round(time_ms(fn), 3))
     tk.USE_TMA, tk.TAIL_GROUP = True, group
@@ -126,6 +130,16 @@ def ab(n=75600, h=40, d=128, sparsity=0.875):
             print(f"tma group {tail_group} vs pointer loads, {tail} {order}: "
                   f"rel L2 {rel_l2(o, outs[(False, group, tail, order)]):.1e}")
     res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
+    # the node's call: tiled token order (gathered copies, in groups of heads) and the log-normal tail
+    from pisa_kernels import api
+
+    perm = tiling.tile_permutation((21, 45, 80), block_size=64, device="cuda")
+    groups = api.PERM_HEAD_GROUPS
+    for g in (1, groups):
+        api.PERM_HEAD_GROUPS = g
+        fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", token_perm=perm, tail="lognormal")
+        res[f"tiled lognormal head_groups={g}"] = round(time_ms(fn), 3)
+    api.PERM_HEAD_GROUPS = groups
     print(json.dumps(res, indent=1))
 
 

@@ -376,3 +376,19 @@ def test_perm_edited_in_place_under_inference_mode(qkv):
         perm[0] = perm[1]  # no longer a permutation
         with pytest.raises(ValueError, match="token_perm"):
             pisa_attention(q, k, v, backend="reference", token_perm=perm)
+
+
+@pytest.mark.parametrize("layout", ["BHND", "BNHD"])
+def test_head_groups_of_a_token_order_change_nothing(monkeypatch, layout):
+    """Long calls with a token order run in groups of heads (bounded copies): the same output as one
+    group, with masks, sinks and dense rows."""
+    from pisa_kernels import api
+
+    q, k, v = rand_qkv(2, 6, 300, 32, dtype=torch.float64, seed=31, layout=layout)
+    kw = dict(sparsity=0.7, layout=layout, token_perm=torch.randperm(300, generator=torch.Generator().manual_seed(2)),
+              kv_valid=torch.tensor([300, 250]), sink_kv=[(0, 3)], dense_q=[(0, 10)], tail="lognormal",
+              backend="reference")
+    whole = pisa_attention(q, k, v, **kw)
+    monkeypatch.setattr(api, "PERM_GROUP_MIN_BYTES", 0)
+    grouped = pisa_attention(q, k, v, **kw)
+    assert torch.equal(grouped, whole)

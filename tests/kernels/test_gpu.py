@@ -282,14 +282,21 @@ def test_no_recompilation_for_new_lengths_and_sparsities(flags):
 @pytest.mark.parametrize("case", ["plain", "kv_valid", "token_perm", "cov_routing", "lognormal"])
 def test_extra_memory_is_small(case):
     """Extra GPU memory during a call (peak minus inputs minus the output) <= 10% of q+k+v bytes
-    at a medium shape, and nothing accumulates from call to call."""
-    b, h, n, d = 1, 16, 16384, 128
+    at a medium shape, and nothing accumulates from call to call.  A token order adds its gathered
+    copies of q, k, v and the output, a group of heads at a time (pisa_kernels.api.PERM_HEAD_GROUPS):
+    4/3 of q+k+v divided by the number of groups."""
+    from pisa_kernels import api
+
+    b, h, n, d = 1, 24 if case == "token_perm" else 16, 16384, 128
     q, k, v = rand_qkv(b, h, n, d, dtype=torch.bfloat16, seed=6, device=DEV)
     kw = dict(sparsity=0.875, order=1, backend="triton")
+    limit = 0.10
     if case == "kv_valid":
         kw["kv_valid"] = torch.tensor([n - 1000], device=DEV)
     elif case == "token_perm":
         kw["token_perm"] = tile_permutation((8, 32, 64), device=DEV)
+        assert 3 * q.numel() * q.element_size() >= api.PERM_GROUP_MIN_BYTES  # grouped
+        limit += 4 / 3 / api.PERM_HEAD_GROUPS
     elif case == "cov_routing":
         kw["routing"] = "cov"
     elif case == "lognormal":
@@ -307,6 +314,6 @@ def test_extra_memory_is_small(case):
     out_bytes = out.numel() * out.element_size()
     extra = peak - base - out_bytes
     held = torch.cuda.memory_allocated(DEV) - base - out_bytes
-    assert extra <= 0.10 * qkv_bytes, \
+    assert extra <= limit * qkv_bytes, \
         f"extra memory {extra / 2**20:.1f} MiB = {extra / qkv_bytes:.1%} of q+k+v ({qkv_bytes / 2**20:.0f} MiB)"
     assert held <= 0.01 * qkv_bytes, f"{held / 2**20:.1f} MiB still held after the call"
