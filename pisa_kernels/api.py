@@ -361,6 +361,7 @@ def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
             op = torch.empty_like(qp)
             _attend_heads(plan, *(t if layout == "BHND" else t.transpose(1, 2) for t in (qp, kp, vp, op)), valid_p)
             out.narrow(head_dim, h0, qp.shape[head_dim]).index_copy_(seq_dim, perm, op)
+            del qp, kp, vp, op  # before the next group's copies: one group's copies at a time
     if plan.dense_idx is not None:
         views = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out))
         _dense_rows_inplace(*views, plan.dense_idx, valid, plan.scale)
