@@ -103,6 +103,22 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     return res
 
 
+def ab_lognormal(shapes=((75600, 40), (32760, 40), (119056, 24)), d=128, sparsity=0.875):
+    """Cost of the log-normal tail: plain vs row-reduction vs tensor-core correction, interleaved."""
+    for n, h in shapes:
+        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        res, outs = {}, {}
+        for rnd in range(2):
+            for name, tail, ln_dot in (("plain", "plain", False), ("ln-sum", "lognormal", False),
+                                       ("ln-dot", "lognormal", True)):
+                tk.LN_DOT = ln_dot
+                fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", tail=tail)
+                outs[name] = fn()
+                res.setdefault(name, []).append(round(time_ms(fn), 3))
+        tk.LN_DOT = False
+        print(f"N={n} H={h}: {json.dumps(res)}; ln-dot vs ln-sum rel L2 {rel_l2(outs['ln-dot'], outs['ln-sum']):.1e}")
+
+
 def ab(n=75600, h=40, d=128, sparsity=0.875):
     """The same call with each kernel variant, interleaved, at the Wan 720p shape (random inputs)."""
     q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -147,10 +163,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--ab-only", action="store_true", help="only the A/B timings of the kernel variants")
+    ap.add_argument("--ab-lognormal", action="store_true", help="only the cost of the log-normal tail variants")
     args = ap.parse_args()
-    if args.ab_only:
+    if args.ab_only or args.ab_lognormal:
         print(json.dumps(environment()))
-        ab()
+        ab_lognormal() if args.ab_lognormal else ab()
         raise SystemExit(0)
     print(json.dumps(environment()))
     t = time.time()
