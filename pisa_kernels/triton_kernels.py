@@ -8,12 +8,17 @@ Design (see docs/kernels.md for the measurements):
   ``D x D`` tile) and writes that partial, so no ``[B, H, NB, D, D]`` temporary ever exists.  With
   covariance routing it also writes ``||H_j||_F`` per block, reduced on the fly.  The partial
   moments of the chunks meet through fp32 atomics in one ``D x D`` tile per head.
-* ``_pool_q_kernel``: the mean query of each 128-row query tile (routing input).
+  For the log-normal tail it also writes each block's per-dimension key variance.
+* ``_pool_q_kernel``: the mean query (and, for the log-normal tail, the mean ``q^2``) of each
+  128-row query tile.
 * ``_pisa_fwd_kernel``: one program per (query tile, batch x head).  Phase 1 runs exact
   FlashAttention-style attention over the selected key blocks (gathered by index); phase 2 scans all
   block centroids in groups, skipping the selected ones through a byte mask, adding the zeroth-order
   term and the tail mass ``g`` to the same online softmax (``acc``, ``l`` *and* ``g`` are rescaled
-  whenever the running max moves); phase 3 adds the hybrid first-order term ``g * q @ Hmean``.
+  whenever the running max moves), each centroid logit raised by its log-normal mass correction
+  when asked; phase 3 adds the hybrid first-order term ``g * q @ Hmean``.  On sm90+ the K/V tiles
+  of phase 1 (without ``kv_valid``) and the centroid tiles of phase 2 come through tensor
+  descriptors (TMA); elsewhere through pointers.
 
 Sequence length, block counts and the number of selected blocks are runtime arguments and are not
 specialised (``do_not_specialize``), so a new resolution never recompiles.  Inputs are addressed
