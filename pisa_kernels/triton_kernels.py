@@ -144,7 +144,7 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, K
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      GROUP: tl.constexpr, TAIL_STAGES: tl.constexpr, ORDER: tl.constexpr,
                      HAS_VALID: tl.constexpr, LOGNORMAL: tl.constexpr, KV_TMA: tl.constexpr,
-                     TAIL_TMA: tl.constexpr, LN_DOT: tl.constexpr):
+                     TAIL_TMA: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -205,8 +205,6 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, K
             # c_ij = s^2/2 E_i[q^2] . Var_j[k] (log-normal mass), base-2 units: the tile's mean q^2
             # once, then one D-vector dot per centroid.
             q2 = tl.load(Q2 + tile * D + offs_d, mask=dmask, other=0.0) * (0.5 * sm_scale * sm_scale * _LOG2E_IN_KERNEL)
-            if LN_DOT:  # the tile's row, repeated: c comes out of the tensor cores in zc's layout
-                q2 = tl.broadcast_to(q2[None, :], (BLOCK_M, BLOCK_D)).to(q.dtype)
         for j0 in tl.range(0, NB, GROUP, num_stages=TAIL_STAGES):
             offs_j = j0 + tl.arange(0, GROUP)
             jm = offs_j < NB
@@ -225,10 +223,7 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, K
                     kv = KVAR.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
                 else:
                     kv = tl.load(KVAR + coff, mask=cmask, other=0.0)
-                if LN_DOT:
-                    zc = tl.dot(q2, tl.trans(kv), zc)
-                else:
-                    zc = zc + tl.sum(kv.to(tl.float32) * q2[None, :], axis=1)[None, :]
+                zc = zc + tl.sum(kv.to(tl.float32) * q2[None, :], axis=1)[None, :]
             zc = tl.where(ok[None, :], zc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(zc, axis=1))
             alpha = tl.math.exp2(m_i - m_new)
@@ -310,9 +305,6 @@ def _block_d(d: int) -> int:
 #: Read tiles with tensor descriptors (TMA) where the GPU has them; False forces pointer loads
 #: everywhere (A/B timing: scripts/gpu_session.py).
 USE_TMA = True
-#: Log-normal correction as a tensor-core product with the tile's repeated q^2 row (True) or as a
-#: row reduction (False); A/B timing: scripts/gpu_session.py.
-LN_DOT = False
 
 
 def _tma_ok(tensors, d: int) -> bool:
@@ -415,6 +407,5 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
         valid.stride(0) if valid is not None else 0,
         n, nb, nq, h, d, sel.count, scale * LOG2E, scale,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
-        HAS_VALID=valid is not None, LOGNORMAL=lognormal, KV_TMA=kv_tma, TAIL_TMA=tail_tma,
-        LN_DOT=LN_DOT and lognormal and q.dtype != torch.float32)
+        HAS_VALID=valid is not None, LOGNORMAL=lognormal, KV_TMA=kv_tma, TAIL_TMA=tail_tma)
     return compiled if return_kernel else out

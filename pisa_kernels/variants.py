@@ -1,7 +1,7 @@
 """Prototypes of PISA changes, to measure before anything goes into the kernels.
 
 Three places could limit PISA's fidelity; docs/fidelity.md has the numbers.  Of everything here
-only the log-normal tail (``ln``) measurably helps, and it is the change proposed for the kernels.
+only the log-normal tail (``ln``) measurably helps; the library runs it as ``tail="lognormal"``.
 
 * **Routing.**  The pooled score ``s qbar_i . kbar_j`` is the *mean* logit over the 128 x 64
   (query, key) pairs of a tile and a block, but the mass a block holds is a log-sum-exp.  RoPE
