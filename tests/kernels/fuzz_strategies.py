@@ -1,6 +1,6 @@
 """The hypothesis strategy of the fuzz tests (CPU: test_fuzz.py; GPU: test_gpu.py): one random
 ``pisa_attention`` call over shapes, dtypes, layouts, strides, masks, sparsities, orders, token
-orders, sinks, dense rows, routing and scales.  Inputs are Gaussian (never zeros)."""
+orders, sinks, dense rows, routing, tails and scales.  Inputs are Gaussian (never zeros)."""
 
 import torch
 from hypothesis import note
@@ -45,7 +45,8 @@ def fuzz_case(draw, *, triton=False, gpu=False):
               order=draw(st.sampled_from([1, 0, "drop", -1, "1", "0"])),
               sparsity=draw(st.one_of(st.sampled_from([0.0, 0.5, 0.75, 0.875, 0.9, 0.99]),
                                       st.floats(0.0, 0.999, allow_nan=False))),
-              routing=draw(st.sampled_from(["topk", "topk", "cov"])))
+              routing=draw(st.sampled_from(["topk", "topk", "cov"])),
+              tail=draw(st.sampled_from(["plain", "lognormal"])))
     if draw(st.booleans()):
         kw["scale"] = draw(st.floats(0.01, 1.0))
     seed = draw(st.integers(0, 2 ** 31 - 1))
