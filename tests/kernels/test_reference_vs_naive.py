@@ -276,8 +276,8 @@ LN_CASES = {
     "lengths": dict(n=300, sparsity=0.7, kv_valid=torch.tensor([300, 133])),
     "empty_blocks": dict(n=300, sparsity=0.6, kv_valid=torch.arange(300)[None, :].repeat(2, 1) % 200 < 64),
     # a random order scatters the sink tokens: three of them force at most three of the 11 blocks
-    "perm_sinks_dense": dict(n=700, sparsity=0.75, token_perm=torch.randperm(700, generator=torch.Generator().manual_seed(3)),
-                             sink_kv=[(0, 3)], dense_q=[(0, 20)]),
+    "perm_sinks_dense": dict(n=700, sparsity=0.75, sink_kv=[(0, 3)], dense_q=[(0, 20)],
+                             token_perm=torch.randperm(700, generator=torch.Generator().manual_seed(3))),
     "cov": dict(n=300, sparsity=0.7, routing="cov"),
 }
 
