@@ -60,7 +60,9 @@ def pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor 
     vsum = vb.sum(dim=-2)
     hsum = covnorm = q2 = kvar = None
     if lognormal:
-        q2 = (qt * qt).sum(dim=-2) / qlen[0, 0].unsqueeze(-1)
+        qsq = qt * qt
+        # non-finite rows left out (as the Triton pre-scan): one NaN query must not spread to its tile
+        q2 = torch.where(torch.isfinite(qsq), qsq, 0.0).sum(dim=-2) / qlen[0, 0].unsqueeze(-1)
         kvar = (torch.where(keep, kb - kbar.unsqueeze(-2), 0.0) ** 2).sum(dim=-2) / safe  # two-pass
     if first_order or cov:
         kc = torch.where(keep, kb - kbar.unsqueeze(-2), 0.0)  # centred valid keys

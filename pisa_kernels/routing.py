@@ -42,9 +42,9 @@ class PooledStats:
     kbar_lp: torch.Tensor | None = None  # kbar in the input dtype
     vmean_lp: torch.Tensor | None = None  # vsum / blen in the input dtype (sums can overflow fp16)
     # Second moments of the log-normal tail (``tail="lognormal"``):
-    q2: torch.Tensor | None = None  # [BH, NQ, D]  float32, mean q^2 of each query tile
-    #: [BH, NB, D] per-dimension variance of the valid keys of each block (float32; the Triton
-    #: pre-scan writes it in the input's 16-bit dtype, which the forward kernel reads)
+    q2: torch.Tensor | None = None  # [BH, NQ, D]  mean q^2 of each query tile (its finite rows)
+    #: [BH, NB, D] per-dimension variance of the valid keys of each block (the statistics' dtype;
+    #: the Triton pre-scan writes it in the input's 16-bit dtype, which the forward kernel reads)
     kvar: torch.Tensor | None = None
 
     @property
@@ -133,7 +133,9 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
         idx[s:e] = top
         mask[s:e].scatter_(-1, top, 1)
         if bias is not None:
-            bias[s:e] = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score).scatter_(-1, top, -torch.inf)
+            c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score)
+            bias[s:e] = cap_mass_bias(c, stats.blen[torch.arange(s, e, device=device) // heads].unsqueeze(1)) \
+                .scatter_(-1, top, -torch.inf)
     return Selection(idx, mask, kt, bias)
 
 
@@ -150,6 +152,18 @@ def mass_bias(q2: torch.Tensor, kvar: torch.Tensor, scale: float, out: torch.Ten
     if out is None:
         out = torch.empty(q2.shape[0], q2.shape[1], kvar.shape[1], dtype=q2.dtype, device=q2.device)
     return out.baddbmm_(q2, kvar.transpose(1, 2), beta=0.0, alpha=0.5 * scale * scale)
+
+
+def cap_mass_bias(c: torch.Tensor, blen: torch.Tensor) -> torch.Tensor:
+    """``min(c, sqrt(2 c (n_j - 1)))`` in place: no block holds more mass than its largest key could.
+
+    ``c`` estimates ``log mean_n exp(x_n - xbar)`` for the block's logits ``x`` as ``sigma^2 / 2``.
+    By Samuelson's inequality no one of ``n`` values lies more than ``sigma sqrt(n - 1)`` from their
+    mean, so the true value is at most ``sqrt(2 c (n - 1))``; past ``c = 2 (n - 1)`` (126 for a
+    64-token block: huge logit spreads) the log-normal estimate would exceed it.  ``blen``: the
+    blocks' valid-key counts, broadcastable to ``c``.
+    """
+    return torch.minimum(c, torch.sqrt(2.0 * c * (blen - 1.0).clamp_min(0.0)), out=c)
 
 
 def routing_chunk_bytes(qkv_bytes: int) -> int:

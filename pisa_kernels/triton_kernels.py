@@ -16,9 +16,10 @@ Design (see docs/kernels.md for the measurements):
   block centroids in groups, skipping the selected ones through a byte mask, adding the zeroth-order
   term and the tail mass ``g`` to the same online softmax (``acc``, ``l`` *and* ``g`` are rescaled
   whenever the running max moves), each centroid logit raised by its log-normal mass correction
-  when asked; phase 3 adds the hybrid first-order term ``g * q @ Hmean``.  On sm90+ the K/V tiles
-  of phase 1 (without ``kv_valid``) and the centroid tiles of phase 2 come through tensor
-  descriptors (TMA); elsewhere through pointers.
+  when asked; phase 3 adds the hybrid first-order term ``g * q @ Hmean``.  On sm90+, for 16-bit
+  inputs with a power-of-two head dim and 16-byte aligned, non-broadcast strides, the K/V tiles of
+  phase 1 (without ``kv_valid``) and the centroid tiles of phase 2 come through tensor descriptors
+  (TMA); everywhere else through pointers.
 
 Sequence length, block counts and the number of selected blocks are runtime arguments and are not
 specialised (``do_not_specialize``), so a new resolution never recompiles.  Inputs are addressed
@@ -37,6 +38,7 @@ from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
 
 LOG2E = 1.4426950408889634
 _LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
+_TWO_LOG2E = tl.constexpr(2.0 * LOG2E)
 
 #: Centroids per step of the tail scan, and its software-pipelining depth.
 TAIL_GROUP = 64
@@ -134,7 +136,11 @@ def _pool_q_kernel(Q, QBAR, Q2, sqb, sqh, sqn, N, NQ, H, D,
     cnt = tl.sum(inb.to(tl.float32), axis=0)
     tl.store(QBAR + (bh.to(tl.int64) * NQ + qt) * D + offs_d, tl.sum(q, axis=0) / cnt, mask=dmask)
     if SECOND:
-        tl.store(Q2 + (bh.to(tl.int64) * NQ + qt) * D + offs_d, tl.sum(q * q, axis=0) / cnt, mask=dmask)
+        # Non-finite rows are left out: one NaN / Inf query must not spread to its whole tile
+        # (it still gives its own row NaN, as dense attention does).
+        qq = q * q
+        qq = tl.where(qq < float("inf"), qq, 0.0)
+        tl.store(Q2 + (bh.to(tl.int64) * NQ + qt) * D + offs_d, tl.sum(qq, axis=0) / cnt, mask=dmask)
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
@@ -223,7 +229,10 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, K
                     kv = KVAR.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
                 else:
                     kv = tl.load(KVAR + coff, mask=cmask, other=0.0)
-                zc = zc + tl.sum(kv.to(tl.float32) * q2[None, :], axis=1)[None, :]
+                c = tl.sum(kv.to(tl.float32) * q2[None, :], axis=1)
+                # Samuelson's bound (routing.cap_mass_bias), in base-2 units: c <= sqrt(2 c (n - 1)).
+                c = tl.minimum(c, tl.sqrt(c * tl.maximum(nj - 1.0, 0.0) * _TWO_LOG2E))
+                zc = zc + c[None, :]
             zc = tl.where(ok[None, :], zc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(zc, axis=1))
             alpha = tl.math.exp2(m_i - m_new)
@@ -316,7 +325,7 @@ def _tma_ok(tensors, d: int) -> bool:
     if d != _block_d(d) or _descriptor_class() is None:
         return False
     return all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+               and all(s > 0 and (s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
 def _descriptor_class():

@@ -14,8 +14,10 @@ statistics and a single max-shifted softmax over everything a token sees:
   number of valid keys of the batch element; no denominator part;
 * order 0 drops the first-order term, order -1 ("drop") drops the whole tail;
 * ``tail="lognormal"``: every tail logit ``zbar_j`` gains ``c_j = s^2/2 sum_d E_t[q_d^2] Var_j[k_d]``
-  (``E_t`` the mean over the query tile's rows, ``Var_j`` the population variance over the block's
-  valid keys), in the denominator, the numerator and the first-order mass alike;
+  (``E_t`` the mean over the query tile's finite rows' squares, ``Var_j`` the population variance
+  over the block's valid keys), capped at ``sqrt(2 c_j (n_j - 1))`` (no value lies further than
+  ``sigma sqrt(n - 1)`` from the mean of ``n``), in the denominator, the numerator and the
+  first-order mass alike;
 * tokens are processed in ``token_perm`` order (blocks are runs of that order), invalid keys
   (``kv_valid``) are excluded from everything (exact part, means, sums, lengths, ``H``);
 * routing: per 128-row query tile, top-``k`` blocks by ``s qbar.kbar_j`` (+ ``log(||H_j||_F + 1e-5)``
@@ -141,7 +143,11 @@ def naive_pisa(q, k, v, *, sparsity=0.875, block_size=64, order=1, scale=None, l
             z = (s * qt @ K.transpose(1, 2)).masked_fill(~exact[:, None, :], -math.inf)  # [H, R, N]
             zbar = s * qt @ kbar.transpose(1, 2)  # [H, R, NB]
             if tail == "lognormal":
-                zbar = zbar + (0.5 * s * s * torch.einsum("hd,hjd->hj", (qt * qt).mean(dim=1), kvar))[:, None, :]
+                qsq = qt * qt
+                q2 = torch.where(torch.isfinite(qsq), qsq, 0.0).mean(dim=1)  # finite rows only
+                c = 0.5 * s * s * torch.einsum("hd,hjd->hj", q2, kvar)
+                c = torch.minimum(c, torch.sqrt(2.0 * c * (nj - 1.0).clamp_min(0.0)))  # Samuelson's bound
+                zbar = zbar + c[:, None, :]
             zbar = zbar.masked_fill(~in_tail[:, None, :], -math.inf)
             m = torch.maximum(z.amax(dim=-1, keepdim=True), zbar.amax(dim=-1, keepdim=True))
             m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

@@ -271,17 +271,20 @@ def _nonfinite_rows(o):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("order", [1, 0, "drop"])
-def test_nan_query_row_propagates_like_dense(backend, order, bdev):
+@pytest.mark.parametrize("tail", ["plain", "lognormal"])
+def test_nan_query_row_propagates_like_dense(backend, order, tail, bdev):
     """A NaN in one query gives a NaN output row in dense attention; PISA must give it too (not a
     silent 0) and keep every query tile without the NaN row finite."""
     q, k, v = rand_qkv(1, 1, 300, 64, seed=5)
     q[0, 0, 200, 3] = float("nan")
     dense = F.scaled_dot_product_attention(q, k, v)
-    out = _run(backend, q, k, v, bdev, sparsity=0.6, order=order)
+    out = _run(backend, q, k, v, bdev, sparsity=0.6, order=order, tail=tail)
     assert bool(_nonfinite_rows(dense)[0, 0, 200])
     assert bool(_nonfinite_rows(out)[0, 0, 200]), "the NaN query row must give a NaN output row, as dense"
     assert bool(torch.isfinite(out[0, 0, :128]).all()) and bool(torch.isfinite(out[0, 0, 256:]).all()), \
         "query tiles without the NaN row must stay finite"
+    if order != "drop":  # the tile's other rows too: the log-normal tail's q^2 leaves the NaN row out
+        assert int(_nonfinite_rows(out)[0, 0].sum()) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -378,17 +381,19 @@ def test_perm_edited_in_place_under_inference_mode(qkv):
             pisa_attention(q, k, v, backend="reference", token_perm=perm)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", ["BHND", "BNHD"])
-def test_head_groups_of_a_token_order_change_nothing(monkeypatch, layout):
+def test_head_groups_of_a_token_order_change_nothing(monkeypatch, backend, layout, bdev):
     """Long calls with a token order run in groups of heads (bounded copies): the same output as one
     group, with masks, sinks and dense rows."""
     from pisa_kernels import api
 
-    q, k, v = rand_qkv(2, 6, 300, 32, dtype=torch.float64, seed=31, layout=layout)
+    q, k, v = rand_qkv(2, 6, 300, 64, seed=31, layout=layout)
     kw = dict(sparsity=0.7, layout=layout, token_perm=torch.randperm(300, generator=torch.Generator().manual_seed(2)),
-              kv_valid=torch.tensor([300, 250]), sink_kv=[(0, 3)], dense_q=[(0, 10)], tail="lognormal",
-              backend="reference")
-    whole = pisa_attention(q, k, v, **kw)
+              kv_valid=torch.tensor([300, 250]), sink_kv=[(0, 3)], dense_q=[(0, 10)], tail="lognormal")
+    whole = _run(backend, q, k, v, bdev, **kw)
     monkeypatch.setattr(api, "PERM_GROUP_MIN_BYTES", 0)
-    grouped = pisa_attention(q, k, v, **kw)
-    assert torch.equal(grouped, whole)
+    grouped = _run(backend, q, k, v, bdev, **kw)
+    # the fp32 atomics of the GPU pre-scan may add in another order; the interpreter and the
+    # reference are exact
+    assert max_err(grouped, whole) <= (1e-5 if backend == "triton" and bdev.type == "cuda" else 0.0)

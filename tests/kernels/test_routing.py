@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pisa_kernels.routing import (QUERY_TILE, ROUTING_CHUNK_BYTES, PooledStats, forced_blocks_from_tokens,
-                                  num_blocks, route, routing_chunk_bytes, topk_count)
+from pisa_kernels.routing import (QUERY_TILE, ROUTING_CHUNK_BYTES, PooledStats, cap_mass_bias,
+                                  forced_blocks_from_tokens, num_blocks, route, routing_chunk_bytes, topk_count)
 
 
 def test_constants_and_block_counts():
@@ -171,3 +171,23 @@ def test_routing_chunk_bytes_bounds():
     assert routing_chunk_bytes(0) == 2 << 20
     assert routing_chunk_bytes(1 << 30) == (1 << 30) // 128
     assert routing_chunk_bytes(1 << 40) == ROUTING_CHUNK_BYTES
+
+
+def test_mass_bias_cap():
+    """Samuelson's bound: the log-normal estimate c = sigma^2/2 of log mean exp(x - xbar) never
+    exceeds what the largest of n values allows, sqrt(2 c (n - 1)); below c = 2 (n - 1) nothing
+    changes, a one-key block gets no correction."""
+    c = torch.tensor([[0.0, 1.0, 126.0, 200.0, 5.0]])
+    n = torch.tensor([[64.0, 64.0, 64.0, 64.0, 1.0]])
+    expect = torch.tensor([[0.0, 1.0, 126.0, (2 * 200.0 * 63) ** 0.5, 0.0]])
+    torch.testing.assert_close(cap_mass_bias(c.clone(), n), expect)
+    # the bound holds for real samples: log mean exp of n values around their mean
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.5, 5.0, 50.0):
+        x = torch.randn(1000, 64, generator=g, dtype=torch.float64) * scale
+        x = x - x.mean(dim=1, keepdim=True)
+        truth = torch.logsumexp(x, dim=1) - math.log(64)
+        sigma2 = x.var(dim=1, unbiased=False)
+        bound = cap_mass_bias(sigma2 / 2, torch.full_like(sigma2, 64.0))
+        assert bool((truth <= torch.sqrt(2 * sigma2 / 2 * 63) + 1e-9).all())
+        assert bool((bound <= sigma2 / 2 + 1e-12).all())

@@ -125,7 +125,8 @@ def test_tiled_perm_and_mask(dtype, order, triton_device):
 @pytest.mark.parametrize("order", [1, 0])
 @pytest.mark.parametrize("case", ["plain", "masks_block128", "perm_sinks_dense", "cov"])
 def test_lognormal_tail(dtype, order, case, triton_device):
-    """The kernel's log-normal tail (the bias read in place of the byte mask) against the reference."""
+    """The kernel's log-normal tail (its correction computed per tile from the pooled q^2 and key
+    variances) against the reference (the same correction from the routing)."""
     skip_bf16_interp(dtype, triton_device)
     n = 300
     q, k, v = rand_qkv(2, 1, n, 64, dtype=dtype, seed=11, v_shift=0.5)
@@ -225,15 +226,16 @@ def test_pool_stats_match_reference(dtype, n, block, perm_on, valid_on, cov, tri
                    block=block, first_order=True, cov=cov, lognormal=True)
     st_r = ref_mod.pool(qp, kp, vp, validp, block, first_order=True, cov=cov, lognormal=True)
     tol = 1e-5 if triton_device.type == "cpu" else 2e-3
+    loose = {}
     if st_t.vsum is None:  # 16-bit inputs: the Triton pre-scan writes the value means only, and the
-        # key variances in the input dtype (for the forward kernel)
+        # key variances in the input dtype (for the forward kernel): fp16 rounding, times up to 64
         st_t.vsum = st_t.vmean_lp.float() * st_t.blen.repeat_interleave(h, dim=0).unsqueeze(-1)
         st_t.kvar = st_t.kvar.float()
-        tol = max(tol, 2e-2)  # (fp16 means times up to 64 tokens)
+        loose = {"vsum": 2e-2, "kvar": 2e-2}
     for name in ("qbar", "kbar", "vsum", "blen", "hmean", "q2", "kvar") + (("covnorm",) if cov else ()):
         a, r = getattr(st_t, name, None), getattr(st_r, name, None)
         if a is None and r is None:
             continue  # a statistic neither pre-scan materialises (internal layout changes)
         assert a is not None and r is not None, name
         assert a.shape == r.shape, (name, a.shape, r.shape)
-        assert max_err(a, r) <= tol, f"{name}: {max_err(a, r):.2e}"
+        assert max_err(a, r) <= max(tol, loose.get(name, 0.0)), f"{name}: {max_err(a, r):.2e}"
