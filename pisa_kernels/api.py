@@ -399,6 +399,10 @@ def _attend_heads(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
 def _dense_rows_inplace(qh, kh, vh, out_h, idx: torch.Tensor, valid, scale: float) -> None:
     """Overwrite the output of the query rows ``idx`` with exact attention over all (valid) keys."""
     qr = qh.index_select(2, idx)
+    if qh.device.type != "cuda" and qh.dtype in (torch.float16, torch.bfloat16):
+        # Off CUDA, SDPA on 16-bit inputs may keep 16-bit intermediates (up to 1.3x the error of an
+        # fp32 pass before the output's own rounding, CPU); the fused CUDA kernels accumulate in fp32.
+        qr, kh, vh = (t.float() for t in (qr, kh, vh))
     mask = None if valid is None else valid[:, None, None, :]
     # Chunk the rows so the math fallback of SDPA never builds a huge [rows, N] matrix per head.
     step = max(1, (1 << 26) // max(1, qh.shape[0] * qh.shape[1] * kh.shape[2]))
