@@ -397,3 +397,26 @@ def test_head_groups_of_a_token_order_change_nothing(monkeypatch, backend, layou
     # the fp32 atomics of the GPU pre-scan may add in another order; the interpreter and the
     # reference are exact
     assert max_err(grouped, whole) <= (1e-5 if backend == "triton" and bdev.type == "cuda" else 0.0)
+
+
+def test_dense_rows_accurate_under_comfyuis_reduced_precision_sdpa():
+    """ComfyUI turns on ``allow_fp16_bf16_reduction_math_sdp`` at import, for the whole process, so
+    PyTorch's math SDPA (the CPU path for 16-bit inputs) then reduces in fp16.  The reference's dense
+    query rows must not inherit that: they run in fp32 off CUDA (this case, found by the fuzz, had
+    4.3e-3 relative error in the dense rows before, 1.4e-4 after).  Strided inputs: the CPU's fused
+    SDPA kernel takes contiguous ones, so these reach the math path."""
+    from naive_pisa import naive_pisa
+    from pisa_test_utils import strided_variant
+
+    g = torch.Generator().manual_seed(103)
+    q, k, v = (strided_variant(torch.randn(1, 1, 172, 64, generator=g, dtype=torch.float64).half(), "d2", seed=i)
+               for i in range(3))
+    kw = dict(sparsity=0.0, scale=0.875, dense_q=[(0, 8)])
+    before = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        out = pisa_attention(q, k, v, backend="reference", **kw)
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(before)
+    expect, _ = naive_pisa(q, k, v, **kw)
+    assert max_err(out[:, :, :8], expect[:, :, :8]) <= 1e-3
