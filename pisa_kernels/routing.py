@@ -123,9 +123,10 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
         score.baddbmm_(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
         if cov and stats.covnorm is not None:
             score.add_(torch.log(stats.covnorm[s:e] + COV_EPS).unsqueeze(1))
+        if may_have_empty or bias is not None:
+            blen_rows = stats.blen[torch.arange(s, e, device=device) // heads].unsqueeze(1)  # [rows, 1, NB]
         if may_have_empty:
-            batch_of_row = torch.arange(s, e, device=device) // heads
-            score.masked_fill_((stats.blen <= 0)[batch_of_row].unsqueeze(1), -torch.inf)
+            score.masked_fill_(blen_rows <= 0, -torch.inf)
         if forced_blocks is not None and n_forced:
             score.masked_fill_(forced_blocks.view(1, 1, nb), torch.inf)
         # Unsorted: the kernel visits the exact blocks in any order (online softmax).
@@ -134,8 +135,7 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
         mask[s:e].scatter_(-1, top, 1)
         if bias is not None:
             c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score)
-            bias[s:e] = cap_mass_bias(c, stats.blen[torch.arange(s, e, device=device) // heads].unsqueeze(1)) \
-                .scatter_(-1, top, -torch.inf)
+            bias[s:e] = cap_mass_bias(c, blen_rows).scatter_(-1, top, -torch.inf)
     return Selection(idx, mask, kt, bias)
 
 

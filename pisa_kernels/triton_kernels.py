@@ -36,6 +36,11 @@ import triton.language as tl
 
 from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
 
+try:  # host-side tensor descriptors (TMA), Triton >= 3.3; without them every tile loads through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 _LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
 _TWO_LOG2E = tl.constexpr(2.0 * LOG2E)
@@ -322,23 +327,14 @@ def _tma_ok(tensors, d: int) -> bool:
     t0 = tensors[0]
     if not USE_TMA or t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
-    if d != _block_d(d) or _descriptor_class() is None:
+    if d != _block_d(d) or TensorDescriptor is None:
         return False
     return all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                and all(s > 0 and (s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
 
 
-def _descriptor_class():
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # Triton without host-side descriptors
-        return None
-    return TensorDescriptor
-
-
 def _descriptors(tensors, box: list[int]):
-    desc = _descriptor_class()
-    return tuple(desc(t, list(t.shape), list(t.stride()), box) for t in tensors)
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), box) for t in tensors)
 
 
 def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal: bool = False) -> PooledStats:
