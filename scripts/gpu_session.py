@@ -155,12 +155,44 @@ def ab(n=75600, h=40, d=128, sparsity=0.875):
     print(json.dumps(res, indent=1))
 
 
+SHAPES = {"wan720": (75600, 40, 0.875), "hunyuan720": (119056, 24, 0.875), "wan480": (32760, 40, 0.875),
+          "flux1024": (4608, 24, 0.85)}
+
+
+def profile_short(name="flux1024", d=128):
+    """Kernel-by-kernel GPU time of one eager call at a short shape (which launches cost what),
+    against the CUDA-graph replay of the same call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n, h, sparsity = SHAPES[name]
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for tail in ("plain", "lognormal"):
+        fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", tail=tail, cuda_graph=False)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+        print(f"profile {name} {tail} (20 eager calls):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+        g = lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", tail=tail, cuda_graph=True)
+        print(f"{name} {tail}: eager {time_ms(fn):.4f} ms, graph {time_ms(g):.4f} ms, cuDNN "
+              f"{time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):.4f} ms", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--ab-only", action="store_true", help="only the A/B timings of the kernel variants")
     ap.add_argument("--ab-lognormal", action="store_true", help="only the cost of the log-normal tail variants")
+    ap.add_argument("--profile-short", action="store_true", help="kernel times of one FLUX 1024² call")
     args = ap.parse_args()
+    if args.profile_short:
+        print(json.dumps(environment()))
+        profile_short()
+        raise SystemExit(0)
     if args.ab_only or args.ab_lognormal:
         print(json.dumps(environment()))
         ab_lognormal() if args.ab_lognormal else ab()

@@ -72,6 +72,15 @@ def test_orders(dtype, order, triton_device):
     compare(q, k, v, triton_device, sparsity=0.6, order=order)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.75, 0.65, 0.0])
+def test_exact_block_counts(dtype, sparsity, triton_device):
+    """16-bit inputs with 2, 3 and all 11 of 11 key blocks exact; the last block is partial."""
+    skip_bf16_interp(dtype, triton_device)
+    q, k, v = rand_qkv(1, 2, 690, 64, dtype=dtype, seed=7, v_shift=0.5)
+    compare(q, k, v, triton_device, sparsity=sparsity, order=1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,block", [(1, 64), (50, 128), (64, 64), (129, 64), (257, 128)])
 def test_lengths_blocks(dtype, n, block, triton_device):
