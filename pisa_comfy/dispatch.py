@@ -16,7 +16,7 @@ import torch
 
 from .attention_call import KNOWN_KWARGS, AttentionCall
 from .forward_context import ForwardContext
-from .kernels import run_pisa
+from .kernels import KernelDoesNotFit, run_pisa
 from .run_stats import start_timer, stop_timer
 from .token_layout import Placement, TokenLayout, place, side_from_img_slice
 
@@ -48,7 +48,7 @@ class Plan:
 def dispatch(state, func, previous, args: tuple, kwargs: dict):
     """The body of the override closure (see :mod:`pisa_comfy.override`)."""
     call = AttentionCall.parse(args, kwargs)
-    b, h, n, _ = call.dims(call.q)
+    b, h, n, d = call.dims(call.q)
     timer = start_timer(call.q.device)
     decision = _decide(state, call)
     if isinstance(decision, Plan):
@@ -59,6 +59,10 @@ def dispatch(state, func, previous, args: tuple, kwargs: dict):
             state.log_once("out of memory", "PISA ran out of memory on a call of %d tokens; that call ran dense "
                            "(further out-of-memory calls are only counted)", n, warn=True)
             decision = "out of memory"
+        except KernelDoesNotFit as exc:
+            state.log_once(f"does not fit:{call.q.dtype}:{d}", "PISA's kernels do not fit this GPU for %s inputs "
+                           "of head dim %d (%s); such calls run dense", call.q.dtype, d, exc, warn=True)
+            decision = "kernel does not fit"
         else:
             density = stats.density + (stats.dense_rows / n) * (1.0 - stats.density)
             state.record(call.transformer_options, work=float(b * h * n * n), density=density, reason=None,

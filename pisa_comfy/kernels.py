@@ -20,7 +20,9 @@ except ImportError:  # pisa_comfy imported as a top-level package
     from pisa_kernels.capture_format import Capture, write_capture
     from pisa_kernels.tiling import tile_permutation
 
-__all__ = ["run_pisa", "backend_choice", "tile_permutation", "Capture", "write_capture"]
+KernelDoesNotFit = _backend.KernelDoesNotFit
+
+__all__ = ["run_pisa", "backend_choice", "tile_permutation", "Capture", "write_capture", "KernelDoesNotFit"]
 
 
 def run_pisa(q, k, v, **kwargs):

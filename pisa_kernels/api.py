@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -16,7 +17,7 @@ from typing import Sequence, Union
 import torch
 
 from . import reference
-from .backend import resolve_backend
+from .backend import KernelDoesNotFit, resolve_backend
 from .routing import QUERY_TILE, forced_blocks_from_tokens, num_blocks, route, routing_chunk_bytes, topk_count
 
 Ranges = Union[Sequence[Sequence[int]], torch.Tensor, None]
@@ -309,7 +310,10 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
             spread of the logits inside a block adds, which RoPE makes large in compact 2-D / 3-D
             tiles).  The node's choice: 32-47 % less error at real sizes, 5-10 % more kernel time at
             a fixed sparsity (docs/fidelity.md).
-        backend: ``"triton"``, ``"reference"`` or ``"auto"`` (Triton where it runs, else reference).
+        backend: ``"triton"``, ``"reference"`` or ``"auto"`` (Triton where it runs, else reference;
+            also the reference, with a warning, where no kernel configuration fits the GPU's shared
+            memory for this call, e.g. fp32 of head dim 128 on sm86/89; ``"triton"`` then raises
+            :class:`pisa_kernels.backend.KernelDoesNotFit`).
         cuda_graph: ``"auto"`` replays short Triton calls (see :mod:`pisa_kernels.graphs`) as one CUDA
             graph, where a dozen small launches would otherwise cost more CPU time than GPU time;
             ``True`` forces it where possible, ``False`` never.
@@ -319,22 +323,33 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
         The attention output, same shape, layout and dtype as ``q`` (and the stats if asked).
     """
     _validate_qkv(q, k, v, layout)
-    plan = _plan(q, sparsity=sparsity, block_size=block_size, order=order, scale=scale, layout=layout,
-                 sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm, routing=routing, tail=tail,
-                 backend=backend)
+    settings = dict(sparsity=sparsity, block_size=block_size, order=order, scale=scale, layout=layout,
+                    sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm, routing=routing, tail=tail)
+    plan = _plan(q, backend=backend, **settings)
     valid = _valid_mask(kv_valid, q.shape[0], plan.tokens, q.device)
-    from . import graphs
-
-    if valid is None and graphs.wanted(cuda_graph, plan, q):
-        out = graphs.replay(_execute, plan, q, k, v)
-    else:
-        out = _execute(plan, q, k, v, valid)
+    try:
+        out = _run(plan, q, k, v, valid, cuda_graph)
+    except KernelDoesNotFit as exc:
+        if backend != "auto":
+            raise
+        warnings.warn(f"{exc}; PISA uses the PyTorch reference for such calls", RuntimeWarning, stacklevel=2)
+        plan = _plan(q, backend="reference", **settings)
+        out = _run(plan, q, k, v, valid, cuda_graph)
     if not return_stats:
         return out
     stats = PisaStats(backend=plan.backend, blocks=plan.blocks, exact_blocks=plan.exact_blocks,
                       density=plan.exact_blocks / plan.blocks, order=plan.order,
                       dense_rows=int(plan.dense_idx.numel()) if plan.dense_idx is not None else 0)
     return out, stats
+
+
+def _run(plan: _Plan, q, k, v, valid, cuda_graph) -> torch.Tensor:
+    """The call on its plan's backend, as a CUDA-graph replay where that pays (short Triton calls)."""
+    from . import graphs
+
+    if valid is None and graphs.wanted(cuda_graph, plan, q):
+        return graphs.replay(_execute, plan, q, k, v)
+    return _execute(plan, q, k, v, valid)
 
 
 #: With a token order, a call gathers q, k, v and its output in the processing order.  Where q + k + v

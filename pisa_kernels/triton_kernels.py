@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .backend import KernelDoesNotFit
 from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.3; without them every tile loads through pointers
@@ -290,8 +291,9 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, K
              out.to(O.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
 
 
-#: Launch configurations that fit, found per (capability, dtype, block, head dim): see _launch.
-_FITTING: dict[tuple, tuple[int, int, int]] = {}
+#: Launch configurations that fit, found per (capability, dtype, block, head dim, ...): see _launch;
+#: None where none does.
+_FITTING: dict[tuple, dict | None] = {}
 
 
 def _launch_config(block_n: int, block_d: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -321,17 +323,21 @@ def _fallbacks(cfg: tuple[int, int, int]) -> list[dict]:
 
 
 def _launch(kernel, grid, key: tuple, configs: list[dict], *args, **meta):
-    """Launch with the first of ``configs`` whose shared memory fits this GPU (cached per key)."""
+    """Launch with the first of ``configs`` whose shared memory fits this GPU (cached per key);
+    :class:`KernelDoesNotFit` when none does (cached too: later calls raise at once)."""
     key = (key, tuple(sorted(meta.items())))
-    known = _FITTING.get(key)
-    for cfg in ([known] if known else []) + configs:
-        try:
-            compiled = kernel[grid](*args, **meta, **cfg)
-        except triton.runtime.errors.OutOfResources:
-            continue
-        _FITTING[key] = cfg
-        return compiled
-    raise RuntimeError(f"no launch configuration of {kernel.__name__} fits this GPU")
+    known = _FITTING.get(key, ())
+    if known is not None:
+        for cfg in ([known] if known else []) + configs:
+            try:
+                compiled = kernel[grid](*args, **meta, **cfg)
+            except triton.runtime.errors.OutOfResources:
+                continue
+            _FITTING[key] = cfg
+            return compiled
+        _FITTING[key] = None
+    raise KernelDoesNotFit(f"no launch configuration of {kernel.__name__} fits this GPU's shared memory "
+                           f"(capability, dtype, block, head dim, ...: {key[0]})")
 
 
 def _block_d(d: int) -> int:

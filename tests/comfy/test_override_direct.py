@@ -127,6 +127,25 @@ def test_out_of_memory_falls_back_to_dense_for_that_call(pc, pack, sdpa, monkeyp
     assert len([r for r in caplog.records if "out of memory" in r.getMessage()]) == 1
 
 
+def test_kernel_that_does_not_fit_the_gpu_runs_dense(pc, pack, sdpa, monkeypatch, caplog):
+    """No launch configuration fits (e.g. fp32 of head dim 128 on an RTX 30/40): those calls run
+    dense, with one warning, and the run goes on."""
+    def does_not_fit(*args, **kwargs):
+        raise pc.kernels.KernelDoesNotFit("no launch configuration of _pisa_fwd_kernel fits (test)")
+
+    monkeypatch.setattr(pc.dispatch, "run_pisa", does_not_fit)
+    state, override = make(pc, pack, sparsity=0.5)
+    q, k, v = qkv()
+    with caplog.at_level(logging.INFO, logger="pisa"):
+        out = [override(sdpa, q, k, v, 2, skip_reshape=True, transformer_options={}) for _ in range(3)]
+    for o in out:
+        torch.testing.assert_close(o, sdpa(q, k, v, 2, skip_reshape=True))
+    run = state.finish_run()
+    assert run["dense_calls"] == 3 and run["pisa_calls"] == 0
+    assert len([r for r in caplog.records if "do not fit" in r.getMessage()
+                and r.levelno == logging.WARNING]) == 1
+
+
 class Container:
     """Late-2026 ``AttentionTensorContainer``: single-owner, ``peek()`` / ``take()``."""
 

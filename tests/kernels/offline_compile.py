@@ -1,0 +1,74 @@
+"""Compile the forward kernel for GPUs this machine does not have (no driver needed), and report the
+first launch configuration of the fallback chain whose shared memory fits each target.
+
+Run as a script in its own process (``python offline_compile.py``): the tests' process runs Triton's
+interpreter, which replaces ``@triton.jit`` functions and cannot compile.  Prints one JSON list.
+"""
+
+import json
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from pisa_kernels import triton_kernels as tk  # noqa: E402
+
+#: Largest shared memory one block may opt into, per compute capability (CUDA programming guide).
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+#: (capability, dtype, block, head dim, order, log-normal tail, kv_valid): the tightest targets
+#: (sm86/89: 99 KB) with the largest 16-bit tiles, fp32 of head dim 64, and sm80 / sm90 (pointer
+#: loads) with the default configuration.  fp32 of head dim 128 needs 147 KB (196 KB with kv_valid)
+#: even with the shallowest pipelines: on sm86/89 (and sm80 with kv_valid) such calls raise
+#: KernelDoesNotFit, which the API and the node turn into the reference / dense (docs/fallbacks.md).
+CASES = [(86, "bfloat16", 64, 128, 1, True, False), (86, "float16", 128, 128, 1, True, True),
+         (89, "bfloat16", 64, 128, 0, False, True), (86, "float32", 64, 64, 1, True, True),
+         (80, "bfloat16", 64, 128, 1, True, True), (90, "float16", 64, 128, 1, False, False)]
+
+_TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def signature(dtype: str, lognormal: bool) -> dict:
+    t = _TRITON_TYPE[dtype]
+    lp = t  # centroids and value means come in the input dtype (fp32 stays fp32)
+    ptr = {"Q": t, "K": t, "V": t, "O": t, "VALID": "i8", "IDX": "i32", "SEL": "i8", "KBAR": lp, "VMEAN": lp,
+           "BLEN": "fp32", "HSUM": "fp32", "Q2": "fp32", "KVAR": lp if lognormal else "fp32", "TOTAL": "fp32"}
+    sig = {}
+    for name in tk._pisa_fwd_kernel.arg_names:
+        if name in ptr:
+            sig[name] = "*" + ptr[name]
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def first_fit(cap, dtype, block, d, order, lognormal, valid) -> dict:
+    bd = tk._block_d(d)
+    meta = dict(BLOCK_M=tk.QUERY_TILE, BLOCK_N=block, BLOCK_D=bd, GROUP=tk.TAIL_GROUP, ORDER=order,
+                HAS_VALID=valid, LOGNORMAL=lognormal, KV_TMA=False, TAIL_TMA=False)
+    tried = []
+    for cfg in tk._fallbacks(tk._launch_config(block, bd, torch.device("cuda"), getattr(torch, dtype))):
+        consts = dict(meta, TAIL_STAGES=cfg["TAIL_STAGES"])
+        sig = signature(dtype, lognormal)
+        names = tk._pisa_fwd_kernel.arg_names
+        for name in consts:
+            sig[name] = "constexpr"
+        src = ASTSource(tk._pisa_fwd_kernel, sig, {(names.index(k),): v for k, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                                  options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        shared = compiled.metadata.shared
+        tried.append(dict(cfg, shared=shared))
+        if shared <= SMEM_LIMIT[cap]:
+            return dict(case=[cap, dtype, block, d, order, lognormal, valid], fits=dict(cfg, shared=shared),
+                        tried=tried)
+    return dict(case=[cap, dtype, block, d, order, lognormal, valid], fits=None, tried=tried)
+
+
+if __name__ == "__main__":
+    print(json.dumps([first_fit(*case) for case in CASES]))
