@@ -2,7 +2,8 @@
 first launch configuration of the fallback chain whose shared memory fits each target.
 
 Run as a script in its own process (``python offline_compile.py``): the tests' process runs Triton's
-interpreter, which replaces ``@triton.jit`` functions and cannot compile.  Prints one JSON list.
+interpreter, which replaces ``@triton.jit`` functions and cannot compile.  Prints one JSON list, or
+``{"skip": reason}`` where this Triton has no offline compiler for NVIDIA GPUs.
 """
 
 import json
@@ -70,5 +71,16 @@ def first_fit(cap, dtype, block, d, order, lognormal, valid) -> dict:
     return dict(case=[cap, dtype, block, d, order, lognormal, valid], fits=None, tried=tried)
 
 
+def ptxas_missing() -> str | None:
+    """Why this Triton cannot compile for NVIDIA GPUs offline (None: it can)."""
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError as exc:
+        return f"no NVIDIA backend in this Triton ({exc})"
+    path = os.environ.get("TRITON_PTXAS_PATH") or os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    return None if os.path.exists(path) else f"no ptxas at {path}"
+
+
 if __name__ == "__main__":
-    print(json.dumps([first_fit(*case) for case in CASES]))
+    missing = ptxas_missing()
+    print(json.dumps({"skip": missing} if missing else [first_fit(*case) for case in CASES]))

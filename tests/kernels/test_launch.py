@@ -98,10 +98,10 @@ def test_the_kernel_fits_sm80_to_sm90_offline():
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, os.path.join(HERE, "offline_compile.py")], capture_output=True,
                           text=True, env=env, timeout=900)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr or "backend" in proc.stderr.lower()):
-        pytest.skip(f"no offline CUDA compiler in this Triton: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    if isinstance(results, dict):
+        pytest.skip(results["skip"])
     assert len(results) >= 5
     for r in results:
         assert r["fits"] is not None, f"no configuration fits {r['case']}: {r['tried']}"
