@@ -14,26 +14,37 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from pisa_kernels import triton_kernels as tk  # noqa: E402
 
-#: Largest shared memory one block may opt into, per compute capability (CUDA programming guide).
-SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+#: Largest shared memory one block may opt into, per compute capability (CUDA programming guide):
+#: A100, RTX 30, RTX 40, H100, B200, RTX 50.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
-#: (capability, dtype, block, head dim, order, log-normal tail, kv_valid): the tightest targets
-#: (sm86/89: 99 KB) with the largest 16-bit tiles, fp32 of head dim 64, and sm80 / sm90 (pointer
-#: loads) with the default configuration.  fp32 of head dim 128 needs 147 KB (196 KB with kv_valid)
-#: even with the shallowest pipelines: on sm86/89 (and sm80 with kv_valid) such calls raise
-#: KernelDoesNotFit, which the API and the node turn into the reference / dense (docs/fallbacks.md).
-CASES = [(86, "bfloat16", 64, 128, 1, True, False), (86, "float16", 128, 128, 1, True, True),
-         (89, "bfloat16", 64, 128, 0, False, True), (86, "float32", 64, 64, 1, True, True),
-         (80, "bfloat16", 64, 128, 1, True, True), (90, "float16", 64, 128, 1, False, False)]
+#: (capability, dtype, block, head dim, order, log-normal tail, kv_valid, tensor descriptors): the
+#: tightest targets (sm86/89/120: 99 KB) with the largest 16-bit tiles, fp32 of head dim 64, sm80 with
+#: the default configuration, and the descriptor (TMA) path of sm90+ on Hopper and on RTX 50.  fp32
+#: of head dim 128 needs 147 KB (196 KB with kv_valid) even with the shallowest pipelines: on sm86/89
+#: (and sm80 with kv_valid) such calls raise KernelDoesNotFit, which the API and the node turn into
+#: the reference / dense (docs/fallbacks.md).
+CASES = [(86, "bfloat16", 64, 128, 1, True, False, False), (86, "float16", 128, 128, 1, True, True, False),
+         (89, "bfloat16", 64, 128, 0, False, True, False), (86, "float32", 64, 64, 1, True, True, False),
+         (80, "bfloat16", 64, 128, 1, True, True, False), (90, "bfloat16", 64, 128, 1, True, False, True),
+         (120, "bfloat16", 64, 128, 1, True, False, True)]
 
 _TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-def signature(dtype: str, lognormal: bool) -> dict:
+def _descriptor_type(dtype: str, box: list[int]) -> str:
+    """Triton's signature type of a host tensor descriptor with this block (box) shape."""
+    t = torch.zeros([1] * (len(box) - 2) + box[-2:], dtype=getattr(torch, dtype))
+    return mangle_type(TensorDescriptor(t, list(t.shape), list(t.stride()), box))
+
+
+def signature(dtype: str, lognormal: bool, tma: bool, block: int, d: int) -> dict:
     t = _TRITON_TYPE[dtype]
     lp = t  # centroids and value means come in the input dtype (fp32 stays fp32)
     ptr = {"Q": t, "K": t, "V": t, "O": t, "VALID": "i8", "IDX": "i32", "SEL": "i8", "KBAR": lp, "VMEAN": lp,
@@ -46,17 +57,21 @@ def signature(dtype: str, lognormal: bool) -> dict:
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
+    if tma:  # as attend() passes them: K / V as [B, H, N, D], the tail's tensors as [BH, NB, D]
+        sig["K"] = sig["V"] = _descriptor_type(dtype, [1, 1, block, d])
+        for name in ("KBAR", "VMEAN") + (("KVAR",) if lognormal else ()):
+            sig[name] = _descriptor_type(dtype, [1, tk.TAIL_GROUP, d])
     return sig
 
 
-def first_fit(cap, dtype, block, d, order, lognormal, valid) -> dict:
+def first_fit(cap, dtype, block, d, order, lognormal, valid, tma) -> dict:
     bd = tk._block_d(d)
     meta = dict(BLOCK_M=tk.QUERY_TILE, BLOCK_N=block, BLOCK_D=bd, GROUP=tk.TAIL_GROUP, ORDER=order,
-                HAS_VALID=valid, LOGNORMAL=lognormal, KV_TMA=False, TAIL_TMA=False)
+                HAS_VALID=valid, LOGNORMAL=lognormal, KV_TMA=tma, TAIL_TMA=tma)
     tried = []
     for cfg in tk._fallbacks(tk._launch_config(block, bd, torch.device("cuda"), getattr(torch, dtype))):
         consts = dict(meta, TAIL_STAGES=cfg["TAIL_STAGES"])
-        sig = signature(dtype, lognormal)
+        sig = signature(dtype, lognormal, tma, block, d)
         names = tk._pisa_fwd_kernel.arg_names
         for name in consts:
             sig[name] = "constexpr"
@@ -66,9 +81,9 @@ def first_fit(cap, dtype, block, d, order, lognormal, valid) -> dict:
         shared = compiled.metadata.shared
         tried.append(dict(cfg, shared=shared))
         if shared <= SMEM_LIMIT[cap]:
-            return dict(case=[cap, dtype, block, d, order, lognormal, valid], fits=dict(cfg, shared=shared),
+            return dict(case=[cap, dtype, block, d, order, lognormal, valid, tma], fits=dict(cfg, shared=shared),
                         tried=tried)
-    return dict(case=[cap, dtype, block, d, order, lognormal, valid], fits=None, tried=tried)
+    return dict(case=[cap, dtype, block, d, order, lognormal, valid, tma], fits=None, tried=tried)
 
 
 def ptxas_missing() -> str | None:

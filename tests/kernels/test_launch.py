@@ -3,10 +3,10 @@
 * ``_launch`` steps down the chain until a configuration fits, caches the one that did, and raises
   ``KernelDoesNotFit`` (cached too) when none does; ``pisa_attention(backend="auto")`` then runs the
   reference, ``backend="triton"`` raises (the node runs such calls dense: tests/comfy).
-* The kernel compiled offline (no GPU needed: Triton's bundled ptxas) for sm80, sm86, sm89 and sm90
-  finds a configuration within each GPU's shared memory for the largest 16-bit tiles (head dim 128,
-  blocks of 64 and 128, key padding) and fp32 of head dim 64, so the "sm80 and newer" claim is
-  checked on GPUs this project has no access to.
+* The kernel compiled offline (no GPU needed: Triton's bundled ptxas) for sm80, sm86, sm89, sm90 and
+  sm120 (RTX 50; with tensor descriptors, as on sm90) finds a configuration within each GPU's shared
+  memory for the largest 16-bit tiles (head dim 128, blocks of 64 and 128, key padding) and fp32 of
+  head dim 64, so the "sm80 and newer" claim is checked on GPUs this project has no access to.
 """
 
 import json
