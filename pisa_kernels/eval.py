@@ -17,8 +17,9 @@ The methods run as the node runs them: text / extra tokens exact as keys (``sink
 queries (``dense_q``), the tiled token order (text first, grids in compact tiles) or the raster
 (input) order, routing ``topk`` or ``cov`` (``auto`` = the node's rule: ``cov`` for images,
 ``topk`` for video), the tail ``plain`` (the paper's) or ``lognormal`` (``--tails``; ``auto`` = the
-node's, log-normal; methods ``pisa-o1+ln`` / ``pisa-o0+ln``).  All methods of one token order see the same order, and PISA's orders and
-tails share their selected blocks (routing depends on neither).  Sol-Attn
+node's, log-normal; methods ``pisa-o1+ln`` / ``pisa-o0+ln``).  All methods of one token order see
+the same order, and PISA's orders and tails share their selected blocks (routing depends on
+neither).  Sol-Attn
 (``comfy_kitchen.sol_attn``: its INT8 CUDA kernel on a GPU, its full-precision eager reference on
 the CPU, where its O(N^2) memory allows) runs on the same permuted tokens with the text blocks as
 sinks: ``sol-topk`` with ``topk_ratio`` = PISA's density, ``sol-topk-matched`` with the ratio

@@ -59,13 +59,14 @@ def pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor 
     kbar = kb.sum(dim=-2) / safe  # [B, H, NB, D]
     vsum = vb.sum(dim=-2)
     hsum = covnorm = q2 = kvar = None
+    if lognormal or first_order or cov:
+        kc = torch.where(keep, kb - kbar.unsqueeze(-2), 0.0)  # centred valid keys
     if lognormal:
         qsq = qt * qt
         # non-finite rows left out (as the Triton pre-scan): one NaN query must not spread to its tile
         q2 = torch.where(torch.isfinite(qsq), qsq, 0.0).sum(dim=-2) / qlen[0, 0].unsqueeze(-1)
-        kvar = (torch.where(keep, kb - kbar.unsqueeze(-2), 0.0) ** 2).sum(dim=-2) / safe  # two-pass
+        kvar = (kc * kc).sum(dim=-2) / safe  # two-pass
     if first_order or cov:
-        kc = torch.where(keep, kb - kbar.unsqueeze(-2), 0.0)  # centred valid keys
         htot = torch.einsum("bhjnd,bhjne->bhde", kc, vb)
         if cov:
             # ||H_j||_F per block, a few blocks at a time: never all [B,H,NB,D,D] at once.

@@ -50,6 +50,7 @@ from .routing import (
     QUERY_TILE,
     Selection,
     forced_blocks_from_tokens,
+    mass_bias,
     num_blocks,
     route,
     topk_count,
@@ -115,22 +116,6 @@ def _oracle_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block: int) -
         tile = torch.zeros(nq, nb, dtype=q.dtype, device=q.device).index_add_(0, pos // QUERY_TILE, mass)
         out[r] = tile.clamp_min(1e-38).log() + m
     return out
-
-
-def second_moments(q: torch.Tensor, k: torch.Tensor, kbar: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean ``q^2`` of every query tile ``[BH, NQ, D]``, per-dimension key variance of every block
-    ``[BH, NB, D]``): the statistics of the second-order mass term ``c_ij``."""
-    qs, ql = _pad_rows(q, QUERY_TILE)
-    ks, kl = _pad_rows(k, block)
-    q2 = (qs * qs).sum(2) / ql.view(1, -1, 1)
-    kvar = ((ks * ks).sum(2) / kl.view(1, -1, 1) - kbar ** 2).clamp_min(0)
-    return q2, kvar
-
-
-def mass_bias(q2: torch.Tensor, kvar: torch.Tensor, scale: float) -> torch.Tensor:
-    """``c [BH, NQ, NB] = s^2/2 E_i[q^2] . Var_j[k]``: the second-order term of block ``j``'s mass
-    for query tile ``i`` (diagonal key covariance)."""
-    return 0.5 * scale * scale * torch.bmm(q2, kvar.transpose(1, 2))
 
 
 def select(q: torch.Tensor, k: torch.Tensor, stats, *, routing: str, scale: float, k_top: int,
@@ -246,11 +231,11 @@ def variant_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsi
     dev = q.device
     perm = token_perm.to(dev) if token_perm is not None else torch.arange(n, device=dev)
     qh, kh, vh = (t.detach().float().index_select(1, perm).transpose(1, 2).contiguous() for t in (q, k, v))
-    stats = reference.pool(qh, kh, vh, None, block, first_order=True, cov=routing == "cov")
+    stats = reference.pool(qh, kh, vh, None, block, first_order=True, cov=routing == "cov", lognormal=True)
     forced = forced_blocks_from_tokens(sink.cpu()[perm.cpu()] if sink is not None else None, block)
     forced = forced.to(dev) if forced is not None else None
     flat = [t.reshape(b * h, n, d) for t in (qh, kh, vh)]
-    bias = mass_bias(*second_moments(flat[0], flat[1], stats.kbar, block), scale)
+    bias = mass_bias(stats.q2, stats.kvar, scale)
     sel = select(flat[0], flat[1], stats, routing=routing, scale=scale, k_top=topk_count(sparsity, num_blocks(n, block)),
                  heads=h, block=block, forced=forced, bias=bias)
     outs = _attend_variants(*flat, stats, sel, bias, scale=scale, block=block, moments=tuple(moments),
@@ -270,4 +255,4 @@ def variant_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsi
     return result
 
 
-__all__ = ["MOMENTS", "ROUTINGS", "TAILS", "mass_bias", "second_moments", "select", "variant_outputs"]
+__all__ = ["MOMENTS", "ROUTINGS", "TAILS", "select", "variant_outputs"]
