@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, ".")
 from pisa_kernels import pisa_attention, tiling  # noqa: E402
 from pisa_kernels import triton_kernels as tk  # noqa: E402
-from pisa_kernels.bench import environment, rel_l2, sdpa, time_ms  # noqa: E402
+from pisa_kernels.bench import SHAPES, environment, rel_l2, sdpa, time_ms  # noqa: E402
 from pisa_kernels.routing import num_blocks, route, topk_count  # noqa: E402
 
 
@@ -155,16 +155,12 @@ def ab(n=75600, h=40, d=128, sparsity=0.875):
     print(json.dumps(res, indent=1))
 
 
-SHAPES = {"wan720": (75600, 40, 0.875), "hunyuan720": (119056, 24, 0.875), "wan480": (32760, 40, 0.875),
-          "flux1024": (4608, 24, 0.85)}
-
-
-def profile_short(name="flux1024", d=128):
+def profile_short(name="flux1024", sparsity=0.85, d=128):
     """Kernel-by-kernel GPU time of one eager call at a short shape (which launches cost what),
     against the CUDA-graph replay of the same call."""
     from torch.profiler import ProfilerActivity, profile
 
-    n, h, sparsity = SHAPES[name]
+    n, h = SHAPES[name]
     q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for tail in ("plain", "lognormal"):
         fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", tail=tail, cuda_graph=False)
