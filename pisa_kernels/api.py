@@ -18,7 +18,8 @@ import torch
 
 from . import reference
 from .backend import KernelDoesNotFit, resolve_backend
-from .routing import QUERY_TILE, forced_blocks_from_tokens, num_blocks, route, routing_chunk_bytes, topk_count
+from .routing import (QUERY_TILE, forced_blocks_from_tokens, num_blocks, route, routing_chunk_bytes, top_blocks,
+                      topk_count)
 
 Ranges = Union[Sequence[Sequence[int]], torch.Tensor, None]
 
@@ -389,12 +390,12 @@ def _attend_heads(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
     """PISA on ``[B, H', N, D]`` views in the processing order (all heads or a group), into ``out_h``."""
     chunk = routing_chunk_bytes(3 * qh.numel() * qh.element_size())
 
-    def route_fn(stats):
+    def route_fn(stats, select=top_blocks):
         # The reference reads the log-normal mass correction from the routing; the Triton kernel
         # computes it per tile from the pooled second moments.
         return route(stats, scale=plan.scale, k=plan.k_top, heads=qh.shape[1], forced_blocks=plan.forced,
                      n_forced=plan.n_forced, cov=plan.cov, may_have_empty=valid is not None,
-                     tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk)
+                     tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk, select=select)
 
     if plan.backend == "triton":
         from . import triton_kernels as tk
@@ -403,7 +404,7 @@ def _attend_heads(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
         valid8 = valid.to(torch.int8).contiguous() if valid is not None else None
         stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov,
                         lognormal=plan.lognormal)
-        tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats), scale=plan.scale,
+        tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats, tk.top_blocks), scale=plan.scale,
                   block=plan.block, order=plan.order)
     else:
         out_h.copy_(reference.reference_forward(qh, kh, vh, valid, scale=plan.scale, block=plan.block,

@@ -88,9 +88,22 @@ class Selection:
         return self.count == self.mask.shape[-1]
 
 
+def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tensor) -> None:
+    """The ``kt`` highest scores of every row of ``score [R, NQ, NB]``: their block indices into
+    ``idx [R, NQ, kt]`` (int32, in no particular order) and a 0/1 row into ``mask [R, NQ, NB]``.
+
+    Ties go to the lower block index and NaN ranks above everything (as in ``torch.sort``), so the
+    result is one function of the scores: the Triton backend's kernel
+    (:func:`pisa_kernels.triton_kernels.top_blocks`) selects the same blocks.
+    """
+    top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :kt]
+    idx.copy_(top)
+    mask.zero_().scatter_(-1, top, 1)
+
+
 def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks: torch.Tensor | None = None,
           n_forced: int = 0, cov: bool = False, may_have_empty: bool = True, tail_bias: bool = False,
-          chunk_bytes: int = ROUTING_CHUNK_BYTES) -> Selection:
+          chunk_bytes: int = ROUTING_CHUNK_BYTES, select=top_blocks) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
@@ -102,14 +115,15 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
 
     ``tail_bias`` (the reference's log-normal tail; needs ``stats.q2`` and ``stats.kvar``) also
     writes ``Selection.tail_bias`` through each chunk's score buffer.  ``chunk_bytes`` bounds that
-    scratch (see :func:`routing_chunk_bytes`).
+    scratch (see :func:`routing_chunk_bytes`).  ``select`` takes each chunk's top ``k``
+    (:func:`top_blocks`, or the Triton kernel with the same result).
     """
     bh, nq, _ = stats.qbar.shape
     nb = stats.kbar.shape[1]
     kt = min(nb, k + n_forced)
     device = stats.qbar.device
     idx = torch.empty(bh, nq, kt, dtype=torch.int32, device=device)
-    mask = torch.zeros(bh, nq, nb, dtype=torch.int8, device=device)
+    mask = torch.empty(bh, nq, nb, dtype=torch.int8, device=device)
     if kt == nb:  # everything exact: no tail, so no bias
         idx.copy_(torch.arange(nb, dtype=torch.int32, device=device).expand(bh, nq, nb))
         mask.fill_(1)
@@ -129,13 +143,10 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
             score.masked_fill_(blen_rows <= 0, -torch.inf)
         if forced_blocks is not None and n_forced:
             score.masked_fill_(forced_blocks.view(1, 1, nb), torch.inf)
-        # Unsorted: the kernel visits the exact blocks in any order (online softmax).
-        top = torch.topk(score, kt, dim=-1, sorted=False).indices
-        idx[s:e] = top
-        mask[s:e].scatter_(-1, top, 1)
+        select(score, kt, idx[s:e], mask[s:e])
         if bias is not None:
             c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score)
-            bias[s:e] = cap_mass_bias(c, blen_rows).scatter_(-1, top, -torch.inf)
+            bias[s:e] = cap_mass_bias(c, blen_rows).masked_fill_(mask[s:e].bool(), -torch.inf)
     return Selection(idx, mask, kt, bias)
 
 

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .backend import KernelDoesNotFit
 from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
+from .routing import top_blocks as _sorted_top_blocks
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.3; without them every tile loads through pointers
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -55,6 +56,12 @@ TAIL_STAGES = 3
 POOL_CHUNKS = 16
 #: ... but at least this many blocks per program, so the atomics stay a small share of the work.
 POOL_MIN_BLOCKS = 8
+#: Programs per chunk for head dim 128 with the first-order moment, each owning half the value
+#: columns: the 128 x 128 fp32 accumulator of one program spills (255 registers, 1.4 KB of local
+#: memory), half of it does not; 17-22 % faster at Wan / HunyuanVideo 720p.  Not with the
+#: log-normal statistics (its key variances load the first program: no gain measured) nor with
+#: covariance routing (its per-block norm needs every column).  Log entry 18.
+POOL_DSPLIT = 2
 
 _RUNTIME_INTS = ["N", "NB", "NQ", "KT", "blocks_per_prog"]
 
@@ -65,8 +72,14 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
                    N, NB, H, D, blocks_per_prog,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
                    MOMENT: tl.constexpr, COV: tl.constexpr, WRITE_LP: tl.constexpr, SECOND: tl.constexpr,
-                   KVAR_MAX: tl.constexpr, EXACT_DOT: tl.constexpr):
-    chunk = tl.program_id(0)
+                   KVAR_MAX: tl.constexpr, EXACT_DOT: tl.constexpr, DSPLIT: tl.constexpr):
+    # DSPLIT programs share a chunk, each owning 1/DSPLIT of the value columns (of the moment, the
+    # value sums and means), which keeps the moment's accumulator out of local memory (log entry
+    # 18); the first also writes the key statistics.  Each reads the whole K tile (the key mean
+    # enters every column of the moment); the programs of a chunk are neighbours in the launch, so
+    # the repeated reads mostly hit L2.
+    chunk = tl.program_id(0) // DSPLIT
+    part = tl.program_id(0) % DSPLIT
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -74,7 +87,10 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
     vbase = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    hacc = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    BLOCK_C: tl.constexpr = BLOCK_D // DSPLIT
+    offs_c = part * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < D
+    hacc = tl.zeros([BLOCK_D, BLOCK_C], dtype=tl.float32)
     j0 = chunk * blocks_per_prog
     n_here = tl.minimum(blocks_per_prog, NB - j0)
     for jj in range(0, n_here):
@@ -87,26 +103,30 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
             w = w & (tl.load(VALID + b.to(tl.int64) * s_valid_b + rows, mask=inb, other=0) != 0)
         m2 = w[:, None] & dmask[None, :]
         k_in = tl.load(kbase + rows[:, None].to(tl.int64) * skn + offs_d[None, :], mask=m2, other=0.0)
-        v_in = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_d[None, :], mask=m2, other=0.0)
+        v_in = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_c[None, :],
+                       mask=w[:, None] & cmask[None, :], other=0.0)
         cnt = tl.sum(w.to(tl.float32), axis=0)
         kbar = tl.sum(k_in.to(tl.float32), axis=0) / tl.maximum(cnt, 1.0)
         vsum = tl.sum(v_in.to(tl.float32), axis=0)
         out_off = (bh.to(tl.int64) * NB + j) * D + offs_d
-        tl.store(KBAR + out_off, kbar, mask=dmask)
-        if SECOND:
-            # Per-dimension variance of the valid keys, two-pass on the tile already in registers.
-            kc = tl.where(m2, k_in.to(tl.float32) - kbar[None, :], 0.0)
-            kvar = tl.minimum(tl.sum(kc * kc, axis=0) / tl.maximum(cnt, 1.0), KVAR_MAX)  # finite in fp16
-            tl.store(KVAR + out_off, kvar.to(KVAR.dtype.element_ty), mask=dmask)
+        col_off = (bh.to(tl.int64) * NB + j) * D + offs_c
+        if part == 0:
+            tl.store(KBAR + out_off, kbar, mask=dmask)
+            if SECOND:
+                # Per-dimension variance of the valid keys, two-pass on the tile already in registers.
+                kc = tl.where(m2, k_in.to(tl.float32) - kbar[None, :], 0.0)
+                kvar = tl.minimum(tl.sum(kc * kc, axis=0) / tl.maximum(cnt, 1.0), KVAR_MAX)  # finite in fp16
+                tl.store(KVAR + out_off, kvar.to(KVAR.dtype.element_ty), mask=dmask)
+            if WRITE_LP:
+                tl.store(KBAR_LP + out_off, kbar.to(KBAR_LP.dtype.element_ty), mask=dmask)
+            if h == 0:
+                tl.store(BLEN + b * NB + j, cnt)
         if WRITE_LP:
             # The forward kernel takes the value MEAN in the input dtype (a 64-token sum of fp16
             # values can exceed fp16's range) and weights it by the block length in fp32.
-            tl.store(KBAR_LP + out_off, kbar.to(KBAR_LP.dtype.element_ty), mask=dmask)
-            tl.store(VMEAN_LP + out_off, (vsum / tl.maximum(cnt, 1.0)).to(VMEAN_LP.dtype.element_ty), mask=dmask)
+            tl.store(VMEAN_LP + col_off, (vsum / tl.maximum(cnt, 1.0)).to(VMEAN_LP.dtype.element_ty), mask=cmask)
         else:  # fp32 inputs: the forward kernel divides the sums itself
-            tl.store(VSUM + out_off, vsum, mask=dmask)
-        if h == 0:
-            tl.store(BLEN + b * NB + j, cnt)
+            tl.store(VSUM + col_off, vsum, mask=cmask)
         if MOMENT or COV:
             # H_j = sum_n (k_n - kbar) v_n^T = K^T V - kbar vsum^T: one tensor-core product on the
             # loaded tiles (masked rows are zero) and a rank-one correction, both fp32-accumulated.
@@ -116,12 +136,12 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
                 hj = tl.dot(tl.trans(k_in), v_in) - kbar[:, None] * vsum[None, :]
             if MOMENT:
                 hacc += hj
-            if COV:
+            if COV:  # (only with DSPLIT == 1: the norm needs every column)
                 tl.store(COVN + bh.to(tl.int64) * NB + j, tl.sqrt(tl.sum(tl.sum(hj * hj, axis=1), axis=0)))
     if MOMENT:
         # fp32 atomics into one D x D tile per head: no per-chunk partial buffers.
         hp = HSUM + bh.to(tl.int64) * D * D
-        tl.atomic_add(hp + offs_d[:, None] * D + offs_d[None, :], hacc, mask=dmask[:, None] & dmask[None, :],
+        tl.atomic_add(hp + offs_d[:, None] * D + offs_c[None, :], hacc, mask=dmask[:, None] & cmask[None, :],
                       sem="relaxed")
 
 
@@ -172,6 +192,46 @@ def _exact_block(K, V, VALID, b, h, j, N, skb, skh, skn, svb, svh, svn, s_valid_
         v = tl.load(V + b64 * svb + h64 * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :],
                     mask=kv_mask, other=0.0)
     return k, v, kok
+
+
+@triton.jit(do_not_specialize=["NB", "KT"])
+def _top_blocks_kernel(S, IDX, MASK, NB, KT, BLOCK: tl.constexpr):
+    """One row of scores: the KT-th largest found by a bitwise binary search on order-preserving
+    integer keys (32 counting passes over the row in registers), then the blocks above it and the
+    first ties by index, compacted with a prefix sum."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < NB
+    x = tl.load(S + row * NB + offs, mask=ok, other=0.0) + 0.0  # (-0.0 + 0.0 = +0.0: the two zeros tie)
+    # Integer keys in the order of the floats (negatives have their magnitude bits flipped); every
+    # NaN above +inf, as in torch.sort.
+    i = x.to(tl.int32, bitcast=True)
+    key = tl.where(x == x, i ^ ((i >> 31) & 0x7FFFFFFF), 0x7FFFFFFF)
+    # The largest t with #{key >= t} >= KT: the sign first, then bits 30..0.
+    kth = tl.where(tl.sum((ok & (key >= 0)).to(tl.int32), axis=0) >= KT, 0, -2147483648)
+    for bit in tl.static_range(30, -1, -1):
+        cand = kth | (1 << bit)
+        kth = tl.where(tl.sum((ok & (key >= cand)).to(tl.int32), axis=0) >= KT, cand, kth)
+    above = ok & (key > kth)
+    tie = ok & (key == kth)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= KT - tl.sum(above.to(tl.int32), axis=0)))
+    tl.store(IDX + row * KT + tl.cumsum(take.to(tl.int32), axis=0) - 1, offs, mask=take)
+    tl.store(MASK + row * NB + offs, take.to(tl.int8), mask=ok)
+
+
+#: Largest row the top-k kernel keeps in registers (16 warps, 32 scores a thread); longer rows sort.
+TOP_BLOCKS_MAX = 16384
+
+
+def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tensor) -> None:
+    """:func:`pisa_kernels.routing.top_blocks` (the same blocks, ties to the lower index) in one
+    launch, instead of a sort (or ``torch.topk``) and the mask's scatter."""
+    r, nq, nb = score.shape
+    block = max(16, triton.next_power_of_2(nb))
+    if score.dtype != torch.float32 or block > TOP_BLOCKS_MAX or not (score.is_contiguous() and idx.is_contiguous()
+                                                                     and mask.is_contiguous()):
+        return _sorted_top_blocks(score, kt, idx, mask)
+    _top_blocks_kernel[(r * nq,)](score, idx, mask, nb, kt, BLOCK=block, num_warps=min(16, max(1, block // 256)))
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
@@ -388,13 +448,15 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
     valid_t = valid if valid is not None else blen
     key = ("pool", torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", k.dtype, block, d,
            first_order, cov, valid is not None, lognormal)
-    _launch(_pool_k_kernel, (chunks, b * h), key, [dict(num_warps=4, num_stages=s) for s in (3, 2, 1)],
+    dsplit = POOL_DSPLIT if first_order and not cov and not lognormal and bd >= 128 else 1
+    _launch(_pool_k_kernel, (chunks * dsplit, b * h), key, [dict(num_warps=4, num_stages=s) for s in (3, 2, 1)],
             k, v, valid_t, kbar, vsum, kbar_lp, vmean_lp, blen, hsum, covn, kvar,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             valid.stride(0) if valid is not None else 0,
             n, nb, h, d, bpp,
             BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp,
-            SECOND=lognormal, KVAR_MAX=torch.finfo(kvar.dtype).max, EXACT_DOT=k.dtype == torch.float32)
+            SECOND=lognormal, KVAR_MAX=torch.finfo(kvar.dtype).max, EXACT_DOT=k.dtype == torch.float32,
+            DSPLIT=dsplit)
     qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
     q2 = torch.empty_like(qbar) if lognormal else qbar
     _pool_q_kernel[(nq, b * h)](q, qbar, q2, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,

@@ -53,6 +53,7 @@ from .routing import (
     mass_bias,
     num_blocks,
     route,
+    top_blocks,
     topk_count,
 )
 
@@ -141,9 +142,10 @@ def select(q: torch.Tensor, k: torch.Tensor, stats, *, routing: str, scale: floa
     kt = min(nb, k_top + n_forced)
     if forced is not None:
         score = score.masked_fill(forced.view(1, 1, nb), torch.inf)
-    top = torch.topk(score, kt, dim=-1).indices
-    mask = torch.zeros(score.shape, dtype=torch.int8, device=score.device).scatter_(-1, top, 1)
-    return Selection(top.to(torch.int32), mask, kt)
+    idx = torch.empty(*score.shape[:-1], kt, dtype=torch.int32, device=score.device)
+    mask = torch.empty(score.shape, dtype=torch.int8, device=score.device)
+    top_blocks(score, kt, idx, mask)
+    return Selection(idx, mask, kt)
 
 
 def _block_moments(k: torch.Tensor, v: torch.Tensor, kbar: torch.Tensor, block: int) -> torch.Tensor:

@@ -178,13 +178,68 @@ def profile_short(name="flux1024", sparsity=0.85, d=128):
               f"{time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):.4f} ms", flush=True)
 
 
+def _topk_scatter(score, kt, idx, mask):
+    """The routing's selection before log entry 18 (torch.topk, unsorted, and a scatter), for A/B."""
+    top = torch.topk(score, kt, dim=-1, sorted=False).indices
+    idx.copy_(top)
+    mask.zero_().scatter_(-1, top, 1)
+
+
+def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
+    """Log entry 18: the top-k kernel against torch.topk + scatter and the stable sort, the pre-scan
+    with and without the column split, and the whole call with both (interleaved, three rounds)."""
+    from pisa_kernels import routing
+
+    torch.manual_seed(0)
+    selects = {"topk+scatter": _topk_scatter, "sort": routing.top_blocks, "kernel": tk.top_blocks}
+    for name in shapes:
+        n, h = SHAPES[name]
+        sp = 0.85 if name == "flux1024" else 0.875
+        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        kk = topk_count(sp, num_blocks(n, 64))
+        st = tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False)
+        res, sels = {}, {}
+        for rnd in range(3):
+            for sname, fn in selects.items():
+                call = lambda: route(st, scale=d ** -0.5, k=kk, heads=h, may_have_empty=False, select=fn)
+                sels[sname] = call()
+                res.setdefault(f"route {sname}", []).append(round(time_ms(call), 4))
+            for ds in (1, 2):
+                tk.POOL_DSPLIT = ds
+                tk._FITTING.clear()
+                call = lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False)
+                res.setdefault(f"pool dsplit={ds}", []).append(round(time_ms(call), 4))
+            for new in (False, True):
+                tk.POOL_DSPLIT = 2 if new else 1
+                tk._FITTING.clear()
+                kernel_select = tk.top_blocks
+                if not new:
+                    tk.top_blocks = _topk_scatter
+                for tail in ("plain", "lognormal"):
+                    call = lambda: pisa_attention(q, k, v, sparsity=sp, layout="BNHD", tail=tail)
+                    res.setdefault(f"pisa {tail} {'new' if new else 'old'}", []).append(round(time_ms(call), 3))
+                tk.top_blocks = kernel_select
+        tk.POOL_DSPLIT = 2
+        same = torch.equal(sels["kernel"].mask, sels["sort"].mask)
+        agree = float((sels["kernel"].mask == sels["topk+scatter"].mask).float().mean())
+        res["cudnn"] = round(time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)), 3)
+        print(f"{name}: kernel == sort selection: {same}; mask agreement with torch.topk {agree:.6f}; "
+              f"{json.dumps(res)}", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--ab-only", action="store_true", help="only the A/B timings of the kernel variants")
     ap.add_argument("--ab-lognormal", action="store_true", help="only the cost of the log-normal tail variants")
     ap.add_argument("--profile-short", action="store_true", help="kernel times of one FLUX 1024² call")
+    ap.add_argument("--ab-routing", action="store_true", help="top-k kernel and pre-scan split (log entry 18)")
     args = ap.parse_args()
+    if args.ab_routing:
+        print(json.dumps(environment()))
+        ab_routing()
+        raise SystemExit(0)
     if args.profile_short:
         print(json.dumps(environment()))
         profile_short()

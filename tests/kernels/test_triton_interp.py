@@ -19,6 +19,7 @@ import torch
 
 from pisa_kernels import pisa_attention
 from pisa_kernels import reference as ref_mod
+from pisa_kernels import routing
 from pisa_kernels.tiling import joint_permutation, tile_permutation
 from pisa_test_utils import (capture_routing, max_err, rand_qkv, same_selection_on_nonempty, selection_of,
                              strided_variant, structured_qkv)
@@ -62,6 +63,29 @@ def compare(q, k, v, device, *, replay=False, **kw):
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("nb,kt", [(72, 10), (1182, 147), (5, 1), (17, 16), (100, 99)])
+def test_top_blocks_kernel_selects_what_the_sort_selects(nb, kt, triton_device):
+    """The routing's top-k kernel against routing.top_blocks: random, heavily tied, and special
+    scores (+-inf, NaN, -0.0); every index and mask byte written."""
+    from pisa_kernels import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(nb * 1000 + kt)
+    special = torch.randint(-2, 2, (2, 3, nb), generator=g).float()
+    special[0, 0, :3] = float("inf")
+    special[0, 1, 1::3] = float("-inf")
+    special[1, 2, ::4] = float("nan")
+    special[1, 1, ::2] = -0.0
+    for score in (torch.randn(2, 3, nb, generator=g), torch.randint(-3, 3, (2, 3, nb), generator=g).float(), special):
+        score = score.to(triton_device)
+        got_idx = torch.full((2, 3, kt), -1, dtype=torch.int32, device=triton_device)
+        got_mask = torch.full((2, 3, nb), 7, dtype=torch.int8, device=triton_device)
+        want_idx, want_mask = torch.empty_like(got_idx), torch.empty_like(got_mask)
+        tk.top_blocks(score, kt, got_idx, got_mask)
+        routing.top_blocks(score, kt, want_idx, want_mask)
+        assert torch.equal(got_mask.cpu(), want_mask.cpu())
+        assert torch.equal(got_idx.sort(-1).values.cpu(), want_idx.sort(-1).values.cpu())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
