@@ -219,8 +219,12 @@ def _top_blocks_kernel(S, IDX, MASK, NB, KT, BLOCK: tl.constexpr):
     tl.store(MASK + row * NB + offs, take.to(tl.int8), mask=ok)
 
 
-#: Largest row the top-k kernel keeps in registers (16 warps, 32 scores a thread); longer rows sort.
-TOP_BLOCKS_MAX = 16384
+#: Scores per warp in the top-k kernel: a row of up to 2,048 blocks (HunyuanVideo 720p has 1,861)
+#: stays in one warp (64 a thread, 168 registers), so its 32 counting passes reduce by shuffles
+#: alone, without shared memory or barriers (log entry 18).
+TOP_BLOCKS_PER_WARP = 2048
+#: Longest row the kernel takes (4 warps); longer rows (over 500K tokens) sort.
+TOP_BLOCKS_MAX = 8192
 
 
 def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tensor) -> None:
@@ -231,7 +235,7 @@ def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tens
     if score.dtype != torch.float32 or block > TOP_BLOCKS_MAX or not (score.is_contiguous() and idx.is_contiguous()
                                                                      and mask.is_contiguous()):
         return _sorted_top_blocks(score, kt, idx, mask)
-    _top_blocks_kernel[(r * nq,)](score, idx, mask, nb, kt, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    _top_blocks_kernel[(r * nq,)](score, idx, mask, nb, kt, BLOCK=block, num_warps=max(1, block // TOP_BLOCKS_PER_WARP))
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])

@@ -192,6 +192,7 @@ def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
 
     torch.manual_seed(0)
     selects = {"topk+scatter": _topk_scatter, "sort": routing.top_blocks, "kernel": tk.top_blocks}
+    per_warp_default = tk.TOP_BLOCKS_PER_WARP
     for name in shapes:
         n, h = SHAPES[name]
         sp = 0.85 if name == "flux1024" else 0.875
@@ -202,9 +203,12 @@ def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
         res, sels = {}, {}
         for rnd in range(3):
             for sname, fn in selects.items():
-                call = lambda: route(st, scale=d ** -0.5, k=kk, heads=h, may_have_empty=False, select=fn)
-                sels[sname] = call()
-                res.setdefault(f"route {sname}", []).append(round(time_ms(call), 4))
+                for per_warp in ((256, 1024, 2048) if sname == "kernel" else (None,)):
+                    if per_warp:
+                        tk.TOP_BLOCKS_PER_WARP = per_warp
+                    call = lambda: route(st, scale=d ** -0.5, k=kk, heads=h, may_have_empty=False, select=fn)
+                    sels[sname] = call()
+                    res.setdefault(f"route {sname}{per_warp or ''}", []).append(round(time_ms(call), 4))
             for ds in (1, 2):
                 tk.POOL_DSPLIT = ds
                 tk._FITTING.clear()
@@ -221,6 +225,7 @@ def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
                     res.setdefault(f"pisa {tail} {'new' if new else 'old'}", []).append(round(time_ms(call), 3))
                 tk.top_blocks = kernel_select
         tk.POOL_DSPLIT = 2
+        tk.TOP_BLOCKS_PER_WARP = per_warp_default
         same = torch.equal(sels["kernel"].mask, sels["sort"].mask)
         agree = float((sels["kernel"].mask == sels["topk+scatter"].mask).float().mean())
         res["cudnn"] = round(time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)), 3)

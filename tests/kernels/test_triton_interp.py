@@ -88,6 +88,19 @@ def test_top_blocks_kernel_selects_what_the_sort_selects(nb, kt, triton_device):
         assert torch.equal(got_idx.sort(-1).values.cpu(), want_idx.sort(-1).values.cpu())
 
 
+def test_top_blocks_longer_rows_than_the_kernel_takes_sort(monkeypatch, triton_device):
+    from pisa_kernels import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "_top_blocks_kernel", None)  # must not be launched
+    monkeypatch.setattr(tk, "TOP_BLOCKS_MAX", 64)
+    score = torch.randn(1, 2, 100, device=triton_device)
+    idx = torch.empty(1, 2, 7, dtype=torch.int32, device=triton_device)
+    mask = torch.empty(1, 2, 100, dtype=torch.int8, device=triton_device)
+    tk.top_blocks(score, 7, idx, mask)
+    assert torch.equal(idx.sort(-1).values.long().cpu(), score.topk(7, dim=-1).indices.sort(-1).values.cpu())
+    assert int(mask.sum()) == 14
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("order", [1, 0, "drop"])
 def test_orders(dtype, order, triton_device):
