@@ -219,11 +219,10 @@ def _top_blocks_kernel(S, IDX, MASK, NB, KT, BLOCK: tl.constexpr):
     tl.store(MASK + row * NB + offs, take.to(tl.int8), mask=ok)
 
 
-#: Scores per warp in the top-k kernel: a row of up to 2,048 blocks (HunyuanVideo 720p has 1,861)
-#: stays in one warp (64 a thread, 168 registers), so its 32 counting passes reduce by shuffles
-#: alone, without shared memory or barriers (log entry 18).
-TOP_BLOCKS_PER_WARP = 2048
-#: Longest row the kernel takes (4 warps); longer rows (over 500K tokens) sort.
+#: Scores per warp in the top-k kernel: two warps for a row of up to 2,048 blocks (HunyuanVideo
+#: 720p has 1,861); measured against one and eight warps (log entry 18).
+TOP_BLOCKS_PER_WARP = 1024
+#: Longest row the kernel takes (8 warps); longer rows (over 500K tokens) sort.
 TOP_BLOCKS_MAX = 8192
 
 
