@@ -222,17 +222,19 @@ def _top_blocks_kernel(S, IDX, MASK, NB, KT, BLOCK: tl.constexpr):
 #: Scores per warp in the top-k kernel: two warps for a row of up to 2,048 blocks (HunyuanVideo
 #: 720p has 1,861); measured against one and eight warps (log entry 18).
 TOP_BLOCKS_PER_WARP = 1024
-#: Longest row the kernel takes (8 warps); longer rows (over 500K tokens) sort.
-TOP_BLOCKS_MAX = 8192
+#: Row widths of the top-k kernel (a compile-time constant): a row of NB blocks takes the first that
+#: holds it, so a new length compiles nothing once its width is compiled (FLUX 1024²: 128, Wan
+#: 480p: 512, Wan / HunyuanVideo 720p: 2,048).  Longer rows (over 500K tokens) sort.
+TOP_BLOCKS_WIDTHS = (128, 512, 2048, 8192)
 
 
 def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tensor) -> None:
     """:func:`pisa_kernels.routing.top_blocks` (the same blocks, ties to the lower index) in one
     launch, instead of a sort (or ``torch.topk``) and the mask's scatter."""
     r, nq, nb = score.shape
-    block = max(16, triton.next_power_of_2(nb))
-    if score.dtype != torch.float32 or block > TOP_BLOCKS_MAX or not (score.is_contiguous() and idx.is_contiguous()
-                                                                     and mask.is_contiguous()):
+    block = next((w for w in TOP_BLOCKS_WIDTHS if w >= nb), None)
+    if score.dtype != torch.float32 or block is None or not (score.is_contiguous() and idx.is_contiguous()
+                                                             and mask.is_contiguous()):
         return _sorted_top_blocks(score, kt, idx, mask)
     _top_blocks_kernel[(r * nq,)](score, idx, mask, nb, kt, BLOCK=block, num_warps=max(1, block // TOP_BLOCKS_PER_WARP))
 

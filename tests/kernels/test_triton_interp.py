@@ -92,7 +92,7 @@ def test_top_blocks_longer_rows_than_the_kernel_takes_sort(monkeypatch, triton_d
     from pisa_kernels import triton_kernels as tk
 
     monkeypatch.setattr(tk, "_top_blocks_kernel", None)  # must not be launched
-    monkeypatch.setattr(tk, "TOP_BLOCKS_MAX", 64)
+    monkeypatch.setattr(tk, "TOP_BLOCKS_WIDTHS", (16, 64))
     score = torch.randn(1, 2, 100, device=triton_device)
     idx = torch.empty(1, 2, 7, dtype=torch.int32, device=triton_device)
     mask = torch.empty(1, 2, 100, dtype=torch.int8, device=triton_device)
