@@ -404,8 +404,8 @@ def _attend_heads(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
         valid8 = valid.to(torch.int8).contiguous() if valid is not None else None
         stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov,
                         lognormal=plan.lognormal)
-        tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats, tk.top_blocks), scale=plan.scale,
-                  block=plan.block, order=plan.order)
+        tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats, tk.top_blocks),
+                  scale=plan.scale, block=plan.block, order=plan.order)
     else:
         out_h.copy_(reference.reference_forward(qh, kh, vh, valid, scale=plan.scale, block=plan.block,
                                                 order=plan.order, cov=plan.cov, route_fn=route_fn,

@@ -57,8 +57,8 @@ POOL_CHUNKS = 16
 #: ... but at least this many blocks per program, so the atomics stay a small share of the work.
 POOL_MIN_BLOCKS = 8
 #: Programs per chunk for head dim 128 with the first-order moment, each owning half the value
-#: columns: the 128 x 128 fp32 accumulator of one program spills (255 registers, 1.4 KB of local
-#: memory), half of it does not; 17-22 % faster at Wan / HunyuanVideo 720p.  Not with the
+#: columns: the 128 x 128 fp32 accumulator of one program spills (255 registers and 416 bytes of
+#: local memory a thread, Triton 3.6), half of it does not; 17-22 % faster at Wan / HunyuanVideo 720p.  Not with the
 #: log-normal statistics (its key variances load the first program: no gain measured) nor with
 #: covariance routing (its per-block norm needs every column).  Log entry 18.
 POOL_DSPLIT = 2
@@ -236,7 +236,8 @@ def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tens
     if score.dtype != torch.float32 or block is None or not (score.is_contiguous() and idx.is_contiguous()
                                                              and mask.is_contiguous()):
         return _sorted_top_blocks(score, kt, idx, mask)
-    _top_blocks_kernel[(r * nq,)](score, idx, mask, nb, kt, BLOCK=block, num_warps=max(1, block // TOP_BLOCKS_PER_WARP))
+    _top_blocks_kernel[(r * nq,)](score, idx, mask, nb, kt, BLOCK=block,
+                                  num_warps=max(1, block // TOP_BLOCKS_PER_WARP))
 
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])

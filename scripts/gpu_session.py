@@ -79,7 +79,7 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     res["pool_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False))
     res["pool_nomoment_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=False, cov=False))
     res["route_ms"] = time_ms(lambda: route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False,
-                                            may_have_empty=False))
+                                            may_have_empty=False, select=tk.top_blocks))
     res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
     from pisa_kernels.routing import Selection
     sel = route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False, may_have_empty=False)
@@ -192,7 +192,7 @@ def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
 
     torch.manual_seed(0)
     selects = {"topk+scatter": _topk_scatter, "sort": routing.top_blocks, "kernel": tk.top_blocks}
-    per_warp_default = tk.TOP_BLOCKS_PER_WARP
+    per_warp_default, dsplit_default = tk.TOP_BLOCKS_PER_WARP, tk.POOL_DSPLIT
     for name in shapes:
         n, h = SHAPES[name]
         sp = 0.85 if name == "flux1024" else 0.875
@@ -215,7 +215,7 @@ def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
                 call = lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False)
                 res.setdefault(f"pool dsplit={ds}", []).append(round(time_ms(call), 4))
             for new in (False, True):
-                tk.POOL_DSPLIT = 2 if new else 1
+                tk.POOL_DSPLIT = dsplit_default if new else 1
                 tk._FITTING.clear()
                 kernel_select = tk.top_blocks
                 if not new:
@@ -224,8 +224,7 @@ def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
                     call = lambda: pisa_attention(q, k, v, sparsity=sp, layout="BNHD", tail=tail)
                     res.setdefault(f"pisa {tail} {'new' if new else 'old'}", []).append(round(time_ms(call), 3))
                 tk.top_blocks = kernel_select
-        tk.POOL_DSPLIT = 2
-        tk.TOP_BLOCKS_PER_WARP = per_warp_default
+        tk.POOL_DSPLIT, tk.TOP_BLOCKS_PER_WARP = dsplit_default, per_warp_default
         same = torch.equal(sels["kernel"].mask, sels["sort"].mask)
         agree = float((sels["kernel"].mask == sels["topk+scatter"].mask).float().mean())
         res["cudnn"] = round(time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)), 3)
