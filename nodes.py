@@ -92,7 +92,7 @@ class PISAPatch:
 
 
 class PISACapture:
-    """Record the q/k/v of chosen attention calls of a real run, for ``python -m pisa_kernels.eval``."""
+    """Record the q/k/v of chosen attention calls of a real run, for ``python -m pisa_lab.eval``."""
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -124,7 +124,7 @@ class PISACapture:
     FUNCTION = "capture"
     CATEGORY = "model/patch"
     DESCRIPTION = ("Records the q/k/v of the chosen blocks and steps of a real sampling run to safetensors files, "
-                   "so `python -m pisa_kernels.eval --capture <folder>` can measure PISA's attention error on "
+                   "so `python -m pisa_lab.eval --capture <folder>` can measure PISA's attention error on "
                    "your own model. Does not change the result.")
 
     def capture(self, model, filename_prefix, blocks, steps, max_calls, unique_id=None):

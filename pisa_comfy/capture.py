@@ -1,8 +1,8 @@
 """PISA Capture: record the q/k/v of chosen blocks and steps of a real sampling run.
 
 Generated workloads only approximate real attention; a capture lets ``python -m
-pisa_kernels.eval --capture <files>`` measure PISA on the activations of the user's own model.
-The node installs an attention override the way PISA Patch does (:func:`pisa_comfy.install.install`,
+pisa_lab.eval --capture <files>`` measure PISA on the activations of the user's own model.
+The node installs an attention override the way PISA Patch does (:func:`pisa_comfy.patching.install`,
 same forward wrapper for step and layout, same chain rules) but never changes an output: each
 call of the model's main self-attention whose block and step were chosen is copied to the host
 and written to ``<output>/pisa_captures/`` (:mod:`pisa_kernels.capture_format`, one call per file)
@@ -21,12 +21,12 @@ import threading
 from dataclasses import dataclass
 
 from .attention_call import AttentionCall
-from .dispatch import call_geometry, forward_context
-from .install import install
-from .kernels import Capture, write_capture
+from .dispatch import forward_context
+from .library import Capture, write_capture
+from .node_state import NodeState
 from .override import make_override
+from .patching import install
 from .settings import PisaSettings, parse_dense_blocks
-from .state import PisaState
 from .steps import current_sigma
 
 log = logging.getLogger("pisa")
@@ -66,22 +66,22 @@ def capture_dispatch(state: CaptureState, func, previous, args: tuple, kwargs: d
     """The body of the capture override: record the call if it was chosen, then pass it on unchanged."""
     call = AttentionCall.parse(args, kwargs)
     state.observe(call)
-    return previous(func, *call.args, **call.kwargs) if previous is not None else func(*call.args, **call.kwargs)
+    return call.dense(func, previous)
 
 
-class CaptureState(PisaState):
-    """A PISA node state whose override records calls instead of running PISA.
+class CaptureState(NodeState):
+    """A node state whose override records calls instead of running PISA.
 
-    It reuses PisaState's step tracking, forward wrapper (under its own forward key, so its block
-    count is its own) and re-installation; the PISA settings only set the token order it records
-    (the node's default 64-token tiles).
+    It shares PISA Patch's step tracking, forward wrapper (under its own forward key, so its block
+    count is its own) and re-installation; the token order it records is the node's default
+    (tiles of ``PisaSettings.block_size`` tokens).
     """
 
     node_name = "PISA Capture"
     forward_key = "pisa_capture_forward"
 
     def __init__(self, capture: CaptureSettings, node_id: str | None = None):
-        super().__init__(PisaSettings(dense_steps=0, dense_blocks=frozenset(), min_tokens=0), node_id)
+        super().__init__(node_id, block_size=PisaSettings.block_size, dense_steps=0)
         self.capture = capture
         self.written: list[str] = []  # files of the current run
         self._serial: int | None = None
@@ -96,7 +96,7 @@ class CaptureState(PisaState):
             return  # cross-attention (text keys): not what PISA approximates
         to = call.transformer_options
         ctx = forward_context(self, to)
-        geometry = call_geometry(self, call, ctx)
+        geometry = ctx.geometry(call, self.text_side)
         if isinstance(geometry, str):
             return  # not the main sequence, or a mask other than key padding
         block = ctx.block_index(to)  # once per main call: it counts on cores without block_index
@@ -136,7 +136,7 @@ class CaptureState(PisaState):
         return os.path.join(c.folder, name + ".safetensors")
 
     def _record(self, call: AttentionCall, geometry, block: int | None, step: int | None) -> Capture:
-        _, h, n, d = call.dims(call.q)
+        h, n, d = call.h, call.n, call.d
         q, k, v = (t if call.layout == "BNHD" else t.transpose(1, 2) for t in call.kernel_inputs())
         layout, placement = geometry.layout, geometry.placement
         grids = [[first, list(grid)] for first, grid in placement.grids] if placement is not None else []
@@ -154,7 +154,7 @@ class CaptureState(PisaState):
         with self._file_lock:
             written, self.written = self.written, []
         if written:
-            log.info("PISA Capture wrote %d file(s) to %s; evaluate them with: python -m pisa_kernels.eval "
+            log.info("PISA Capture wrote %d file(s) to %s; evaluate them with: python -m pisa_lab.eval "
                      "--capture %s", len(written), self.capture.folder, self.capture.folder)
         return super().finish_run()
 

@@ -2,21 +2,34 @@
 
 The ``DIFFUSION_MODEL`` wrapper computes them once per forward (the step, the token layout) and
 stores the context in that forward's own ``transformer_options`` (ComfyUI builds a fresh dict for
-every model call, so concurrent forwards never share one).  Attention calls then only read it,
-apart from two per-forward caches: the count of main-sequence calls, which is the block index on
+every model call, so concurrent forwards never share one).  Attention calls then only read it
+(:meth:`ForwardContext.geometry`: where a call's tokens sit), apart from two per-forward caches: the count of main-sequence calls, which is the block index on
 cores that do not publish ``block_index`` (v0.3.64), and the reading of each mask tensor (reading
 a mask's values waits for the device, so it happens once per mask, not once per block).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from .masks import key_padding_valid
-from .token_layout import TokenLayout, side_from_padding
+from .run_stats import NOT_MAIN
+from .token_layout import Placement, TokenLayout, place, side_from_img_slice, side_from_padding
 
 #: Key of the context in the per-forward ``transformer_options``.
 FORWARD_KEY = "pisa_forward"
+
+
+@dataclass
+class Geometry:
+    """Where a main-sequence call's tokens sit, and which keys are padding."""
+
+    layout: TokenLayout | None  # None: a model whose token order is not known (raster order)
+    placement: Placement | None
+    kv_valid: torch.Tensor | None
 
 
 class ForwardContext:
@@ -51,3 +64,26 @@ class ForwardContext:
             cached = (mask, valid, side)  # keeps the mask alive, so its id stays unique
             self._masks[id(mask)] = cached
         return cached[1], cached[2]
+
+    def geometry(self, call, text_side: Callable[[str | None], str | None]) -> Geometry | str:
+        """The call's :class:`Geometry`, or the dense reason when it is not the model's main
+        attention or carries a mask other than key padding.  ``text_side(evidence)`` returns the side
+        of the text tokens, remembering evidence across calls (the node state's memory)."""
+        to = call.transformer_options
+        layout = self.layout
+        if layout is not None and layout.family == "wan" and to.get("grid_sizes") is not None:
+            layout = layout.with_main_grid(to["grid_sizes"])
+        n = call.n
+        n_extra = n - layout.image_tokens if layout is not None else 0
+        if n_extra < 0:
+            return NOT_MAIN  # shorter than the latent: e.g. HunyuanVideo's token refiner
+        kv_valid = side = None
+        if call.mask is not None:
+            kv_valid, side = self.read_mask(call.mask, call.b, n, n_extra)
+            if kv_valid is None:
+                return "mask"
+        placement = None
+        if layout is not None:
+            side = layout.extra_side or side_from_img_slice(to.get("img_slice"), n, n_extra) or side
+            placement = place(layout, n, text_side(side))
+        return Geometry(layout, placement, kv_valid)

@@ -14,8 +14,6 @@ import functools
 
 import torch
 
-from .dispatch import dispatch
-
 OVERRIDE_KEY = "optimized_attention_override"
 
 #: Callables looked at when searching a chain; chains are short, this only bounds odd cycles.
@@ -30,7 +28,7 @@ def compiler_disabled(fn):
     return disable(fn) if disable is not None else fn
 
 
-def make_override(state, previous, body=dispatch):
+def make_override(state, previous, body):
     """The override of ``state``'s node; ``previous`` (or ComfyUI's ``func``) is its dense path.
     ``body(state, func, previous, args, kwargs)`` handles each call (PISA's :func:`dispatch`, or
     another node kind's, e.g. the capture's)."""

@@ -14,6 +14,19 @@ from collections import Counter
 
 import torch
 
+# Why a call ran dense, in the words the run summary counts.  These are part of normal operation
+# (logged once only when the node is verbose); any other reason is worth a warning.
+DENSE_STEP = "dense step"
+DENSE_BLOCK = "dense block"
+SHORT = "short sequence"
+CROSS = "cross-attention"
+NOT_MAIN = "not the main sequence"
+EXPECTED_REASONS = frozenset({DENSE_STEP, DENSE_BLOCK, SHORT, CROSS, NOT_MAIN})
+# Why a call that was to run PISA ran dense after all (each explained by its own warning).
+OUT_OF_MEMORY = "out of memory"
+DOES_NOT_FIT = "kernel does not fit"
+RUNTIME_REASONS = frozenset({OUT_OF_MEMORY, DOES_NOT_FIT})
+
 
 class RunStats:
     """Counters of one sampling run.  Not thread-safe by itself; the owner serialises updates."""

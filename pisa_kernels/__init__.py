@@ -5,7 +5,7 @@ Host-independent: imports torch (and Triton where available), never ComfyUI.
 * :func:`pisa_attention` - the public API (Triton kernels on CUDA sm80+, PyTorch reference elsewhere).
 * :mod:`pisa_kernels.tiling` - token orders (compact 2-D / 3-D tiles) for better blocks.
 * :mod:`pisa_kernels.backend` - which backend runs where, in words.
-* ``python -m pisa_kernels.bench`` - kernel benchmark against dense SDPA.
+* ``python -m pisa_lab.bench`` - kernel benchmark against dense SDPA.
 """
 
 from .api import PisaStats, pisa_attention

@@ -17,19 +17,13 @@ from typing import Sequence, Union
 import torch
 
 from . import reference
-from .backend import KernelDoesNotFit, resolve_backend
+from .backend import resolve_backend
+from .errors import KernelDoesNotFit
+from .limits import BLOCK_SIZES, SUPPORTED_DTYPES, TAILS, TRITON_MAX_HEAD_DIM, check_sparsity
 from .routing import (QUERY_TILE, forced_blocks_from_tokens, num_blocks, route, routing_chunk_bytes, top_blocks,
                       topk_count)
 
 Ranges = Union[Sequence[Sequence[int]], torch.Tensor, None]
-
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-BLOCK_SIZES = (64, 128)
-#: How the tail weighs an unselected block: ``plain`` ``n_j exp(s q . kbar_j)`` (the paper's zeroth
-#: order), ``lognormal`` times ``exp(c_ij)``, its second-order mass term (routing.mass_bias).
-TAILS = ("plain", "lognormal")
-#: Largest head dim of the Triton kernels (one register tile per row); larger ones use the reference.
-TRITON_MAX_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -213,9 +207,7 @@ def _ranges_key(arg):
 def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, token_perm, routing, tail,
           backend) -> _Plan:
     """Validate the settings and build (or fetch) the call's plan."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
-            or not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    sparsity = check_sparsity(sparsity)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES} (an int), got {block_size!r}")
     order_i = _norm_order(order)

@@ -15,12 +15,6 @@ import torch
 MIN_CAPABILITY = (8, 0)
 
 
-class KernelDoesNotFit(RuntimeError):
-    """No launch configuration of a Triton kernel fits this GPU's shared memory for the call's dtype,
-    head dim and block size (fp32 inputs of head dim 128 on sm86/sm89's 99 KB, for one).
-    ``backend="auto"`` then runs the PyTorch reference; the ComfyUI node runs the call dense."""
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
     try:

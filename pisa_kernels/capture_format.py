@@ -1,6 +1,6 @@
 """The file format of attention captures: q/k/v of one real attention call plus what the node knew.
 
-Written by the PISA Capture node (``pisa_comfy.capture``), read by ``python -m pisa_kernels.eval
+Written by the PISA Capture node (``pisa_comfy.capture``), read by ``python -m pisa_lab.eval
 --capture``.  One call per file, so a long capture never holds more than one call in host memory
 and an interrupted run keeps what it wrote.  A safetensors file with:
 

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import KernelDoesNotFit
+from .errors import KernelDoesNotFit
 from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
 from .routing import top_blocks as _sorted_top_blocks
 

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PISA_SKIP_COMFY_REQS=1 bash scripts/setup_env.sh
-exec .venv/bin/python -m pisa_kernels.demo --out out "$@"
+exec .venv/bin/python -m pisa_lab.demo --out out "$@"

@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, ".")
 from pisa_kernels import pisa_attention, tiling  # noqa: E402
 from pisa_kernels import triton_kernels as tk  # noqa: E402
-from pisa_kernels.bench import SHAPES, environment, rel_l2, sdpa, time_ms  # noqa: E402
+from pisa_lab.bench import SHAPES, environment, rel_l2, sdpa, time_ms  # noqa: E402
 from pisa_kernels.routing import num_blocks, route, topk_count  # noqa: E402
 
 

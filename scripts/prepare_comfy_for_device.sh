@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copy a ComfyUI checkout into .comfy/ComfyUI (git-ignored) so that it travels with the working
-# tree to the GPU machine (carry: [".comfy"]), where `python -m pisa_comfy.e2e` imports it.
+# tree to the GPU machine (carry: [".comfy"]), where `python -m pisa_lab.e2e` imports it.
 #
 #   bash scripts/prepare_comfy_for_device.sh [SOURCE] [DEST]
 #       SOURCE  default $COMFYUI_PATH, else ~/comfy/ComfyUI

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from pisa_lab.e2e import comfy_host
+
 REPO = Path(__file__).resolve().parents[2]
 # The node's "auto" backend keeps attention dense where Triton cannot run (CPU): these tests exercise
 # the sparse path through the PyTorch reference instead (pisa_comfy.settings.PisaSettings.backend).
 os.environ.setdefault("PISA_BACKEND", "reference")
 
 COMFY_ROOT = Path(os.environ.get("COMFYUI_PATH") or Path.home() / "comfy" / "ComfyUI").expanduser()
-#: ComfyUI imports a node folder under its folder name; a name that is not an identifier proves
-#: that nothing in the pack depends on its own package name.
-PACK_NAME = "ComfyUI-PISA"
+PACK_NAME = comfy_host.PACK_NAME
 
 
 def _comfy_missing() -> str | None:
@@ -37,8 +37,7 @@ def _comfy_missing() -> str | None:
 
 
 def comfy_version() -> str:
-    text = (COMFY_ROOT / "comfyui_version.py").read_text() if (COMFY_ROOT / "comfyui_version.py").is_file() else ""
-    return text.split('__version__ = "', 1)[1].split('"', 1)[0] if '__version__ = "' in text else "unknown"
+    return comfy_host.comfy_version(COMFY_ROOT)
 
 
 def pytest_report_header(config):
@@ -50,22 +49,16 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def pack():
-    """The repository imported as a package, as ComfyUI's custom-node loader does."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(PACK_NAME, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
+    """The repository imported as a package, as ComfyUI's custom-node loader does (the loader the
+    end-to-end tool uses too)."""
+    return comfy_host.load_pack()
 
 
 @pytest.fixture(scope="session")
 def pc(pack):
-    """``pisa_comfy`` modules of the loaded pack, by short name (``pc.dispatch``, ``pc.state``, ...)."""
-    names = ["attention_call", "dispatch", "forward_context", "install", "kernels", "masks", "override",
-             "run_stats", "settings", "state", "steps", "token_layout"]
+    """``pisa_comfy`` modules of the loaded pack, by short name (``pc.dispatch``, ``pc.patch_state``, ...)."""
+    names = ["attention_call", "dispatch", "forward_context", "library", "masks", "node_state", "override",
+             "patch_state", "patching", "run_stats", "settings", "steps", "token_layout"]
     return types.SimpleNamespace(**{n: importlib.import_module(f"{PACK_NAME}.pisa_comfy.{n}") for n in names})
 
 

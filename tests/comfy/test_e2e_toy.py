@@ -1,4 +1,4 @@
-"""The end-to-end benchmark (``python -m pisa_comfy.e2e``, issue 6) on the CPU.
+"""The end-to-end benchmark (``python -m pisa_lab.e2e``, issue 6) on the CPU.
 
 * Its real-size configurations are what ComfyUI's own model detection makes of the checkpoints'
   parameter shapes (meta tensors: nothing is allocated).
@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pisa_lab.e2e import comfy_host, models, specs
+
 REPO = Path(__file__).resolve().parents[2]
 
 #: Imported by some ComfyUI module somewhere, but absent on the GPU machine (or may be).
@@ -35,8 +37,8 @@ class Absent(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (test: absent on the GPU machine)", name=name)
         return None
 sys.meta_path.insert(0, Absent())
-sys.argv = ["pisa_comfy.e2e"] + sys.argv[2:]
-runpy.run_module("pisa_comfy.e2e", run_name="__main__", alter_sys=True)
+sys.argv = ["pisa_lab.e2e"] + sys.argv[2:]
+runpy.run_module("pisa_lab.e2e", run_name="__main__", alter_sys=True)
 """
 
 
@@ -60,17 +62,10 @@ def device_copy(comfy_checkout, tmp_path_factory) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def e2e():
-    from pisa_comfy import e2e as module
-
-    return module
-
-
-def test_real_sizes_are_what_comfyui_detects(comfy, e2e):
+def test_real_sizes_are_what_comfyui_detects(comfy):
     """Each real-size case, as ComfyUI's model detection reads its checkpoint: the supported model,
     the dims the issue names, and the token counts of the issue's resolutions."""
-    C = e2e.import_comfy(e2e.comfy_root(None), cpu=True)
+    C = comfy_host.import_comfy(comfy_host.comfy_root(None), cpu=True)
     expect = {
         "wan2.1-14b-720p": ("WAN21_T2V", dict(dim=5120, num_heads=40, num_layers=40, ffn_dim=13824), 21 * 45 * 80),
         "wan2.1-1.3b-480p": ("WAN21_T2V", dict(dim=1536, num_heads=12, num_layers=30, ffn_dim=8960), 21 * 30 * 52),
@@ -81,26 +76,26 @@ def test_real_sizes_are_what_comfyui_detects(comfy, e2e):
         "flux1-dev-2048": ("Flux", dict(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38,
                                         guidance_embed=True), 128 * 128),
     }
-    assert set(expect) == set(e2e.DEFAULT_MODELS)
+    assert set(expect) == set(specs.DEFAULT_MODELS)
     for name, (supported, dims, tokens) in expect.items():
-        spec = e2e.SPECS[name]
-        model_config, overrides = e2e.detect_model_config(C, spec, torch.bfloat16)
+        spec = specs.SPECS[name]
+        model_config, overrides = models.detect_model_config(C, spec, torch.bfloat16)
         assert overrides == {}, (name, overrides)
         assert type(model_config).__name__ == supported
         for key, value in dims.items():
             assert model_config.unet_config[key] == value, (name, key)
-        assert e2e.tokens_of(spec, model_config.unet_config["patch_size"]) == tokens
-    assert (e2e.SPECS["flux1-dev-1024"].text_tokens, e2e.SPECS["flux1-dev-2048"].text_tokens) == (256, 512)
-    assert e2e.SPECS["wan2.1-14b-720p"].cfg and not e2e.SPECS["hunyuan-video-720p"].cfg
+        assert specs.tokens_of(spec, model_config.unet_config["patch_size"]) == tokens
+    assert (specs.SPECS["flux1-dev-1024"].text_tokens, specs.SPECS["flux1-dev-2048"].text_tokens) == (256, 512)
+    assert specs.SPECS["wan2.1-14b-720p"].cfg and not specs.SPECS["hunyuan-video-720p"].cfg
 
 
-def test_workflow_steps_and_node_defaults(pack, e2e):
+def test_workflow_steps_and_node_defaults(pack):
     node = pack.NODE_CLASS_MAPPINGS["PISAPatch"]
-    defaults = e2e.node_defaults(node)
+    defaults = comfy_host.node_defaults(node)
     required = node.INPUT_TYPES()["required"]
     assert defaults == {k: v[1]["default"] for k, v in required.items() if k != "model"}
     assert {"sparsity", "dense_steps", "dense_blocks", "min_tokens"} <= set(defaults)
-    wf = e2e.read_workflow("pisa_wan2.1_t2v_14B_720p.json", node)
+    wf = comfy_host.read_workflow("pisa_wan2.1_t2v_14B_720p.json", node)
     assert wf["steps"] > wf["pisa"]["dense_steps"] >= 0 and set(wf["pisa"]) == set(defaults)
 
 

@@ -44,10 +44,10 @@ def test_wan_reference_frame_tokens_stay_exact(comfy, pack, pc, call_log):
     ref = torch.randn(1, 16, 8, 12)  # one frame: 4 x 6 = 24 tokens before the 72 video tokens
     dense = wan(x, t, ctx, reference_latent=ref, transformer_options={})
 
-    state = pc.state.PisaState(pack.pisa_comfy.PisaSettings(sparsity=0.0, dense_steps=0, dense_blocks=frozenset(),
+    state = pc.patch_state.PisaState(pack.pisa_comfy.PisaSettings(sparsity=0.0, dense_steps=0, dense_blocks=frozenset(),
                                                             min_tokens=0))
     wrappers = {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"pisa": [state.diffusion_model_wrapper]}}
-    options = {"optimized_attention_override": pc.override.make_override(state, None), "wrappers": wrappers}
+    options = {"optimized_attention_override": state.make_override(None), "wrappers": wrappers}
     call_log.forwards.append({"sigma": 0.5, "calls": []})
     out = wan(x, t, ctx, reference_latent=ref, transformer_options=options)
     torch.testing.assert_close(out, dense, atol=2e-4, rtol=1e-3)

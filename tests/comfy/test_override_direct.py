@@ -14,8 +14,8 @@ NEG = -torch.finfo(torch.float32).max
 
 def make(pc, pack, previous=None, **settings):
     settings = {"min_tokens": 0, "dense_steps": 0, "dense_blocks": frozenset(), "backend": "reference", **settings}
-    state = pc.state.PisaState(pack.pisa_comfy.PisaSettings(**settings), node_id="5")
-    return state, pc.override.make_override(state, previous)
+    state = pc.patch_state.PisaState(pack.pisa_comfy.PisaSettings(**settings), node_id="5")
+    return state, state.make_override(previous)
 
 
 def qkv(b=1, h=2, n=200, d=64, seed=0, dtype=torch.float32):
@@ -131,7 +131,7 @@ def test_kernel_that_does_not_fit_the_gpu_runs_dense(pc, pack, sdpa, monkeypatch
     """No launch configuration fits (e.g. fp32 of head dim 128 on an RTX 30/40): those calls run
     dense, with one warning, and the run goes on."""
     def does_not_fit(*args, **kwargs):
-        raise pc.kernels.KernelDoesNotFit("no launch configuration of _pisa_fwd_kernel fits (test)")
+        raise pc.library.KernelDoesNotFit("no launch configuration of _pisa_fwd_kernel fits (test)")
 
     monkeypatch.setattr(pc.dispatch, "run_pisa", does_not_fit)
     state, override = make(pc, pack, sparsity=0.5)

@@ -71,8 +71,8 @@ def test_three_argument_prepare_state_reinstalls_on_the_live_options(tiny, patch
 def test_reassertion_is_idempotent_against_another_reasserting_node(pack, pc):
     """A core-style node that re-installs itself whenever it is not on top (checking only the top)
     and PISA re-asserting every step must not wrap each other without bound."""
-    state = pc.state.PisaState(pack.pisa_comfy.PisaSettings())
-    options = {OVERRIDE: pc.override.make_override(state, None)}
+    state = pc.patch_state.PisaState(pack.pisa_comfy.PisaSettings())
+    options = {OVERRIDE: state.make_override(None)}
 
     def core_install(options):
         top = options.get(OVERRIDE)
@@ -92,7 +92,7 @@ def test_reassertion_is_idempotent_against_another_reasserting_node(pack, pc):
 
 
 def test_a_replacement_is_wrapped_once_per_run(pack, pc):
-    state = pc.state.PisaState(pack.pisa_comfy.PisaSettings())
+    state = pc.patch_state.PisaState(pack.pisa_comfy.PisaSettings())
     replacement = lambda func, *a, **kw: func(*a, **kw)  # noqa: E731
     wrapped = []
     for _ in range(3):  # three forwards: fresh per-call options, same replacement on top

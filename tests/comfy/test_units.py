@@ -86,19 +86,19 @@ def test_text_side_evidence(pc):
 
 
 def test_tiled_order_is_a_permutation_with_extras_first(pc):
-    order = pc.token_layout.tiled_order(3 + 2 * 8 * 8 + 4, ((3, (2, 8, 8)),), 64, pc.kernels.tile_permutation)
+    order = pc.token_layout.tiled_order(3 + 2 * 8 * 8 + 4, ((3, (2, 8, 8)),), 64, pc.library.tile_permutation)
     n = 3 + 128 + 4
     assert sorted(order.tolist()) == list(range(n))
     assert order[:7].tolist() == [0, 1, 2, 131, 132, 133, 134]
     # The grid in the kernel library's own tile order, shifted to where the grid starts.
-    assert torch.equal(order[7:], pc.kernels.tile_permutation((2, 8, 8), block_size=64) + 3)
+    assert torch.equal(order[7:], pc.library.tile_permutation((2, 8, 8), block_size=64) + 3)
 
 
 # ---- override chains ---------------------------------------------------------------------------
 
 def test_chain_search_sees_through_other_packs_closures(pc, pack):
-    state = pc.state.PisaState(pack.pisa_comfy.PisaSettings())
-    ours = pc.override.make_override(state, None)
+    state = pc.patch_state.PisaState(pack.pisa_comfy.PisaSettings())
+    ours = state.make_override(None)
 
     def other_pack(previous):
         def override(func, *args, **kwargs):
@@ -108,7 +108,7 @@ def test_chain_search_sees_through_other_packs_closures(pc, pack):
     wrapped = other_pack(functools.partial(other_pack(ours)))
     assert pc.override.chain_contains(wrapped, state)
     assert not pc.override.chain_contains(other_pack(None), state)
-    assert not pc.override.chain_contains(ours, pc.state.PisaState(pack.pisa_comfy.PisaSettings()))
+    assert not pc.override.chain_contains(ours, pc.patch_state.PisaState(pack.pisa_comfy.PisaSettings()))
 
 
 # ---- call parsing ------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def test_call_parsing_handles_both_layouts(pc):
     parse = pc.attention_call.AttentionCall.parse
     q = torch.randn(2, 10, 3 * 64)
     wan = parse((q, q, q), {"heads": 3, "transformer_options": {}})
-    assert wan.layout == "BNHD" and wan.dims(q) == (2, 3, 10, 64)
+    assert wan.layout == "BNHD" and (wan.b, wan.h, wan.n, wan.d, wan.n_k) == (2, 3, 10, 64, 10)
     assert wan.kernel_inputs()[0].shape == (2, 10, 3, 64)
     out = torch.randn(2, 10, 3, 64)
     assert torch.equal(wan.shape_output(out), out.reshape(2, 10, 192))
@@ -128,4 +128,19 @@ def test_call_parsing_handles_both_layouts(pc):
     assert flux.shape_output(q4).shape == (2, 10, 192)
     keep = parse((q4, q4, q4, 3), {"skip_reshape": True, "skip_output_reshape": True})
     assert keep.shape_output(q4) is q4
-    assert math.prod(keep.dims(q4)) == q4.numel()
+    assert math.prod((keep.b, keep.h, keep.n, keep.d)) == q4.numel() and keep.n_k == 10
+
+
+def test_call_parsing_binds_like_python(pc):
+    """The hand-written binding (every dense call pays for it) accepts what ComfyUI's backend
+    signature accepts and refuses what Python's own binding refuses."""
+    parse = pc.attention_call.AttentionCall.parse
+    q = torch.randn(1, 4, 2 * 64)
+    call = parse((q, q, q, 2, None, None, False, False), {"transformer_options": {"x": 1}, "scale": 0.5})
+    assert call.heads == 2 and call.extra == {"transformer_options": {"x": 1}, "scale": 0.5}
+    assert call.transformer_options == {"x": 1}
+    kw = parse((), {"q": q, "k": q, "v": q, "heads": 2, "mask": "m"})
+    assert kw.mask == "m" and kw.n == 4 and kw.args == ()
+    for args, kwargs in (((q, q, q), {}), ((q, q, q, 2), {"heads": 2}), ((q,) * 3 + (2,) * 6, {})):
+        with pytest.raises(TypeError):
+            parse(args, kwargs)

@@ -26,7 +26,7 @@ sets here reproduce the mechanisms that shape real DiT attention:
 
 Named sets (:data:`SETS`) come at a ``small`` size (CPU tests and the reference backend) and a
 ``full`` size (real model resolutions, for the GPU).  ``bench_inputs`` gives the same kind of
-inputs for ``python -m pisa_kernels.bench --data dit`` at any length.
+inputs for ``python -m pisa_lab.bench --data dit`` at any length.
 
 Determinism: the latent field and the projection matrices come from a CPU generator (identical
 on every device); per-token noise is drawn on the target device, so a seed reproduces a set
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .tiling import joint_permutation
+from pisa_kernels.tiling import joint_permutation
 
 #: Latent channels of the content field (DiT latents are projected from a few dozen channels).
 CONTENT_CHANNELS = 32
@@ -404,7 +404,7 @@ def top_block_mass(q: torch.Tensor, k: torch.Tensor, *, share: float = 0.125, bl
 
 # ---- benchmark inputs ----------------------------------------------------------------------------
 
-#: Lengths of ``pisa_kernels.bench`` SHAPES -> (family, grid, text, text side): the real geometry.
+#: Lengths of ``pisa_lab.bench`` SHAPES -> (family, grid, text, text side): the real geometry.
 _KNOWN_LENGTHS = {
     75600: ("wan", (21, 45, 80), 0, "start"),
     119056: ("hunyuan_video", (33, 45, 80), 256, "end"),

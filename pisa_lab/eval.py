@@ -1,12 +1,11 @@
 """Attention fidelity: PISA (orders 1 / 0 / drop) and Sol-Attn against dense attention.
 
-    python -m pisa_kernels.eval                                  # small generated sets (CPU defaults)
-    python -m pisa_kernels.eval --sets full --json r.json --out results/   # real resolutions (GPU)
-    python -m pisa_kernels.eval --capture ComfyUI/output/pisa_captures/    # captured real q/k/v
-    python -m pisa_kernels.eval --variants                       # also the prototypes of variants.py
-    python -m pisa_kernels.eval --tails plain lognormal          # both tails in every token order
+    python -m pisa_lab.eval                                  # small generated sets (CPU defaults)
+    python -m pisa_lab.eval --sets full --json r.json --out results/   # real resolutions (GPU)
+    python -m pisa_lab.eval --capture ComfyUI/output/pisa_captures/    # captured real q/k/v
+    python -m pisa_lab.eval --tails plain lognormal          # both tails in every token order
 
-Cases are the generated DiT-like sets of :mod:`pisa_kernels.workloads` (``--sets``: a size
+Cases are the generated DiT-like sets of :mod:`pisa_lab.workloads` (``--sets``: a size
 ``tiny|small|full`` for every set, or ``name`` / ``name:size``) and capture files (``--capture``:
 files or folders, see :mod:`pisa_kernels.capture_format`).  For every case the truth is dense
 attention in float32 over the same (bf16) inputs, computed a few heads at a time; every method
@@ -46,10 +45,10 @@ from dataclasses import dataclass, field
 import torch
 
 from . import workloads
-from .api import pisa_attention
-from .capture_format import read_capture
-from .routing import forced_blocks_from_tokens
-from .tiling import joint_permutation
+from pisa_kernels import pisa_attention
+from pisa_kernels.capture_format import read_capture
+from pisa_kernels.routing import forced_blocks_from_tokens
+from pisa_kernels.tiling import joint_permutation
 
 SPARSITIES = (0.75, 0.875, 0.9, 0.95)
 ORDERS = (1, 0, "drop")
@@ -275,10 +274,6 @@ class Config:
     tails: tuple = TAILS
     backend: str = "auto"
     sol: bool = True
-    variants: tuple = ()  # routings of variants.py to run ("auto": the node's rule)
-    variant_sparsities: tuple = (BAR_SPARSITY,)
-    variant_moments: tuple = ()  # empty: all of variants.MOMENTS
-    variant_tails: tuple = ()  # empty: all of variants.TAILS
 
 
 def evaluate_case(case: Case, cfg: Config, sol=None, log=print) -> list[dict]:
@@ -311,27 +306,7 @@ def evaluate_case(case: Case, cfg: Config, sol=None, log=print) -> list[dict]:
                 add("sol-tau", token_order, "-", float("nan"), run_sol(sol, case, token_order=token_order, sparsity=None))
             except RuntimeError as exc:  # the eager reference refuses large inputs (O(N^2) memory)
                 log(f"[eval] {case.name}: Sol-Attn skipped ({str(exc).splitlines()[0][:160]})")
-        if cfg.variants and case.kv_valid is None:
-            rows += _variant_rows(case, cfg, token_order, ref)
     log(f"[eval] {case.name}: {len(rows)} results in {time.time() - t0:.1f}s")
-    return rows
-
-
-def _variant_rows(case: Case, cfg: Config, token_order: str, ref: torch.Tensor) -> list[dict]:
-    from . import variants
-
-    rows = []
-    sink = case.token_mask()
-    for routing in dict.fromkeys(resolve_routing(r, case) for r in cfg.variants):
-        for sp in cfg.variant_sparsities:
-            outs = variants.variant_outputs(case.q, case.k, case.v, sparsity=sp, routing=routing, sink=sink,
-                                            moments=cfg.variant_moments or variants.MOMENTS,
-                                            tails=cfg.variant_tails or tuple(variants.TAILS),
-                                            dense_rows=sink, token_perm=case.perm(token_order))
-            for name, out in outs.items():
-                rel, cos = metrics(out.to(ref.device), ref)
-                rows.append(dict(case=case.name, method=f"proto-{name}", token_order=token_order, routing=routing,
-                                 sparsity=sp, rel_l2=rel, cos=cos))
     return rows
 
 
@@ -453,8 +428,7 @@ _COLORS = {"pisa-o1": "tab:blue", "pisa-o0": "tab:orange", "pisa-drop": "tab:red
 
 
 def plot(rows: list[dict], cases: list[Case], path: str) -> None:
-    """Error vs sparsity per case: colour = method, line style = token order, marker = routing.
-    The prototypes of variants.py stay in the table only (readability)."""
+    """Error vs sparsity per case: colour = method, line style = token order, marker = routing."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -515,14 +489,6 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-sol", action="store_true", help="skip Sol-Attn even where it runs")
-    ap.add_argument("--variants", nargs="*", default=None,
-                    help="also run the prototypes of pisa_kernels.variants with these routings "
-                         "(no value: all; auto: the node's rule); small inputs only")
-    ap.add_argument("--variant-moments", nargs="*", default=[], help="first-order moments of the prototypes "
-                    "(default: all of variants.MOMENTS)")
-    ap.add_argument("--variant-tails", nargs="*", default=[], help="tail weights of the prototypes "
-                    "(default: all of variants.TAILS)")
-    ap.add_argument("--variant-sparsities", nargs="*", type=float, default=[BAR_SPARSITY])
     ap.add_argument("--out", default="fidelity-results", help="folder for fidelity.md and fidelity.png")
     ap.add_argument("--json", help="write every number and the environment to this file")
     args = ap.parse_args(argv)
@@ -530,15 +496,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the dense truth is true float32
-    from . import variants
-
     cfg = Config(sparsities=tuple(args.sparsities), orders=tuple(1 if o == "1" else 0 if o == "0" else o for o in args.orders),
                  token_orders=tuple(args.token_orders),
                  routings=tuple(args.routings or (("topk", "cov") if device.type == "cuda" else ("auto",))),
-                 tails=tuple(args.tails), backend=args.backend, sol=not args.no_sol,
-                 variants=() if args.variants is None else tuple(args.variants or variants.ROUTINGS),
-                 variant_sparsities=tuple(args.variant_sparsities), variant_moments=tuple(args.variant_moments),
-                 variant_tails=tuple(args.variant_tails))
+                 tails=tuple(args.tails), backend=args.backend, sol=not args.no_sol)
     sol, sol_note = sol_peer(device) if cfg.sol else (None, "disabled (--no-sol)")
     sol_note = sol_note if sol is not None else f"not run ({sol_note})"
     print(f"[eval] device {device}; Sol-Attn: {sol_note}", file=sys.stderr)

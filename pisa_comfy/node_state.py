@@ -1,12 +1,13 @@
-"""Everything one PISA Patch node keeps between attention calls, and its ComfyUI hooks.
+"""What every node of this pack that installs an attention override keeps between calls, and its
+ComfyUI hooks: the base of PISA Patch's state (:mod:`pisa_comfy.patch_state`) and PISA Capture's.
 
-One :class:`PisaState` belongs to one patched model.  It is shared by reference by every clone of
+One :class:`NodeState` belongs to one patched model.  It is shared by reference by every clone of
 that model and by every per-call ``transformer_options`` ComfyUI builds from it, and the calls may
 come from several threads (late-2026 cores batch conds on several GPUs in a thread pool), so all
 mutable state is guarded by one lock.  Work that waits for the device (reading sigmas, masks,
 CUDA timings) is done outside the lock and at most once per forward or per run.
 
-Hooks (registered with a key on the patched clone by :mod:`pisa_comfy.install`):
+Hooks (registered with a key on the patched clone by :mod:`pisa_comfy.patching`):
 
 * ``DIFFUSION_MODEL`` wrapper: per forward, re-asserts the override on the live per-call options
   (v0.3.64 / v0.19.3 have no other place that reaches them) and computes the forward's step and
@@ -21,12 +22,10 @@ import logging
 import threading
 
 from . import token_layout
-from .dispatch import EXPECTED_REASONS
 from .forward_context import FORWARD_KEY, ForwardContext
-from .kernels import backend_choice, tile_permutation
-from .override import OVERRIDE_KEY, chain_contains, compiler_disabled, describe_override, make_override
+from .library import tile_permutation
+from .override import OVERRIDE_KEY, chain_contains, compiler_disabled, describe_override
 from .run_stats import RunStats, send_to_ui
-from .settings import PisaSettings
 from .steps import ScheduleTracker, current_sigma, schedule_of, step_in_schedule
 
 log = logging.getLogger("pisa")
@@ -36,16 +35,20 @@ log = logging.getLogger("pisa")
 _ORDER_CACHE_SIZE = 32
 
 
-class PisaState:
+class NodeState:
+    """Subclasses set :attr:`node_name` and :attr:`forward_key` and implement :meth:`make_override`
+    (their own per-call body) and :meth:`backends` (what the run summary names)."""
+
     #: The node's display name, for log lines.
-    node_name = "PISA Patch"
+    node_name = "PISA node"
     #: Key of this node kind's :class:`ForwardContext` in the per-forward options (each node kind
     #: counts its own calls, so two kinds on one model never advance each other's block count).
     forward_key = FORWARD_KEY
 
-    def __init__(self, settings: PisaSettings, node_id: str | None = None):
-        self.settings = settings
+    def __init__(self, node_id: str | None, *, block_size: int, dense_steps: int):
         self.node_id = node_id
+        self.block_size = block_size  # of the tiled token order
+        self.dense_steps = dense_steps  # only to say once when steps cannot be told apart
         self.last_summary: dict | None = None  # the pisa.stats payload of the last finished run
         self._lock = threading.Lock()
         self._logged: set[str] = set()
@@ -53,7 +56,6 @@ class PisaState:
         self._schedule = ScheduleTracker()
         self._reinstalled: dict[int, tuple] = {}  # id(override found on top) -> (it, our closure over it)
         self._orders: dict[tuple, object] = {}
-        self._backends: dict[str, str | None] = {}
         self._text_side: str | None = None
 
     # ---- logging -------------------------------------------------------------------------------
@@ -66,26 +68,7 @@ class PisaState:
             self._logged.add(key)
         log.log(logging.WARNING if warn else logging.INFO, message, *args)
 
-    def dense_reason(self, reason: str) -> str:
-        """Log (once) that calls run dense for ``reason`` and return it.  Normal reasons (dense
-        steps, short sequences, ...) are only logged when the node is verbose."""
-        expected = reason in EXPECTED_REASONS
-        if self.settings.verbose or not expected:
-            self.log_once(f"dense:{reason}", "PISA: attention calls with %s run dense", reason, warn=not expected)
-        return reason
-
     # ---- per call ------------------------------------------------------------------------------
-
-    def backend_for(self, device) -> str | None:
-        key = str(device)
-        with self._lock:
-            known = key in self._backends
-        if not known:
-            chosen, sentence = backend_choice(self.settings.backend, device)
-            with self._lock:
-                self._backends[key] = chosen
-            self.log_once(f"backend:{key}", "%s", sentence)
-        return self._backends[key]
 
     def text_side(self, evidence: str | None) -> str | None:
         """The side of the text (extra) tokens: this call's evidence, else what an earlier call of
@@ -96,11 +79,11 @@ class PisaState:
             return self._text_side
 
     def token_order(self, n: int, grids, device):
-        key = (n, grids, self.settings.block_size, str(device))
+        key = (n, grids, self.block_size, str(device))
         with self._lock:
             order = self._orders.get(key)
         if order is None:
-            order = token_layout.tiled_order(n, grids, self.settings.block_size, tile_permutation).to(device)
+            order = token_layout.tiled_order(n, grids, self.block_size, tile_permutation).to(device)
             with self._lock:
                 if len(self._orders) >= _ORDER_CACHE_SIZE:
                     self._orders.pop(next(iter(self._orders)))
@@ -113,10 +96,11 @@ class PisaState:
         return ForwardContext(layout=None, step=self._step(transformer_options), double_blocks=0,
                               whole_forward=False)
 
-    def record(self, transformer_options: dict, **outcome) -> None:
-        run = self._current_run(transformer_options)
+    def record(self, call, **outcome) -> None:
+        """One call's outcome (:meth:`RunStats.record`) into the current run."""
+        run = self._run or self._current_run(call.transformer_options)
         with self._lock:
-            run.record(**outcome)
+            run.record(work=call.work, **outcome)
 
     # ---- runs ----------------------------------------------------------------------------------
 
@@ -134,7 +118,7 @@ class PisaState:
         run = self._current_run(transformer_options)
         sigma = current_sigma(transformer_options)
         if sigma is None or not run.schedule:
-            if self.settings.dense_steps:
+            if self.dense_steps:
                 self.log_once("no step", "PISA cannot tell the sampling step (no sigmas in transformer_options); "
                               "dense_steps is ignored")
             return None
@@ -148,7 +132,7 @@ class PisaState:
             self._reinstalled.clear()
             if run is not None:
                 self._schedule.finished(run.schedule, run.step_offset)
-            backends = sorted({b for b in self._backends.values() if b})
+            backends = self.backends()
         if run is None or run.calls == 0:
             return None
         payload = run.summary(", ".join(backends) or None)
@@ -162,7 +146,11 @@ class PisaState:
 
     def make_override(self, previous):
         """This node's attention override over ``previous`` (the dense path)."""
-        return make_override(self, previous)
+        raise NotImplementedError
+
+    def backends(self) -> list[str]:
+        """The PISA backends this node ran on (named in the run summary)."""
+        return []
 
     def ensure_installed(self, transformer_options: dict) -> None:
         """Put this node's override back on top if a later writer replaced it (idempotent: checks

@@ -1,9 +1,9 @@
 """Kernel benchmark: PISA against dense SDPA (cuDNN and flash backends) and, when importable,
 ComfyUI's Sol-Attn kernel (``comfy_kitchen.sol_attn``), at DiT shapes, in one process.
 
-    python -m pisa_kernels.bench                      # all shapes, table on stdout
-    python -m pisa_kernels.bench --shapes wan720 --json out.json
-    python -m pisa_kernels.bench --tails plain lognormal   # also order 1 with the log-normal tail
+    python -m pisa_lab.bench                      # all shapes, table on stdout
+    python -m pisa_lab.bench --shapes wan720 --json out.json
+    python -m pisa_lab.bench --tails plain lognormal   # also order 1 with the log-normal tail
 
 Times are medians of CUDA-event timings (``triton.testing.do_bench``) after warm-up.  The error
 column is the relative L2 error against the cuDNN output on the same inputs.
@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from .api import pisa_attention
+from pisa_kernels import pisa_attention
 
 #: name -> (tokens N, heads H); B = 1, D = 128, bf16 (issue #2).
 SHAPES = {
@@ -50,11 +50,11 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def make_inputs(kind: str, b: int, h: int, n: int, d: int, seed: int, device) -> tuple[torch.Tensor, ...]:
     """``[B, N, H, D]`` bf16 inputs.  ``random``: i.i.d. normal; ``dit``: the structured DiT-like set
-    of :mod:`pisa_kernels.workloads` when present (spatially smooth, RoPE, concentrated heads)."""
+    of :mod:`pisa_lab.workloads` when present (spatially smooth, RoPE, concentrated heads)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     if kind == "random":
         return tuple(torch.randn(b, n, h, d, generator=g).to(device=device, dtype=torch.bfloat16) for _ in range(3))
-    from . import workloads  # noqa: PLC0415 - optional module (issue #5)
+    from . import workloads  # noqa: PLC0415 - imported only for --data dit
 
     return workloads.bench_inputs(b, h, n, d, seed=seed, device=device)
 
@@ -92,8 +92,8 @@ def _peak_extra_mb(fn) -> float:
 def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: bool = False) -> float:
     """Time of the pre-scan plus routing alone (as :func:`pisa_attention` runs them for bf16 inputs
     without a mask), the fixed overhead of a PISA call."""
-    from . import triton_kernels as tk
-    from .routing import num_blocks, route, routing_chunk_bytes, topk_count
+    from pisa_kernels import triton_kernels as tk
+    from pisa_kernels.routing import num_blocks, route, routing_chunk_bytes, topk_count
 
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     h = qh.shape[1]
@@ -190,8 +190,8 @@ def main(argv=None) -> int:
                     help="also time these sequence lengths (H=24, B=1): the dense/sparse crossover")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("pisa_kernels.bench needs a CUDA GPU (the kernels are timed against cuDNN); "
-              "run `python -m pisa_kernels.demo` for the CPU demo.", file=sys.stderr)
+        print("pisa_lab.bench needs a CUDA GPU (the kernels are timed against cuDNN); "
+              "run `python -m pisa_lab.demo` for the CPU demo.", file=sys.stderr)
         return 2
     env = environment()
     print(json.dumps(env))

@@ -11,7 +11,7 @@ import logging
 
 from .override import OVERRIDE_KEY, describe_override
 from .settings import PisaSettings
-from .state import PisaState
+from .patch_state import PisaState
 
 log = logging.getLogger("pisa")
 

@@ -9,8 +9,8 @@ import torch
 from pisa_comfy.capture import CaptureSettings, CaptureState
 from pisa_comfy.forward_context import ForwardContext
 from pisa_comfy.token_layout import END, START, TokenLayout
-from pisa_kernels import eval as E
-from pisa_kernels import workloads as W
+from pisa_lab import eval as E
+from pisa_lab import workloads as W
 from pisa_kernels.capture_format import read_capture
 from pisa_kernels.tiling import joint_permutation
 

@@ -1,9 +1,9 @@
 """The main job on a built-in default: PISA against dense attention on a DiT-like workload.
 
-    python -m pisa_kernels.demo [--out out] [--set wan-video] [--size small|full]
+    python -m pisa_lab.demo [--out out] [--set wan-video] [--size small|full]
 
 One Wan-like video attention call (RoPE, smooth content, a mix of local / spatial / temporal /
-global heads, from :mod:`pisa_kernels.workloads`; no download), in the node's tiled token order.
+global heads, from :mod:`pisa_lab.workloads`; no download), in the node's tiled token order.
 For PISA orders 1 / 0 / drop at several sparsities it reports the relative L2 error and cosine
 similarity against dense attention and, on a CUDA GPU, the speed-up over cuDNN.  Writes
 ``demo.json`` and ``demo.png`` (error vs sparsity; speed-up vs sparsity on the GPU) to ``--out``.
@@ -22,7 +22,7 @@ import time
 import torch
 
 from . import eval as pisa_eval
-from .backend import describe
+from pisa_kernels.backend import describe
 
 SPARSITIES = (0.75, 0.875, 0.9, 0.95)
 ORDERS = (1, 0, "drop")

@@ -10,8 +10,8 @@ CPU).
 import pytest
 import torch
 
-from pisa_kernels import eval as E
-from pisa_kernels import workloads as W
+from pisa_lab import eval as E
+from pisa_lab import workloads as W
 
 SPARSITY = 0.875
 

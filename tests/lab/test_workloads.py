@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pisa_kernels import workloads as W
+from pisa_lab import workloads as W
 
 
 @pytest.fixture(scope="module")
