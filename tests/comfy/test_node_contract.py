@@ -19,7 +19,7 @@ CONTRACT = [  # (name, type or combo, default)
 
 
 def test_pack_exports_what_comfyui_loads(pack):
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"PISAPatch", "PISACapture"}  # PISACapture: tests/fidelity
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"PISAPatch", "PISACapture"}  # PISACapture: tests/lab/test_capture.py
     assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"PISAPatch": "PISA Patch", "PISACapture": "PISA Capture (Q/K/V)"}
     assert pack.WEB_DIRECTORY == "./web"
     node = pack.NODE_CLASS_MAPPINGS["PISAPatch"]
