@@ -33,12 +33,31 @@ class Geometry:
 
 
 class ForwardContext:
-    def __init__(self, layout: TokenLayout | None, step: int | None, double_blocks: int, whole_forward: bool):
-        self.layout = layout
-        self.step = step  # global step index (split schedules continue counting), None if unknown
+    """``layout`` and ``step`` are values or zero-argument callables, read at their first use:
+    reading the step waits for the device (the sigma is a device tensor), and a forward whose calls
+    all stay dense for a cheaper reason (FLUX at 1024², every call shorter than ``min_tokens``)
+    should not pay for it."""
+
+    def __init__(self, layout, step, double_blocks: int, whole_forward: bool):
+        self._layout = layout
+        self._step = step
         self.double_blocks = double_blocks  # FLUX/HunyuanVideo: single blocks are numbered after these
         self._main_calls = 0 if whole_forward else None  # counting needs to see the whole forward
         self._masks: dict[int, tuple[torch.Tensor, torch.Tensor | None, str | None]] = {}
+
+    @property
+    def layout(self) -> TokenLayout | None:
+        """The model's token layout, None if not known (raster order)."""
+        if callable(self._layout):
+            self._layout = self._layout()
+        return self._layout
+
+    @property
+    def step(self) -> int | None:
+        """Global step index (split schedules continue counting), None if unknown."""
+        if callable(self._step):
+            self._step = self._step()
+        return self._step
 
     def block_index(self, transformer_options: dict) -> int | None:
         """Index of this main-sequence call's transformer block, counted through the whole network

@@ -18,6 +18,7 @@ Hooks (registered with a key on the patched clone by :mod:`pisa_comfy.patching`)
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 
@@ -93,7 +94,7 @@ class NodeState:
     def context_without_wrapper(self, transformer_options: dict) -> ForwardContext:
         """For attention reached without the model's forward wrapper (models that call attention
         outside ``DIFFUSION_MODEL``): step from the options, no layout, no block counting."""
-        return ForwardContext(layout=None, step=self._step(transformer_options), double_blocks=0,
+        return ForwardContext(layout=None, step=functools.partial(self._step, transformer_options), double_blocks=0,
                               whole_forward=False)
 
     def record(self, call, **outcome) -> None:
@@ -187,16 +188,17 @@ class NodeState:
 
     @compiler_disabled
     def _enter_forward(self, to: dict, executor, args, kwargs):
-        """The per-forward bookkeeping (re-install, layout, step): one opaque call under
-        ``torch.compile``, so the compiled model breaks once here per forward, not at every lock,
-        import and ``.item()`` inside.  Returns the context it replaced."""
+        """The per-forward bookkeeping (re-install; the layout and the step are read when a call
+        first needs them, see :class:`ForwardContext`): one opaque call under ``torch.compile``, so
+        the compiled model breaks once here per forward, not at every lock and import inside.
+        Returns the context it replaced."""
         self.ensure_installed(to)
         model = executor.class_obj
         outer = to.get(self.forward_key)
-        to[self.forward_key] = ForwardContext(layout=self._layout(model, executor.original, args, kwargs),
-                                              step=self._step(to),
-                                              double_blocks=len(getattr(model, "double_blocks", None) or ()),
-                                              whole_forward=True)
+        to[self.forward_key] = ForwardContext(
+            layout=functools.partial(self._layout, model, executor.original, args, kwargs),
+            step=functools.partial(self._step, to),
+            double_blocks=len(getattr(model, "double_blocks", None) or ()), whole_forward=True)
         return outer
 
     def _layout(self, model, forward, args, kwargs):

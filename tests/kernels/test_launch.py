@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pisa_kernels import api, pisa_attention
-from pisa_kernels.backend import KernelDoesNotFit
+from pisa_kernels.errors import KernelDoesNotFit
 from pisa_test_utils import max_err, rand_qkv
 
 triton = pytest.importorskip("triton")
