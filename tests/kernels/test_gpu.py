@@ -5,7 +5,8 @@
   near-tie differently (the two pre-scans sum in different orders), so outputs are compared on the
   reference's selection (replayed) and the backends' own selections must agree on almost all tiles.
 * A 2,000-case hypothesis fuzz (issue 7), mostly small shapes, Triton vs reference and the CUDA-graph
-  path vs the eager one.
+  path vs the eager one, in :data:`GPU_FUZZ_SHARDS` tests of their own seeds (each fits one device
+  call; ``scripts/gpu_tests.py`` runs them in groups).
 * ``sparsity=0`` vs SDPA: relative L2 <= 1e-2 in bf16 (issue 2's bar), with and without a key mask.
 * No recompilation (or re-autotuning) for a new sequence length or sparsity (issue 2).
 * Extra GPU memory during a call <= 10% of the bytes of q + k + v (issue 2's bar).
@@ -20,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, note, settings
+from hypothesis import seed as fuzz_seed
 
 from fuzz_strategies import fuzz_case
 from pisa_kernels import pisa_attention
@@ -32,6 +34,9 @@ pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 3e-3}  # fp32 dots run as tf32
 N_GPU_FUZZ = int(2000 * float(os.environ.get("PISA_FUZZ_SCALE", "1")))
+#: The GPU fuzz runs as this many tests (``test_gpu_fuzz[shard0]`` ...), each with its own seed and
+#: its share of the N_GPU_FUZZ cases, so that one shard fits one device call.
+GPU_FUZZ_SHARDS = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -199,11 +204,16 @@ def test_cuda_graph_of_expanded_inputs_and_across_inference_mode(dtype):
 # --- fuzz ---
 
 
-def test_gpu_fuzz(case_counter):
+@pytest.mark.parametrize("shard", range(GPU_FUZZ_SHARDS), ids=lambda i: f"shard{i}")
+def test_gpu_fuzz(case_counter, shard):
+    """One shard of the GPU fuzz: its own seed (shards draw independent cases; each starts with
+    hypothesis's simplest case) and its share of the N_GPU_FUZZ cases (the shares sum to it)."""
+    n_cases = N_GPU_FUZZ * (shard + 1) // GPU_FUZZ_SHARDS - N_GPU_FUZZ * shard // GPU_FUZZ_SHARDS
     before = case_counter["triton vs reference (GPU)"]
     fracs = []
 
-    @settings(max_examples=N_GPU_FUZZ, deadline=None, derandomize=True, database=None, print_blob=True,
+    @fuzz_seed(20261127 + shard)
+    @settings(max_examples=n_cases, deadline=None, database=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.filter_too_much])
     @given(fuzz_case(gpu=True))
@@ -218,8 +228,9 @@ def test_gpu_fuzz(case_counter):
 
     run()
     ran = case_counter["triton vs reference (GPU)"] - before
-    print(f"GPU fuzz: {ran} cases, routing differs on {sum(fracs) / max(1, len(fracs)):.3%} of tiles on average")
-    assert ran >= N_GPU_FUZZ
+    print(f"GPU fuzz shard {shard}: {ran} cases, routing differs on {sum(fracs) / max(1, len(fracs)):.3%} "
+          f"of tiles on average")
+    assert ran >= n_cases
     assert sum(fracs) / max(1, len(fracs)) <= 0.01
 
 
