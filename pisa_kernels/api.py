@@ -193,11 +193,14 @@ _PLAN_CACHE_SIZE = 64
 
 
 def _ranges_key(arg):
-    """A hashable form of list-of-pairs ranges; None when not cacheable (tensor masks)."""
+    """A hashable form of the ranges (pairs, or a bool mask by its values: a plan per call would also
+    mean a CUDA graph captured per call); None when malformed (the uncached path raises)."""
     if arg is None:
         return ()
     if isinstance(arg, torch.Tensor):
-        return None
+        if arg.dtype != torch.bool or arg.dim() != 1:
+            return None
+        return "mask", arg.detach().cpu().numpy().tobytes()
     try:
         return tuple((operator.index(r[0]), operator.index(r[1])) for r in arg)
     except (TypeError, ValueError, IndexError):

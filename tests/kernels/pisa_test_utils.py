@@ -9,6 +9,8 @@ import math
 import torch
 
 from pisa_kernels import api as pisa_api
+from pisa_kernels import graphs as pisa_graphs
+from pisa_kernels import pisa_attention
 from pisa_kernels.routing import Selection, mass_bias
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -140,8 +142,14 @@ def capture_routing(replay: Selection | None = None):
     """Records every routing decision of :func:`pisa_attention` (``api.route`` is looked up at
     call time) as ``(stats, selection, kwargs)``.  With ``replay``, the routing returns that
     selection instead, so two backends can be compared on exactly the same blocks (inputs with
-    tied scores, where either choice is correct)."""
-    orig = pisa_api.route
+    tied scores, where either choice is correct).
+
+    Inside, calls run eagerly, never as a CUDA graph (``graphs.wanted`` says no): a graph's first
+    call routes twice (warm-up and capture) and its replays not at all, so the log would not hold
+    one decision per call, and a replayed selection would be baked into a cached graph that later
+    calls replay.  :func:`assert_graph_path_is_eager` checks the graph path against the eager one.
+    """
+    orig, orig_wanted = pisa_api.route, pisa_graphs.wanted
     log = []
 
     def wrapped(stats, **kw):
@@ -158,15 +166,33 @@ def capture_routing(replay: Selection | None = None):
         return sel
 
     pisa_api.route = wrapped
+    pisa_graphs.wanted = lambda mode, plan, q: False
     try:
         yield log
     finally:
-        pisa_api.route = orig
+        pisa_api.route, pisa_graphs.wanted = orig, orig_wanted
 
 
 def selection_of(log) -> Selection:
     assert len(log) == 1, f"expected one routing call, got {len(log)}"
     return log[0][1]
+
+
+def assert_graph_path_is_eager(q, k, v, tol: float, **kw) -> None:
+    """On CUDA: the Triton call through a CUDA graph equals the eager call, on these values (a
+    capture, or a replay of an earlier case's graph) and on other values (``k, v, q`` in the roles
+    of ``q, k, v``: the same shapes, strides and settings, so a replay of the same graph), which
+    fails if a replay read anything stale.  Calls with ``kv_valid`` run eagerly either way
+    (api._run).  The two paths can differ in the last bits (the first-order moments meet through
+    fp32 atomics; the graph's input copies may take other load paths), hence a tolerance; a stale
+    replay is off by O(1)."""
+    if q.device.type != "cuda":
+        return
+    for args in ((q, k, v), (k, v, q)):
+        graph = pisa_attention(*args, backend="triton", cuda_graph=True, **kw)
+        eager = pisa_attention(*args, backend="triton", cuda_graph=False, **kw)
+        err = max_err(graph, eager)
+        assert err <= tol, f"CUDA-graph call vs eager call: max error {err:.3e} > {tol:.1e}"
 
 
 def same_selection_on_nonempty(mask_a: torch.Tensor, mask_b: torch.Tensor, blen: torch.Tensor, heads: int):

@@ -7,7 +7,7 @@ generated CPU cases, reference + Triton interpreter; counts are printed in the t
   pooled scores round differently).
 * ``test_fuzz_triton_vs_reference``: the Triton kernels (interpreter on CPU, about 0.3 s per call,
   hence fewer and tinier cases; fp32/fp16 only there: Triton 3.8's interpreter computes bf16
-  ``tl.dot`` wrongly) against the reference.
+  ``tl.dot`` wrongly) against the reference; on a GPU also the CUDA-graph path against the eager one.
 
 Runs are derandomized (a fixed seed per test, no example database), so CI is reproducible;
 ``PISA_FUZZ_SCALE=4`` multiplies the example counts for a longer local run.
@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, note, settings
 from fuzz_strategies import fuzz_case
 from naive_pisa import naive_pisa
 from pisa_kernels import pisa_attention
-from pisa_test_utils import TOL, capture_routing, max_err, same_selection_on_nonempty, selection_of
+from pisa_test_utils import (TOL, assert_graph_path_is_eager, capture_routing, max_err, same_selection_on_nonempty,
+                             selection_of)
 
 SCALE = float(os.environ.get("PISA_FUZZ_SCALE", "1"))
 N_REFERENCE = int(800 * SCALE)
@@ -89,6 +90,7 @@ def test_fuzz_triton_vs_reference(case_counter, triton_device):
         err = max_err(tri, ref)
         note(f"max error {err:.3e}")
         assert err <= tol[q.dtype]
+        assert_graph_path_is_eager(q, k, v, tol[q.dtype], **kw)
 
     run()
     ran = case_counter["triton vs reference"] - before

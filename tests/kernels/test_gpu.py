@@ -4,7 +4,9 @@
   masks, token orders, covariance routing, sinks, both layouts.  At these sizes routing may break a
   near-tie differently (the two pre-scans sum in different orders), so outputs are compared on the
   reference's selection (replayed) and the backends' own selections must agree on almost all tiles.
-* A 2,000-case hypothesis fuzz (issue 7), mostly small shapes, Triton vs reference.
+* A 2,000-case hypothesis fuzz (issue 7), mostly small shapes, Triton vs reference and the CUDA-graph
+  path vs the eager one, in :data:`GPU_FUZZ_SHARDS` tests of their own seeds (each fits one device
+  call; ``scripts/gpu_tests.py`` runs them in groups).
 * ``sparsity=0`` vs SDPA: relative L2 <= 1e-2 in bf16 (issue 2's bar), with and without a key mask.
 * No recompilation (or re-autotuning) for a new sequence length or sparsity (issue 2).
 * Extra GPU memory during a call <= 10% of the bytes of q + k + v (issue 2's bar).
@@ -19,17 +21,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, note, settings
+from hypothesis import seed as fuzz_seed
 
 from fuzz_strategies import fuzz_case
 from pisa_kernels import pisa_attention
 from pisa_kernels.tiling import joint_permutation, tile_permutation
-from pisa_test_utils import capture_routing, max_err, rand_qkv, rel_l2, selection_of, structured_qkv
+from pisa_test_utils import (assert_graph_path_is_eager, capture_routing, max_err, rand_qkv, rel_l2, selection_of,
+                             structured_qkv)
 
 pytestmark = pytest.mark.gpu
 
 DEV = torch.device("cuda")
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 3e-3}  # fp32 dots run as tf32
 N_GPU_FUZZ = int(2000 * float(os.environ.get("PISA_FUZZ_SCALE", "1")))
+#: The GPU fuzz runs as this many tests (``test_gpu_fuzz[shard0]`` ...), each with its own seed and
+#: its share of the N_GPU_FUZZ cases, so that one shard fits one device call.
+GPU_FUZZ_SHARDS = 8
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,11 +56,10 @@ def _dev(kw):
 
 def compare_on_gpu(q, k, v, *, max_disagree=0.01, **kw):
     """Triton vs reference on the GPU.  Returns (error on the replayed selection, fraction of
-    (head, tile) routings that differ).  Eager calls (``cuda_graph=False``): a graph replay would
-    not call the routing, so it could be neither observed nor replayed; test_cuda_graph_replay
-    checks the graph path against the eager one."""
+    (head, tile) routings that differ).  The calls run eagerly (capture_routing sees to it);
+    test_cuda_graph_replay and the fuzz check the graph path against the eager one."""
     q, k, v = (t.to(DEV) for t in (q, k, v))
-    kw = dict(_dev(kw), cuda_graph=False)
+    kw = _dev(kw)
     with capture_routing() as log_r:
         ref = pisa_attention(q, k, v, backend="reference", **kw)
     sel_r = selection_of(log_r)
@@ -155,14 +161,59 @@ def test_cuda_graph_replay(dtype, shape, kw):
                    pisa_attention(q, k, v, backend="triton", cuda_graph=False, **kw)) <= 1e-2
 
 
+def test_routing_capture_of_short_calls():
+    """Issue 18: the fuzz's simplest case (N = 1, fp32, no mask), on the default path, which
+    replays short calls as a CUDA graph: a graph routes twice when captured and never when
+    replayed, so capture_routing runs the calls eagerly: one routing per call, on the first and on a
+    repeated call; the graph path gives the same output."""
+    q, k, v = rand_qkv(1, 1, 1, 64, seed=7, device=DEV)
+    for _ in range(2):
+        with capture_routing() as log_r:
+            ref = pisa_attention(q, k, v, backend="reference", sparsity=0.0)
+        with capture_routing() as log_t:
+            tri = pisa_attention(q, k, v, backend="triton", sparsity=0.0)
+        assert torch.equal(selection_of(log_r).mask.bool(), selection_of(log_t).mask.bool())
+        assert max_err(tri, ref) <= TOL[torch.float32]
+    assert_graph_path_is_eager(q, k, v, TOL[torch.float32], sparsity=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_graph_of_expanded_inputs_and_across_inference_mode(dtype):
+    """Two calls that raised on the graph path while the eager path ran (issue 18): keys and values
+    expanded over the heads (a stride of 0, as grouped-query attention shares them) could not be
+    copied into buffers of their strides; a graph captured under torch.inference_mode() (ComfyUI's
+    sampling) holds inference tensors, which a call outside it could not write."""
+    kw = dict(backend="triton", sparsity=0.75)
+    b, h, n, d = 1, 4, 700, 64
+    q = rand_qkv(b, h, n, d, dtype=dtype, seed=8, device=DEV)[0]
+    _, k1, v1 = rand_qkv(b, 1, n, d, dtype=dtype, seed=9, device=DEV)
+    k, v = k1.expand(b, h, n, d), v1.expand(b, h, n, d)
+    assert k.stride(1) == 0
+    eager = pisa_attention(q, k, v, cuda_graph=False, **kw)
+    assert max_err(pisa_attention(q, k, v, cuda_graph=True, **kw), eager) <= TOL[dtype]
+
+    q, k, v = rand_qkv(1, 2, 333, d, dtype=dtype, seed=10, device=DEV)  # a shape of its own: a new graph
+    with torch.inference_mode():
+        inside = pisa_attention(q, k, v, cuda_graph=True, **kw)  # captured here
+    outside = pisa_attention(q, k, v, cuda_graph=True, **kw)  # replayed outside inference mode
+    assert not outside.is_inference()
+    eager = pisa_attention(q, k, v, cuda_graph=False, **kw)
+    assert max_err(inside, eager) <= TOL[dtype] and max_err(outside, eager) <= TOL[dtype]
+
+
 # --- fuzz ---
 
 
-def test_gpu_fuzz(case_counter):
+@pytest.mark.parametrize("shard", range(GPU_FUZZ_SHARDS), ids=lambda i: f"shard{i}")
+def test_gpu_fuzz(case_counter, shard):
+    """One shard of the GPU fuzz: its own seed (shards draw independent cases; each starts with
+    hypothesis's simplest case) and its share of the N_GPU_FUZZ cases (the shares sum to it)."""
+    n_cases = N_GPU_FUZZ * (shard + 1) // GPU_FUZZ_SHARDS - N_GPU_FUZZ * shard // GPU_FUZZ_SHARDS
     before = case_counter["triton vs reference (GPU)"]
     fracs = []
 
-    @settings(max_examples=N_GPU_FUZZ, deadline=None, derandomize=True, database=None, print_blob=True,
+    @fuzz_seed(20261127 + shard)
+    @settings(max_examples=n_cases, deadline=None, database=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.filter_too_much])
     @given(fuzz_case(gpu=True))
@@ -172,11 +223,14 @@ def test_gpu_fuzz(case_counter):
         err, frac = compare_on_gpu(q, k, v, max_disagree=1.0, **kw)
         note(f"error {err:.3e}, routing differs on {frac:.2%} of the tiles")
         fracs.append(frac)
+        q, k, v = (t.to(DEV) for t in (q, k, v))
+        assert_graph_path_is_eager(q, k, v, TOL[q.dtype], **_dev(kw))
 
     run()
     ran = case_counter["triton vs reference (GPU)"] - before
-    print(f"GPU fuzz: {ran} cases, routing differs on {sum(fracs) / max(1, len(fracs)):.3%} of tiles on average")
-    assert ran >= N_GPU_FUZZ
+    print(f"GPU fuzz shard {shard}: {ran} cases, routing differs on {sum(fracs) / max(1, len(fracs)):.3%} "
+          f"of tiles on average")
+    assert ran >= n_cases
     assert sum(fracs) / max(1, len(fracs)) <= 0.01
 
 
