@@ -46,7 +46,7 @@ def _info(**over):
 
 
 NO_TRITON = {"triton": None, "triton_error": "ModuleNotFoundError: No module named 'triton'",
-             "devices": [(H100[0], (9, 0), None, "PISA runs on dense attention on cuda:0 because Triton is not usable")]}
+             "devices": [(H100[0], (9, 0), None, "PISA runs on dense attention on cuda:0 because Triton ...")]}
 T4_NO_TRITON = {**NO_TRITON, "devices": [("GPU 0 'Tesla T4' (sm75)", (7, 5), None, "PISA runs on dense ...")]}
 ROCM_NO_TRITON = {**NO_TRITON, "hip": True, "devices": [("GPU 0 'AMD MI300' (ROCm)", (9, 4), None, "dense ...")]}
 

@@ -2,9 +2,9 @@
 and its printed line names the rule and the reason.
 
 The virtual environment is a fake: its `python` records pip calls instead of installing, answers
-"import torch, torchvision" as the case wants and runs everything else (the CPU-index probe) with
-the real Python (a stdlib-only one-liner). `nvidia-smi` is a fake on PATH; the CPU index is a local HTTP server (answers) or
-a closed local port (does not).
+"import torch ..." as the case wants and runs everything else (the CPU-index probe, a stdlib-only
+one-liner) with the real Python. `nvidia-smi` is a fake on PATH; the CPU index is a local HTTP
+server (answers) or a closed local port (does not).
 """
 import contextlib
 import functools
@@ -54,7 +54,9 @@ def run(tmp_path, *, has_torch=False, gpu=False, index, spec=None):
     log = tmp_path / "pip.log"
     (bin_dir / "python").write_text(f"""#!/usr/bin/env bash
 if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then shift 2; echo "$*" >> "{log}"; exit 0; fi
-if [ "$1" = "-c" ] && [[ "$2" == "import torch"* ]]; then {"echo 'torch 9.9.9+fake'" if has_torch else "exit 1"}; exit 0; fi
+if [ "$1" = "-c" ] && [[ "$2" == "import torch"* ]]; then
+  {"echo 'torch 9.9.9+fake'" if has_torch else "exit 1"}; exit 0
+fi
 exec "{sys.executable}" "$@"
 """)
     (tmp_path / "path").mkdir()

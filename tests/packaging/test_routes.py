@@ -57,8 +57,8 @@ def fresh_comfy(tmp_path):
     if not roots:
         pytest.skip("no ComfyUI checkout (COMFYUI_PATH, default ~/comfy/ComfyUI)")
     tree = tmp_path / "ComfyUI"
-    shutil.copytree(roots[0], tree, symlinks=True,
-                    ignore=shutil.ignore_patterns(".git", "__pycache__", "user", "output", "temp"))
+    # A __pycache__ there stays valid: copytree keeps mtimes.
+    shutil.copytree(roots[0], tree, symlinks=True, ignore=shutil.ignore_patterns(".git", "user", "output", "temp"))
     for extra in (tree / "custom_nodes").iterdir():
         if extra.is_dir():
             shutil.rmtree(extra)
