@@ -1,10 +1,11 @@
 """Post-install check for ComfyUI-PISA, run by ComfyUI-Manager after it pip-installs requirements.txt.
 
-Why: PISA has three execution paths and which one a user gets depends on torch, Triton and the GPU,
-none of which this pack installs (torch is ComfyUI's; Linux torch wheels bring their matching
-Triton). This script says which path will run and how to get the fast one, using the pack's own
-rule (`pisa_kernels.backend`) when it imports, so the report matches what the node will do. It
-never fails the install: every problem becomes a message and the exit status is always 0.
+Why: whether the PISA Patch node runs the Triton kernels or leaves attention dense depends on torch,
+Triton and the GPU, none of which this pack installs (torch is ComfyUI's; Linux torch wheels bring
+their matching Triton). This script prints, for each device ComfyUI will run on, the node's own
+decision and log line ("PISA runs on ..."): it calls the function the node calls
+(`pisa_comfy.kernels.backend_choice`), so the two cannot disagree. It never fails the install:
+every problem becomes a message and the exit status is always 0.
 
 On Windows, Triton comes from the `triton-windows` package; the matching pip command is printed,
 and it is installed only when the environment variable PISA_INSTALL_TRITON=1 is set.
@@ -15,9 +16,9 @@ import platform
 import re
 import subprocess
 import sys
+from importlib import metadata
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MIN_CC = (8, 0)  # the Triton kernels need sm80+ (also pisa_kernels.backend.MIN_CAPABILITY)
 TAG = "[ComfyUI-PISA]"
 
 
@@ -31,32 +32,35 @@ def version_tuple(text):
     return tuple(parts)
 
 
-def _pack_rule():
-    """`pisa_kernels.backend.triton_unavailable_reason`, or None where the pack does not import."""
-    sys.path.insert(0, HERE)
-    try:
-        from pisa_kernels import backend
-
-        return backend.triton_unavailable_reason
-    except Exception:
-        return None
-    finally:
-        sys.path.remove(HERE)
-
-
-def _fallback_reason(info, cc):
-    if info["triton"] is None:
-        return f"Triton is not usable ({info['triton_error']})"
-    if tuple(cc) < MIN_CC:
-        return f"GPU capability sm{cc[0]}{cc[1]} is below sm80"
+def _installed_version(*dists):
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
     return None
 
 
+def node_devices(torch):
+    """The devices ComfyUI runs a model on here, so the ones the node meets: every CUDA (or ROCm)
+    GPU, else Intel XPU, else Apple MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return [torch.device("xpu")]
+    if torch.backends.mps.is_available():
+        return [torch.device("mps")]
+    return [torch.device("cpu")]
+
+
 def probe():
-    """torch, Triton and every CUDA device with the reason the Triton kernels cannot run on it
-    (None: they can). Never raises."""
+    """torch, Triton and, per device the node will meet, the node's own backend choice and its log
+    sentence (``pisa_comfy.kernels.backend_choice`` with the node's default settings, imported from
+    this folder; ComfyUI is not needed). Never raises."""
     info = {"os": platform.system(), "python": sys.executable, "torch": None, "torch_error": None,
-            "hip": False, "gpus": [], "triton": None, "triton_error": None}
+            "pack_error": None, "hip": False, "devices": [], "min_cc": None,
+            "triton": _installed_version("triton", "triton-windows"), "triton_error": None}
     try:
         import torch
     except Exception as e:  # missing, or a broken install: both mean PISA cannot load
@@ -64,21 +68,30 @@ def probe():
         return info
     info["torch"] = torch.__version__
     info["hip"] = bool(getattr(torch.version, "hip", None))
+    sys.path.insert(0, HERE)
     try:
-        import triton
-
-        info["triton"] = triton.__version__
+        from pisa_comfy import PisaSettings
+        from pisa_comfy.kernels import backend_choice
+        from pisa_kernels import backend
     except Exception as e:
-        info["triton_error"] = f"{type(e).__name__}: {e}"
+        info["pack_error"] = f"{type(e).__name__}: {e}"
+        return info
+    finally:
+        sys.path.remove(HERE)
+    info["min_cc"] = backend.MIN_CAPABILITY
+    info["triton_error"] = backend.triton_import_error()
+    requested = PisaSettings().backend
     try:
-        if torch.cuda.is_available():
-            rule = _pack_rule()
-            for i in range(torch.cuda.device_count()):
-                cc = torch.cuda.get_device_capability(i)
-                reason = rule(torch.device("cuda", i)) if rule else _fallback_reason(info, cc)
-                info["gpus"].append((torch.cuda.get_device_name(i), cc, reason))
+        for device in node_devices(torch):
+            label, cc = None, None
+            if device.type == "cuda":
+                cc = tuple(torch.cuda.get_device_capability(device))
+                kind = "ROCm" if info["hip"] else f"sm{cc[0]}{cc[1]}"
+                label = f"GPU {device.index} '{torch.cuda.get_device_name(device)}' ({kind})"
+            chosen, sentence = backend_choice(requested, device)
+            info["devices"].append((label, cc, chosen, sentence))
     except Exception as e:
-        info["torch_error"] = f"CUDA query failed: {e}"
+        info["torch_error"] = f"device query failed: {type(e).__name__}: {e}"
     return info
 
 
@@ -91,26 +104,25 @@ def windows_triton_spec(info):
 
 
 def needs_triton(info):
-    """A capable NVIDIA GPU is present but Triton itself is what is missing or broken."""
-    return any(r and r.startswith("Triton") for _, cc, r in info["gpus"]) and not info["hip"]
+    """An NVIDIA GPU the Triton kernels support is present, and Triton is what is missing or broken."""
+    return bool(info["triton_error"]) and not info["hip"] and any(
+        cc is not None and cc >= tuple(info["min_cc"]) for _, cc, _, _ in info["devices"])
 
 
 def plan(info):
-    """Human-readable lines: what runs where, and what to do to get the Triton kernels."""
+    """Human-readable lines: what the node runs on each device (its own log sentence), and what to do
+    to get the Triton kernels."""
     if info["torch"] is None:
         return [f"torch is not importable from {info['python']} ({info['torch_error']}).",
                 "ComfyUI's torch is missing: install ComfyUI and its requirements into this Python "
                 "first. PISA Patch cannot load without torch."]
-    lines = [f"torch {info['torch']}, Triton {info['triton'] or 'not available'}, OS {info['os']}."]
+    lines = [f"torch {info['torch']}, Triton {info['triton'] or 'not installed'}, OS {info['os']}."]
+    if info["pack_error"]:
+        return lines + [f"The pack does not import here ({info['pack_error']}): PISA Patch will not load. "
+                        "Reinstall the pack, or report this error."]
     if info["torch_error"]:
         lines.append(info["torch_error"])
-    if not info["gpus"]:
-        lines.append("No CUDA GPU: PISA runs its PyTorch reference path on the CPU (correct, but no "
-                     "faster than dense; good for trying workflows).")
-    for name, cc, reason in info["gpus"]:
-        where = f"GPU '{name}' (sm{cc[0]}{cc[1]})"
-        lines.append(f"{where}: Triton kernels (fast path)." if reason is None
-                     else f"{where}: PyTorch reference path ({reason}).")
+    lines += [f"{label}: {sentence}." if label else f"{sentence}." for label, _, _, sentence in info["devices"]]
     if needs_triton(info):
         if info["os"] == "Windows":
             lines.append(f'Windows gets Triton from the triton-windows package: "{info["python"]}" -m pip '

@@ -52,5 +52,5 @@ def backend_choice(requested: str, device: torch.device) -> tuple[str | None, st
     if chosen == "triton":
         return chosen, f"PISA runs on triton on {device} because the Triton kernels support this device"
     reason = _backend.triton_unavailable_reason(device) or "the Triton interpreter is a test vehicle"
-    return None, (f"PISA runs on dense attention on {device} because {reason[0].lower() + reason[1:]} "
-                  f"(the PyTorch reference would be slower than dense)")
+    return None, (f"PISA runs on dense attention on {device} because {reason} "
+                  "(the PyTorch reference would be slower than dense)")

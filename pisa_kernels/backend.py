@@ -16,7 +16,9 @@ MIN_CAPABILITY = (8, 0)
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
+def triton_import_error() -> str | None:
+    """Why Triton or this package's kernels do not import here (one sentence), else ``None``.
+    Also the environment check of ``install.py``, so it reports what the backend decides."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -35,7 +37,7 @@ def interpreter_enabled() -> bool:
 def _cuda_reason(index: int) -> str | None:
     cap = torch.cuda.get_device_capability(index)
     if torch.version.hip is not None:
-        return "ROCm GPU: the Triton kernels are only validated on NVIDIA GPUs"
+        return "the Triton kernels are only validated on NVIDIA GPUs, not on ROCm"
     if cap < MIN_CAPABILITY:
         return f"GPU capability sm{cap[0]}{cap[1]} is below sm80"
     return None
@@ -43,7 +45,7 @@ def _cuda_reason(index: int) -> str | None:
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """``None`` if the Triton backend can run on ``device``, else why not (one sentence)."""
-    err = _triton_import_error()
+    err = triton_import_error()
     if err is not None:
         return f"Triton is not usable ({err})"
     if device.type == "cuda":

@@ -2,10 +2,11 @@
 # Create (or reuse) the project's virtual environment in .venv and install what the pack,
 # its tests and its demo need. Safe to run repeatedly.
 #
-# torch: a plain `pip install torch` on a fresh Linux machine pulls a multi-GB CUDA build.
-# PISA_TORCH_SPEC picks the torch to install (default: the CPU build where the machine
-# provides one, else the newest torch/torchvision pair pip resolves). ComfyUI's tests also
-# need a torchvision built for the same torch.
+# torch (scripts/install_torch.sh, which prints which one and why): a torch already in the venv is
+# kept; else PISA_TORCH_SPEC is installed if set; else, without an NVIDIA GPU, the CPU build from
+# PyTorch's CPU index when that answers within 10 s; else pip's default torch (on Linux the CUDA
+# build, several GB; torch 2.14.1 where pip is capped there), each with its torchvision
+# (PISA_TORCH_SPEC names its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,16 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
-  if [ -n "${PISA_TORCH_SPEC:-}" ]; then
-    "${PIP[@]}" $PISA_TORCH_SPEC
-  elif [ -f /etc/xdg/pip/constraints.txt ] && grep -q "torch<=2.14.1" /etc/xdg/pip/constraints.txt; then
-    # This workplace's machines keep torch 2.14.1 + torchvision 0.29.1 on local disk.
-    "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-  else
-    "${PIP[@]}" torch torchvision
-  fi
-fi
+bash scripts/install_torch.sh "$VENV"
 "${PIP[@]}" -r requirements-dev.txt
 # ComfyUI's own requirements, when a checkout is present (the node tests import the real `comfy`).
 # PISA_EXTRA_COMFYUI: more checkouts the tests also run against (default: v0.3.64 where it exists;

@@ -10,6 +10,16 @@ const NODE_TYPE = "PISAPatch";
 const STATS = "pisa_stats";
 const PRESET = "preset";
 const NO_PRESET = "(choose preset)";
+// Hover text of the two widgets (the front-end shows `widget.tooltip`; the stats text box, a DOM
+// element, also gets it as its title).
+const TOOLTIPS = {
+  [PRESET]: "Fills the widgets above with a preset: quality / balanced / fast, or settings for Wan, "
+            + "HunyuanVideo or FLUX. dense_steps becomes a share of the connected sampler's steps. "
+            + "The preset choice itself is not saved; the widget values it sets are.",
+  [STATS]: "What PISA did in this node's last run: attention calls that ran sparse out of all calls, "
+           + "the effective density and the attention time (the log has the same line). Read-only; "
+           + "not saved with the workflow.",
+};
 
 // dense_frac: share of the connected sampler's steps kept dense (falls back to 30 steps).
 const BALANCED = { sparsity: 0.875, block_size: "64", taylor_order: "1", dense_frac: 0.2, dense_blocks: "0",
@@ -95,8 +105,10 @@ function addWidgets(node) {
   for (const w of [preset, stats]) {
     w.serialize = false;
     w.options = { ...(w.options ?? {}), serialize: false };
+    w.tooltip = TOOLTIPS[w.name];
   }
   if (stats.inputEl) {
+    stats.inputEl.title = TOOLTIPS[STATS];
     stats.inputEl.readOnly = true;
     stats.inputEl.placeholder = "PISA stats appear here after a run";
     stats.inputEl.style.opacity = "0.8";

@@ -1,7 +1,8 @@
-"""A headless ComfyUI server with only this pack loaded, for the browser test.
+"""A headless ComfyUI server with only this pack loaded, for the browser and install-route tests.
 
 Why this setup: `--cpu` and an in-memory database keep it hermetic; the pack is symlinked into a
-temporary custom_nodes folder named by an extra-model-paths YAML, and `--disable-all-custom-nodes
+temporary custom_nodes folder named by an extra-model-paths YAML (or, for a pack an install route
+put into the checkout's own custom_nodes, loaded from there), and `--disable-all-custom-nodes
 --whitelist-custom-nodes` makes sure nothing else from the checkout loads. Empty placeholder files
 carry the bundled workflows' model names, so the front-end finds no "missing models" and the
 server's prompt validation sees every file combo satisfied. The server is always killed.
@@ -41,9 +42,11 @@ def http(url, data=None, method=None, timeout=30):
 
 
 def _layout(tmp, pack_dir, model_files):
-    """custom_nodes/<pack> symlink, placeholder models, user/output dirs and the YAML naming them."""
+    """custom_nodes/<pack> symlink (none for pack_dir None), placeholder models, user/output dirs
+    and the YAML naming them."""
     (tmp / "custom_nodes").mkdir(parents=True)
-    (tmp / "custom_nodes" / PACK_NAME).symlink_to(pack_dir, target_is_directory=True)
+    if pack_dir is not None:
+        (tmp / "custom_nodes" / PACK_NAME).symlink_to(pack_dir, target_is_directory=True)
     folders = {}
     for name, directory in model_files:
         (tmp / "models" / directory).mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,8 @@ def _layout(tmp, pack_dir, model_files):
 
 @contextlib.contextmanager
 def comfy_server(root, pack_dir, tmp, model_files=(), start_timeout=240):
-    """Yield the base URL of a running server; the log is at tmp/server.log."""
+    """Yield the base URL of a running server; the log is at tmp/server.log.  ``pack_dir`` None: the
+    pack is already in ``root``/custom_nodes/ComfyUI-PISA."""
     _layout(tmp, pack_dir, model_files)
     port = free_port()
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),

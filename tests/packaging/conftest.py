@@ -1,5 +1,6 @@
 """Fixtures of the packaging tests. This folder goes on sys.path for its helper modules
 (`workflow_graph`, `comfy_checkouts`, `comfy_server`, `cdp`): the suite runs in importlib mode."""
+import importlib.util
 import os
 import sys
 
@@ -10,6 +11,16 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from comfy_checkouts import comfy_defs, comfy_roots, import_pack_node  # noqa: E402
+from workflow_graph import ROOT  # noqa: E402
+
+
+@pytest.fixture
+def install_script():
+    """install.py loaded as a module (it is a script, not part of a package)."""
+    spec = importlib.util.spec_from_file_location("pisa_install_script", ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

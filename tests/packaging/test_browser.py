@@ -2,7 +2,7 @@
 loads every bundled workflow the way the template browser does, and checks that no node is missing,
 no widget value shifted or was rejected (the front-end's own prompt goes through the server's
 validation), no missing-model/missing-node dialog opened, and the PISA node's extension UI works:
-preset and stats widgets present and never serialized, a `pisa.stats` event shows on the node, a
+preset and stats widgets present, with tooltips, and never serialized, a `pisa.stats` event shows on the node, a
 preset sets the widgets. Screenshots go to test-artifacts/browser/."""
 import json
 import shutil
@@ -48,6 +48,8 @@ EXERCISE_PISA_NODE = """(async () => {
   const node = app.graph.nodes.find((n) => n.type === "PISAPatch");
   const w = (name) => node.widgets.find((x) => x.name === name);
   const names = node.widgets.map((x) => x.name);
+  const tooltips = { preset: w("preset")?.tooltip, pisa_stats: w("pisa_stats")?.tooltip,
+                     stats_title: w("pisa_stats")?.inputEl?.title };
   api.dispatchCustomEvent("pisa.stats", { node: String(node.id), text: "PISA 360/400 attention calls sparse",
     calls: 400, pisa_calls: 360, dense_calls: 40, density: 0.162, attn_ms: 5321.7 });
   const stats = w("pisa_stats")?.value;
@@ -61,7 +63,7 @@ EXERCISE_PISA_NODE = """(async () => {
   app.canvas.ds.offset[1] = 120 - node.pos[1];
   app.canvas.setDirty(true, true);
   await new Promise((r) => setTimeout(r, 500));
-  return { names, stats, after, values, apiInputs };
+  return { names, tooltips, stats, after, values, apiInputs };
 })()"""
 
 
@@ -126,6 +128,9 @@ def test_bundled_workflows_in_headless_chromium(tmp_path):
         assert r["prompt_status"] == 200 and r["prompt_errors"].get("node_errors") == {}, (name, r["prompt_errors"])
         pisa = r["pisa"]
         assert pisa["names"][-2:] == ["preset", "pisa_stats"], (name, pisa["names"])
+        tips = pisa["tooltips"]
+        assert "preset" in tips["preset"] and "last run" in tips["pisa_stats"], tips
+        assert tips["stats_title"] in (None, tips["pisa_stats"]), tips  # a text box only where STRING is a DOM widget
         assert pisa["stats"] == "PISA 360/400 attention calls sparse", pisa["stats"]
         assert pisa["after"]["sparsity"] == pytest.approx(0.94) and pisa["after"]["block_size"] == "128"
         assert len(pisa["values"]) == 9 and not {"preset", "pisa_stats"} & set(pisa["apiInputs"]), pisa
