@@ -4,7 +4,7 @@ Why: whether the PISA Patch node runs the Triton kernels or leaves attention den
 Triton and the GPU, none of which this pack installs (torch is ComfyUI's; Linux torch wheels bring
 their matching Triton). This script prints, for each device ComfyUI will run on, the node's own
 decision and log line ("PISA runs on ..."): it calls the function the node calls
-(`pisa_comfy.kernels.backend_choice`), so the two cannot disagree. It never fails the install:
+(`pisa_comfy.library.backend_choice`), so the two cannot disagree. It never fails the install:
 every problem becomes a message and the exit status is always 0.
 
 On Windows, Triton comes from the `triton-windows` package; the matching pip command is printed,
@@ -56,7 +56,7 @@ def node_devices(torch):
 
 def probe():
     """torch, Triton and, per device the node will meet, the node's own backend choice and its log
-    sentence (``pisa_comfy.kernels.backend_choice`` with the node's default settings, imported from
+    sentence (``pisa_comfy.library.backend_choice`` with the node's default settings, imported from
     this folder; ComfyUI is not needed). Never raises."""
     info = {"os": platform.system(), "python": sys.executable, "torch": None, "torch_error": None,
             "pack_error": None, "hip": False, "devices": [], "min_cc": None,
@@ -71,7 +71,7 @@ def probe():
     sys.path.insert(0, HERE)
     try:
         from pisa_comfy import PisaSettings
-        from pisa_comfy.kernels import backend_choice
+        from pisa_comfy.library import backend_choice
         from pisa_kernels import backend
     except Exception as e:
         info["pack_error"] = f"{type(e).__name__}: {e}"

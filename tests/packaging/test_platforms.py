@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pisa_comfy import PisaSettings
-from pisa_comfy.state import PisaState
+from pisa_comfy.patch_state import PisaState
 from pisa_kernels import backend
 from workflow_graph import ROOT
 
