@@ -3,13 +3,10 @@
 The server setup (free loopback port, in-memory database, the pack symlinked into a temporary
 custom_nodes folder named by an extra-model-paths YAML, ``--disable-all-custom-nodes
 --whitelist-custom-nodes``, the process group always killed) is shared with the packaging tests.
-Checkouts other than the main one pin other front-end packages; ``scripts/setup_env.sh`` puts
-those in ``<venv>/comfy-frontends/<checkout folder>``, which goes first on the server's PYTHONPATH.
+The server helper also puts the front-end packages of older checkouts on the server's PYTHONPATH.
 """
 
 import importlib.util
-import os
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,10 +20,7 @@ def _server_module():
     return module
 
 
-def test_object_info_serves_the_node(comfy_checkout, tmp_path: Path, monkeypatch):
-    frontends = Path(sys.prefix) / "comfy-frontends" / comfy_checkout.name
-    if frontends.is_dir():
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(frontends), os.environ.get("PYTHONPATH")])))
+def test_object_info_serves_the_node(comfy_checkout, tmp_path: Path):
     server = _server_module()
     with server.comfy_server(comfy_checkout, REPO, tmp_path) as url:
         status, info = server.http(url + "/object_info/PISAPatch")

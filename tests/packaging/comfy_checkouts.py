@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,13 @@ def comfy_roots():
     first = os.environ.get("COMFYUI_PATH") or str(Path.home() / "comfy" / "ComfyUI")
     extra = os.environ.get("PISA_EXTRA_COMFYUI", str(Path.home() / "comfy" / "ComfyUI-v0.3.64"))
     return [Path(p) for p in [first, *extra.split()] if (Path(p) / "main.py").is_file()]
+
+
+def checkout_version(root):
+    """The checkout's version as a tuple of ints, e.g. (0, 19, 3); (0,) when it does not say."""
+    text = (Path(root) / "comfyui_version.py").read_text() if (Path(root) / "comfyui_version.py").is_file() else ""
+    match = re.search(r'__version__ = "([\d.]+)"', text)
+    return tuple(int(x) for x in match[1].split(".") if x) if match else (0,)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,7 +5,11 @@ temporary custom_nodes folder named by an extra-model-paths YAML (or, for a pack
 put into the checkout's own custom_nodes, loaded from there), and `--disable-all-custom-nodes
 --whitelist-custom-nodes` makes sure nothing else from the checkout loads. Empty placeholder files
 carry the bundled workflows' model names, so the front-end finds no "missing models" and the
-server's prompt validation sees every file combo satisfied. The server is always killed.
+server's prompt validation sees every file combo satisfied; real model files can be put under `<tmp>/models/<folder>`
+before the server starts (every folder there is named in the YAML). Checkouts other than the main one
+pin other front-end packages; `scripts/setup_env.sh` installs those to
+`<venv>/comfy-frontends/<checkout folder>`, which goes first on that server's PYTHONPATH. The server is
+always killed.
 """
 import contextlib
 import json
@@ -16,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 PACK_NAME = "ComfyUI-PISA"
 
@@ -47,23 +52,27 @@ def _layout(tmp, pack_dir, model_files):
     (tmp / "custom_nodes").mkdir(parents=True)
     if pack_dir is not None:
         (tmp / "custom_nodes" / PACK_NAME).symlink_to(pack_dir, target_is_directory=True)
-    folders = {}
     for name, directory in model_files:
         (tmp / "models" / directory).mkdir(parents=True, exist_ok=True)
         (tmp / "models" / directory / name).write_bytes(b"")
-        folders[directory] = f"models/{directory}"
     for d in ("user", "output", "input"):
         (tmp / d).mkdir()
+    folders = sorted(p.name for p in (tmp / "models").iterdir() if p.is_dir()) if (tmp / "models").is_dir() else []
     lines = ["pisa_test:", f"  base_path: {tmp}", "  custom_nodes: custom_nodes"]
-    lines += [f"  {k}: {v}" for k, v in sorted(folders.items())]
+    lines += [f"  {k}: models/{k}" for k in folders]
     (tmp / "extra_model_paths.yaml").write_text("\n".join(lines) + "\n")
 
 
 @contextlib.contextmanager
-def comfy_server(root, pack_dir, tmp, model_files=(), start_timeout=240):
+def comfy_server(root, pack_dir, tmp, model_files=(), env=None, start_timeout=240):
     """Yield the base URL of a running server; the log is at tmp/server.log.  ``pack_dir`` None: the
-    pack is already in ``root``/custom_nodes/ComfyUI-PISA."""
+    pack is already in ``root``/custom_nodes/ComfyUI-PISA.  ``env``: extra environment variables of
+    the server."""
     _layout(tmp, pack_dir, model_files)
+    server_env = {**os.environ, **(env or {})}
+    frontends = Path(sys.prefix) / "comfy-frontends" / Path(root).name
+    if frontends.is_dir():
+        server_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(frontends), server_env.get("PYTHONPATH")]))
     port = free_port()
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--database-url", "sqlite:///:memory:", "--extra-model-paths-config", str(tmp / "extra_model_paths.yaml"),
@@ -71,7 +80,8 @@ def comfy_server(root, pack_dir, tmp, model_files=(), start_timeout=240):
            "--output-directory", str(tmp / "output"), "--input-directory", str(tmp / "input"),
            "--user-directory", str(tmp / "user")]
     log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=server_env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + start_timeout
