@@ -1,7 +1,8 @@
 """Suite-wide pytest setup, kept minimal (every test folder shares it).
 
 * The repository root goes on ``sys.path`` so tests ``import pisa_kernels`` / ``pisa_comfy`` as
-  top-level packages (the root itself is a ComfyUI node folder; it is never imported as a package).
+  top-level packages, and this folder for the shared helper ``prerequisites`` (skip, or fail under
+  ``CI=true``, when a prerequisite is missing).
 * Without CUDA, ``TRITON_INTERPRET=1`` is set here, before anything imports Triton (Triton reads
   it when a kernel is decorated), so the Triton kernels run on CPU tensors in the interpreter.
   An explicit ``TRITON_INTERPRET`` in the environment is left alone.
@@ -13,9 +14,17 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for path in (ROOT, HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from prerequisites import strict
+
+
+def pytest_report_header(config):
+    return "missing test prerequisites: " + ("fail (CI=true)" if strict() else "skip with the reason (CI is not true)")
 
 
 def _cuda_available() -> bool:

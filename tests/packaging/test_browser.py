@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_checkouts import comfy_roots
 from comfy_server import PACK_NAME, comfy_server, http
+from prerequisites import comfy_paths, import_or_missing, missing, require_comfy
 from workflow_graph import ROOT, WORKFLOWS, load
 
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -66,16 +66,12 @@ EXERCISE_PISA_NODE = """(async () => {
 
 
 def _needs():
-    roots = comfy_roots()
-    if not roots:
-        pytest.skip("no ComfyUI checkout (set COMFYUI_PATH)")
+    root = require_comfy(comfy_paths()[0])
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
-        pytest.skip("Chromium not installed (Debian: apt-get install chromium)")
-    pytest.importorskip("aiohttp", reason="the CDP client uses aiohttp (a ComfyUI requirement)")
-    if not (ROOT / "nodes.py").is_file():
-        pytest.skip("the pack's nodes.py does not exist yet")
-    return roots[0], exe
+        missing("Chromium not installed (Debian: apt-get install chromium; scripts/setup_env.sh does it under CI=true)")
+    import_or_missing("aiohttp", "the CDP client uses aiohttp (a ComfyUI requirement)")
+    return root, exe
 
 
 def _model_files():
