@@ -10,7 +10,7 @@ case a parameter rules out) stay plain ``pytest.skip``.
 The ComfyUI checkouts the node and packaging tests use: ``$COMFYUI_PATH`` (default
 ``~/comfy/ComfyUI``, ComfyUI v0.19.3) and the space-separated ``$PISA_EXTRA_COMFYUI`` (default
 ``~/comfy/ComfyUI-v0.3.64``; empty: none).  ``scripts/test.sh`` puts the pinned releases there
-when they are absent; ``.ci/run`` points both into the clone's ``.comfy/``.
+when they are absent; ``.ci/run`` points both into the clone's ``.comfy-ci/``.
 """
 
 from __future__ import annotations
