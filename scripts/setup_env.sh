@@ -17,7 +17,13 @@ fi
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 bash scripts/install_torch.sh "$VENV"
 "${PIP[@]}" -r requirements-dev.txt
-# ComfyUI's own requirements, when a checkout is present (the node tests import the real `comfy`).
+# A missing test prerequisite is a warning here, and fatal under CI=true (where tests may not skip).
+problem() {
+  if [ "${CI:-}" = "true" ]; then echo "error: $1 (CI=true)" >&2; exit 1; fi
+  echo "warning: $1" >&2
+}
+# ComfyUI's own requirements, when a checkout is present (the node tests import the real `comfy`;
+# scripts/test.sh puts the pinned checkouts in place before it runs this script).
 # PISA_EXTRA_COMFYUI: more checkouts the tests also run against (default: v0.3.64 where it exists;
 # set it empty to skip).  Their front-end packages (comfyui-*) pin other versions than the main
 # checkout's and an old server cannot start with the new ones, so they go to a side folder,
@@ -41,20 +47,23 @@ for c in $CHECKOUTS; do
       rm -rf "$side" && mkdir -p "$side"
       "${PIP[@]}" --no-deps --target "$side" -r "$VENV/comfy-frontend-reqs.txt" \
         && cp "$VENV/comfy-frontend-reqs.txt" "$side/.requirements" \
-        || echo "warning: the front-end packages of $c did not install" >&2
+        || problem "the front-end packages of $c did not install"
     fi
   fi
-  "${PIP[@]}" -r "$VENV/comfy-reqs.txt" || echo "warning: some ComfyUI requirements of $c did not install" >&2
+  "${PIP[@]}" -r "$VENV/comfy-reqs.txt" || problem "some ComfyUI requirements of $c did not install"
 done
 echo "environment ready: $VENV ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
 
 # --- packaging browser test (tests/packaging/test_browser.py) ----------------------------------
-# Headless Chromium from Debian's `chromium` package. Installed only in CI (CI=true) where apt-get
-# exists; elsewhere the browser test is skipped with a reason when chromium is missing.
-if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
-  if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } >/dev/null; then
-    echo "warning: could not install chromium; the browser test will be skipped" >&2
+# Headless Chromium from Debian's `chromium` package, installed only in CI (CI=true), where it must
+# succeed; elsewhere the browser test is skipped with a reason when Chromium is missing.
+has_chromium() { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }
+if [ "${CI:-}" = "true" ] && ! has_chromium; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium; } >/dev/null \
+      || true
   fi
+  has_chromium || problem "Chromium is not installed and apt-get could not install Debian's chromium (the browser test needs it)"
 fi

@@ -1,7 +1,10 @@
 """Suite-wide pytest setup, kept minimal (every test folder shares it).
 
 * The repository root goes on ``sys.path`` so tests ``import pisa_kernels`` / ``pisa_comfy`` as
-  top-level packages (the root itself is a ComfyUI node folder; it is never imported as a package).
+  top-level packages, and this folder for the shared helper ``prerequisites`` (skip, or fail under
+  ``CI=true``, when a prerequisite is missing).
+* The repository root is collected as a plain directory, never as a package (see
+  :class:`RootIsADirectory`), so the suite runs whatever the checkout's folder is called.
 * Without CUDA, ``TRITON_INTERPRET=1`` is set here, before anything imports Triton (Triton reads
   it when a kernel is decorated), so the Triton kernels run on CPU tensors in the interpreter.
   An explicit ``TRITON_INTERPRET`` in the environment is left alone.
@@ -10,12 +13,51 @@
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for path in (ROOT, HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+from prerequisites import strict
+
+
+class RootIsADirectory:
+    """Collects the repository root as a ``pytest.Dir`` instead of a ``pytest.Package``.
+
+    The root is a ComfyUI node folder: its ``__init__.py`` does ``from .nodes import ...``, which
+    only works when ComfyUI imports the folder as a package.  pytest turns every directory with an
+    ``__init__.py`` into a Package and imports that file before the first test below it; the module
+    name it can give the file depends on the folder's name (``ComfyUI_PISA`` imports as a package,
+    ``ComfyUI-PISA`` is no valid name and becomes a lone module whose relative import fails), so in
+    the folder the README tells users to create every test errored at setup (issue 18).  The suite
+    never needs that import: tests that load the pack do it as ComfyUI does (tests/comfy/conftest.py).
+
+    A hook in a conftest cannot do this: pytest asks the hooks that apply to the root's *parent*
+    folder how to collect the root, which excludes every conftest inside it; so this conftest
+    registers the hook as a plugin (tests/packaging/test_folder_names.py checks several names).
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path.resolve() == _ROOT_RESOLVED:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+_ROOT_RESOLVED = Path(ROOT).resolve()
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(RootIsADirectory(), "pisa-root-is-a-directory")
+
+
+def pytest_report_header(config):
+    return "missing test prerequisites: " + ("fail (CI=true)" if strict() else "skip with the reason (CI is not true)")
 
 
 def _cuda_available() -> bool:

@@ -1,6 +1,6 @@
 """Fixtures of the node-layer tests: the pack loaded the way ComfyUI loads it, the real ComfyUI
 (``$COMFYUI_PATH``, default ``~/comfy/ComfyUI``; tests that need it are skipped with the reason
-when it is missing), tiny random-weight Wan / FLUX / HunyuanVideo models built from ComfyUI's own
+when it is missing, and fail under ``CI=true``: tests/prerequisites.py), tiny random-weight Wan / FLUX / HunyuanVideo models built from ComfyUI's own
 classes, and a log of which attention calls ran PISA and which ran dense.
 
 One pytest process can import only one ComfyUI, so ``scripts/test.sh`` runs this folder once per
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prerequisites import comfy_missing, comfy_paths, require_comfy
 
 from pisa_lab.e2e import comfy_host
 
@@ -26,14 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 # the sparse path through the PyTorch reference instead (pisa_comfy.settings.PisaSettings.backend).
 os.environ.setdefault("PISA_BACKEND", "reference")
 
-COMFY_ROOT = Path(os.environ.get("COMFYUI_PATH") or Path.home() / "comfy" / "ComfyUI").expanduser()
+COMFY_ROOT = comfy_paths()[0]
 PACK_NAME = comfy_host.PACK_NAME
-
-
-def _comfy_missing() -> str | None:
-    if not (COMFY_ROOT / "comfy" / "model_patcher.py").is_file():
-        return f"no ComfyUI checkout at {COMFY_ROOT} (set COMFYUI_PATH)"
-    return None
 
 
 def comfy_version() -> str:
@@ -41,7 +36,7 @@ def comfy_version() -> str:
 
 
 def pytest_report_header(config):
-    missing = _comfy_missing()
+    missing = comfy_missing(COMFY_ROOT)
     return f"ComfyUI for tests/comfy: {missing or f'v{comfy_version()} at {COMFY_ROOT}'}"
 
 
@@ -103,19 +98,15 @@ def sdpa():
 
 @pytest.fixture(scope="session")
 def comfy_checkout() -> Path:
-    """The ComfyUI checkout's root, or skip with the reason (for tests that start ComfyUI itself)."""
-    missing = _comfy_missing()
-    if missing:
-        pytest.skip(missing)
-    return COMFY_ROOT
+    """The ComfyUI checkout's root (for tests that start ComfyUI itself); a missing one skips, or
+    fails under CI=true."""
+    return require_comfy(COMFY_ROOT)
 
 
 @pytest.fixture(scope="session")
 def comfy():
-    """ComfyUI's modules (CPU), or skip with the reason."""
-    missing = _comfy_missing()
-    if missing:
-        pytest.skip(missing)
+    """ComfyUI's modules (CPU); a missing checkout skips, or fails under CI=true."""
+    require_comfy(COMFY_ROOT)
     if str(COMFY_ROOT) not in sys.path:
         sys.path.insert(0, str(COMFY_ROOT))
     from comfy.cli_args import args

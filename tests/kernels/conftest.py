@@ -8,8 +8,8 @@
   and on a loaded 2-core CI machine the OpenMP threads' spin-waiting made the float64 oracle and the
   reference ~20x more expensive in CPU time.
 * ``triton_device``: where the Triton kernels run in this session: ``"cuda"`` with a GPU, else
-  ``"cpu"`` under the interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py); the tests that
-  need it are skipped with the reason when Triton cannot run at all.
+  ``"cpu"`` under the interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py); where Triton
+  cannot run at all, the tests that need it are skipped with the reason (fail under ``CI=true``).
 """
 
 import collections
@@ -17,6 +17,7 @@ import os
 import sys
 
 import pytest
+from prerequisites import missing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -62,5 +63,5 @@ def triton_device_or_reason():
 def triton_device():
     dev, reason = triton_device_or_reason()
     if reason is not None:
-        pytest.skip(f"Triton kernels cannot run here: {reason}")
+        missing(f"Triton kernels cannot run here: {reason}")
     return dev

@@ -28,6 +28,7 @@ from pisa_kernels import pisa_attention
 from pisa_kernels.tiling import joint_permutation, tile_permutation
 from pisa_test_utils import (assert_graph_path_is_eager, capture_routing, max_err, rand_qkv, rel_l2, selection_of,
                              structured_qkv)
+from prerequisites import missing
 
 pytestmark = pytest.mark.gpu
 
@@ -47,7 +48,7 @@ def _triton_on_gpu():
 
     reason = triton_unavailable_reason(DEV)
     if reason is not None:
-        pytest.skip(f"the Triton kernels cannot run on this GPU: {reason}")
+        missing(f"the Triton kernels cannot run on this GPU: {reason}")
 
 
 def _dev(kw):

@@ -20,9 +20,10 @@ import torch
 from pisa_kernels import api, pisa_attention
 from pisa_kernels.errors import KernelDoesNotFit
 from pisa_test_utils import max_err, rand_qkv
+from prerequisites import import_or_missing, missing
 
-triton = pytest.importorskip("triton")
-tk = pytest.importorskip("pisa_kernels.triton_kernels")
+triton = import_or_missing("triton", "the launch tests drive Triton's kernels")
+tk = import_or_missing("pisa_kernels.triton_kernels", "the launch tests drive Triton's kernels")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,7 +102,7 @@ def test_the_kernel_fits_sm80_to_sm90_offline():
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     if isinstance(results, dict):
-        pytest.skip(results["skip"])
+        missing(results["skip"])
     assert len(results) >= 5
     for r in results:
         assert r["fits"] is not None, f"no configuration fits {r['case']}: {r['tried']}"

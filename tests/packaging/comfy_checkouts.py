@@ -1,27 +1,24 @@
-"""ComfyUI checkouts and node definitions the packaging tests validate against.
+"""The node definitions the packaging tests validate against, from the ComfyUI checkouts that
+``prerequisites.comfy_paths`` names ($COMFYUI_PATH, $PISA_EXTRA_COMFYUI).  The definitions come
+from `comfy_defs.py` in a subprocess (ComfyUI's own loader, this pack included), once per session.
 
-Checkouts: $COMFYUI_PATH (default ~/comfy/ComfyUI) and the space-separated $PISA_EXTRA_COMFYUI
-(default ~/comfy/ComfyUI-v0.3.64), where they exist. Their node definitions come from
-`comfy_defs.py` in a subprocess (ComfyUI's own loader, this pack included), once per session.
+Tests are parametrized over the configured checkouts, present or not (``comfy_paths``): a missing
+one is a missing prerequisite that the test reports (a skip, a failure under CI=true), where a
+parameter list of only the present checkouts was empty without ComfyUI and pytest skipped the test
+as "got empty parameter set" (issue 18).
 """
 import functools
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from prerequisites import comfy_missing, missing, require_comfy
 from workflow_graph import ROOT
 
 HERE = Path(__file__).resolve().parent
-
-
-def comfy_roots():
-    first = os.environ.get("COMFYUI_PATH") or str(Path.home() / "comfy" / "ComfyUI")
-    extra = os.environ.get("PISA_EXTRA_COMFYUI", str(Path.home() / "comfy" / "ComfyUI-v0.3.64"))
-    return [Path(p) for p in [first, *extra.split()] if (Path(p) / "main.py").is_file()]
 
 
 def checkout_version(root):
@@ -34,6 +31,9 @@ def checkout_version(root):
 @functools.lru_cache(maxsize=None)
 def comfy_defs(root):
     """Node definitions of one ComfyUI checkout, or the reason they are unavailable (str)."""
+    reason = comfy_missing(root)
+    if reason:
+        return reason
     try:
         done = subprocess.run([sys.executable, str(HERE / "comfy_defs.py"), str(root), str(ROOT)],
                               capture_output=True, text=True, timeout=600)
@@ -44,12 +44,19 @@ def comfy_defs(root):
     return json.loads(done.stdout.split("@@DEFS@@", 1)[1])
 
 
+def loaded_defs(root):
+    """``comfy_defs(root)``, or :func:`prerequisites.missing` with the reason it is unavailable (no
+    checkout, or ComfyUI cannot start: its requirements are not installed)."""
+    defs = comfy_defs(require_comfy(root))
+    if isinstance(defs, str):
+        missing(defs)
+    return defs
+
+
 def import_pack_node():
     """PISAPatch's definition from this repository's nodes.py, imported as ComfyUI would (a package)."""
     from comfy_defs import describe
 
-    if not (ROOT / "nodes.py").is_file() or not (ROOT / "__init__.py").is_file():
-        return "the pack's nodes.py / __init__.py do not exist yet"
     spec = importlib.util.spec_from_file_location("comfyui_pisa_under_test", ROOT / "__init__.py",
                                                   submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)

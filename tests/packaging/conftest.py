@@ -10,7 +10,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from comfy_checkouts import comfy_defs, comfy_roots, import_pack_node  # noqa: E402
+from comfy_checkouts import comfy_defs, import_pack_node  # noqa: E402
+from prerequisites import comfy_paths  # noqa: E402
 from workflow_graph import ROOT  # noqa: E402
 
 
@@ -25,9 +26,10 @@ def install_script():
 
 @pytest.fixture(scope="session")
 def pisa_def():
-    """PISAPatch as a real ComfyUI loaded it, else as imported directly; skip when neither works."""
+    """PISAPatch as a real ComfyUI loaded it, else as imported directly (which needs no ComfyUI:
+    a missing checkout fails or skips the tests that need one, not the contract tests)."""
     reasons = []
-    for root in comfy_roots():
+    for root in comfy_paths():
         defs = comfy_defs(root)
         if isinstance(defs, dict) and defs["pack_loaded"]:
             return defs["nodes"]["PISAPatch"]
@@ -35,4 +37,4 @@ def pisa_def():
     direct = import_pack_node()
     if isinstance(direct, dict):
         return direct
-    pytest.skip("PISAPatch definition unavailable: " + "; ".join(reasons + [direct]))
+    pytest.fail("PISAPatch definition unavailable: " + "; ".join(reasons + [direct]), pytrace=False)

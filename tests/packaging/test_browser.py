@@ -24,12 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from comfy_checkouts import HERE, checkout_version, comfy_roots
+from comfy_checkouts import HERE, checkout_version
 from comfy_server import PACK_NAME, comfy_server, http
+from prerequisites import comfy_paths, import_or_missing, missing, require_comfy
 from workflow_graph import ROOT, WORKFLOWS, load
 
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-ROOTS = comfy_roots()
+ROOTS = comfy_paths()  # present or not: a missing one is reported by the test (prerequisites.py)
 # The app is up, the pack's node registered, and the start-up workflow (the default graph of a fresh
 # user) restored: a graph loaded before that restore is replaced by it.
 READY = ("window.comfyAPI?.app?.app?.graph && window.LiteGraph?.registered_node_types?.PISAPatch"
@@ -195,10 +196,8 @@ INSPECT_RUN = """(() => {
 def _needs():
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if not exe:
-        pytest.skip("Chromium not installed (Debian: apt-get install chromium)")
-    pytest.importorskip("aiohttp", reason="the CDP client uses aiohttp (a ComfyUI requirement)")
-    if not (ROOT / "nodes.py").is_file():
-        pytest.skip("the pack's nodes.py does not exist yet")
+        missing("Chromium not installed (Debian: apt-get install chromium; scripts/setup_env.sh does it under CI=true)")
+    import_or_missing("aiohttp", "the CDP client uses aiohttp (a ComfyUI requirement)")
     return exe
 
 
@@ -245,6 +244,7 @@ def check_in_browser(root, exe, pack_dir, tmp, artifacts):
 
 @pytest.mark.parametrize("root", ROOTS, ids=[r.name for r in ROOTS])
 def test_bundled_workflows_in_headless_chromium(root, tmp_path):
+    root = require_comfy(root)
     exe = _needs()
     artifacts = ARTIFACTS / root.name
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -305,10 +305,8 @@ STATS_LINE = re.compile(r"PISA: (\d+)/(\d+) attention calls sparse(?: \(dense: [
 
 
 def test_tiny_wan_and_flux_run_in_headless_chromium(tmp_path):
+    root = require_comfy(ROOTS[0])
     exe = _needs()
-    if not ROOTS:
-        pytest.skip("no ComfyUI checkout (set COMFYUI_PATH)")
-    root = ROOTS[0]
     if checkout_version(root) < (0, 19):
         pytest.skip(f"the tiny run needs ComfyUI >= 0.19 (the Wan VAE's width read from its file); {root} is older")
     artifacts = ARTIFACTS / root.name

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_checkouts import comfy_roots
+from prerequisites import comfy_paths, missing, require_comfy
 from workflow_graph import ROOT
 
 
@@ -105,9 +105,9 @@ def test_requirements_never_pin_torch():
     assert not [ln for ln in lines if ln.split(";")[0].strip().lower().startswith(("torch", "torchvision"))]
 
 
-@pytest.mark.parametrize("root", [r for r in comfy_roots() if (r / "comfy_config" / "config_parser.py").is_file()],
-                         ids=lambda r: r.name)
+@pytest.mark.parametrize("root", comfy_paths(), ids=lambda r: r.name)
 def test_comfyui_config_parser_reads_it(root):
+    require_comfy(root)
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from comfy_config import config_parser as c; "
             "p = c.extract_node_configuration(sys.argv[2]); t = p.tool_comfy; "
             "print(p.project.name, t.display_name, t.publisher_id, t.icon, p.project.urls.repository, "
@@ -116,7 +116,7 @@ def test_comfyui_config_parser_reads_it(root):
     done = subprocess.run([sys.executable, "-c", code, str(root), str(ROOT)], capture_output=True, text=True,
                           timeout=120)
     if done.returncode != 0 and "ModuleNotFoundError" in done.stderr:
-        pytest.skip(f"ComfyUI's config parser needs its requirements: {done.stderr.strip()[-300:]}")
+        missing(f"ComfyUI's config parser needs its requirements: {done.stderr.strip()[-300:]}")
     assert done.returncode == 0, done.stderr
     cfg = _config()
     assert done.stdout.strip().split("|") == [

@@ -6,7 +6,8 @@ import importlib.util
 
 import pytest
 
-from comfy_checkouts import comfy_defs, comfy_roots
+from comfy_checkouts import loaded_defs
+from prerequisites import comfy_paths
 from workflow_graph import (PISA_CONTRACT, ROOT, VIRTUAL_NODES, WORKFLOWS, link_errors, load, model_paths,
                             socket_errors, widget_errors, widget_specs)
 
@@ -85,12 +86,10 @@ def test_note_names_files_and_points_to_benchmarks(path):
             assert m["name"] in text and f"`{m['directory']}/`" in text
 
 
-@pytest.mark.parametrize("root", comfy_roots(), ids=lambda r: r.name)
+@pytest.mark.parametrize("root", comfy_paths(), ids=lambda r: r.name)
 @pytest.mark.parametrize("path", WORKFLOWS, ids=ids)
 def test_core_nodes_exist_with_valid_widgets(path, root):
-    defs = comfy_defs(root)
-    if isinstance(defs, str):
-        pytest.skip(defs)
+    defs = loaded_defs(root)
     errors = []
     for n in load(path)["nodes"]:
         if n["type"] in VIRTUAL_NODES or n["type"] == "PISAPatch":
@@ -117,13 +116,9 @@ def test_pisa_nodes_valid_for_the_real_node(path, pisa_def):
             assert widget_errors(n, pisa_def) + socket_errors(n, pisa_def) == [], n["id"]
 
 
-@pytest.mark.parametrize("root", comfy_roots(), ids=lambda r: r.name)
+@pytest.mark.parametrize("root", comfy_paths(), ids=lambda r: r.name)
 def test_comfyui_loads_the_pack(root):
-    if not (ROOT / "nodes.py").is_file():
-        pytest.skip("the pack's nodes.py does not exist yet")
-    defs = comfy_defs(root)
-    if isinstance(defs, str):
-        pytest.skip(defs)
+    defs = loaded_defs(root)
     assert defs["pack_loaded"], f"ComfyUI {defs['version']} did not register PISAPatch"
 
 
