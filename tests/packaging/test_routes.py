@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_checkouts import comfy_roots
+from prerequisites import comfy_paths, missing, require_comfy
 from comfy_server import PACK_NAME, comfy_server, http
 from workflow_graph import ROOT
 
@@ -34,11 +34,11 @@ def pack_url(tmp_path_factory):
     """A one-commit git repository of the working tree as it is (tracked and untracked files that
     git does not ignore), named like the pack so every route installs it as custom_nodes/ComfyUI-PISA."""
     if shutil.which("git") is None:
-        pytest.skip("git is not installed")
+        missing("git is not installed")
     try:
         listed = _git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT)
     except subprocess.CalledProcessError as e:
-        pytest.skip(f"the repository root is not a git work tree: {e.stderr.strip()}")
+        missing(f"the repository root is not a git work tree: {e.stderr.strip()}")
     repo = tmp_path_factory.mktemp("origin") / PACK_NAME
     for rel in filter(None, listed.split("\0")):
         if (ROOT / rel).is_file():
@@ -53,12 +53,10 @@ def pack_url(tmp_path_factory):
 @pytest.fixture
 def fresh_comfy(tmp_path):
     """A copy of the main ComfyUI checkout with nothing installed in its custom_nodes."""
-    roots = comfy_roots()
-    if not roots:
-        pytest.skip("no ComfyUI checkout (COMFYUI_PATH, default ~/comfy/ComfyUI)")
+    main = require_comfy(comfy_paths()[0])
     tree = tmp_path / "ComfyUI"
     # A __pycache__ there stays valid: copytree keeps mtimes.
-    shutil.copytree(roots[0], tree, symlinks=True, ignore=shutil.ignore_patterns(".git", "user", "output", "temp"))
+    shutil.copytree(main, tree, symlinks=True, ignore=shutil.ignore_patterns(".git", "user", "output", "temp"))
     for extra in (tree / "custom_nodes").iterdir():
         if extra.is_dir():
             shutil.rmtree(extra)
@@ -79,7 +77,7 @@ def _run(cmd, tmp_path, **env):
 def _tool(name):
     path = BIN / name
     if not path.is_file():
-        pytest.skip(f"{name} is not installed next to {sys.executable} (requirements-dev.txt installs it)")
+        missing(f"{name} is not installed next to {sys.executable} (requirements-dev.txt installs it)")
     return str(path)
 
 
