@@ -104,8 +104,7 @@ def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: boo
 
     def run():
         st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=False, lognormal=lognormal)
-        return route(st, scale=scale, k=kk, heads=h, forced_blocks=None, cov=False, may_have_empty=False,
-                     chunk_bytes=chunk, select=tk.top_blocks)
+        return route(st, scale=scale, k=kk, heads=h, cov=False, chunk_bytes=chunk, select=tk.top_blocks)
 
     return time_ms(run)
 

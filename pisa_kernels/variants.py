@@ -49,6 +49,7 @@ from . import reference
 from .routing import (
     QUERY_TILE,
     Selection,
+    block_kinds,
     forced_blocks_from_tokens,
     mass_bias,
     num_blocks,
@@ -125,8 +126,8 @@ def select(q: torch.Tensor, k: torch.Tensor, stats, *, routing: str, scale: floa
     ``bias``: :func:`mass_bias`)."""
     n_forced = int(forced.sum()) if forced is not None else 0
     if routing in ("topk", "cov"):
-        return route(stats, scale=scale, k=k_top, heads=heads, forced_blocks=forced, n_forced=n_forced,
-                     cov=routing == "cov", may_have_empty=False)
+        kinds = block_kinds(stats.blen, q.shape[1], block, forced) if forced is not None else None
+        return route(stats, scale=scale, k=k_top, heads=heads, kinds=kinds, n_forced=n_forced, cov=routing == "cov")
     if routing == "sub":
         score = _sub_scores(q, k, scale, block)[0]
     elif routing == "err":
