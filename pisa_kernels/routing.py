@@ -182,6 +182,7 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.
     mask = torch.empty(bh, nq, nb, dtype=torch.int8, device=device)
     counts = torch.empty(bh, nq, 2, dtype=torch.int32, device=device) if kinds is not None else None
     batch_of = torch.arange(bh, device=device) // heads
+    kinds_rows = kinds[batch_of].unsqueeze(1) if kinds is not None else None  # [BH, 1, NB]
     if kt == nb:  # everything exact: no tail, so no bias
         if kinds is None:
             idx.copy_(torch.arange(nb, dtype=torch.int32, device=device).expand(bh, nq, nb))
@@ -203,7 +204,7 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.
         if kinds is None:
             select(score, kt, idx[s:e], mask[s:e])
         else:
-            select(score, kt, idx[s:e], mask[s:e], kinds[batch_of[s:e]].unsqueeze(1), counts[s:e])
+            select(score, kt, idx[s:e], mask[s:e], kinds_rows[s:e], counts[s:e])
         if bias is not None:
             c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score)
             blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]

@@ -120,13 +120,18 @@ def _pool_k_kernel(K, V, VALID, PERM, KP, VP, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLE
             rows = tl.load(PERM + offs, mask=inb, other=0)
         else:
             rows = offs
+        k_in = tl.load(kbase + rows[:, None].to(tl.int64) * skn + offs_d[None, :],
+                       mask=inb[:, None] & dmask[None, :], other=0.0)
+        v_in = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_c[None, :],
+                       mask=inb[:, None] & cmask[None, :], other=0.0)
         w = inb
         if HAS_VALID:
+            # Invalid keys are selected away after the load (a padded key holding NaN must not reach
+            # any statistic), so the K / V loads never wait for the VALID load (their mask would).
             w = w & (tl.load(VALID + b.to(tl.int64) * s_valid_b + offs, mask=inb, other=0) != 0)
+            k_in = tl.where(w[:, None], k_in, 0.0)
+            v_in = tl.where(w[:, None], v_in, 0.0)
         m2 = w[:, None] & dmask[None, :]
-        k_in = tl.load(kbase + rows[:, None].to(tl.int64) * skn + offs_d[None, :], mask=m2, other=0.0)
-        v_in = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_c[None, :],
-                       mask=w[:, None] & cmask[None, :], other=0.0)
         if HAS_PERM:  # the processing-order copies (invalid keys as zeros: the kernel never reads them)
             cbase = (bh.to(tl.int64) * N + offs[:, None]) * D
             if part == 0:
