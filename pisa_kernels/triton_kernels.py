@@ -432,6 +432,16 @@ def _pisa_fwd_kernel(Q, KD, VD, K, V, O, VALID, IDX, CNT, SEL, KBAR, VMEAN, BLEN
     dmask = offs_d < D
     # rows: where each row of this program sits in q and the output (the input order; a token
     # order reads and writes through PERM, so the output needs no scatter).
+    mrow = offs_m < N
+    if HAS_PERM:
+        rows = tl.load(PERM + offs_m, mask=mrow, other=0).to(tl.int64)
+    else:
+        rows = offs_m.to(tl.int64)
+    store = mrow
+    idx_base = IDX + tile * KT
+    cnt_base = CNT + tile * 2
+    kt = KT
+    nb_tail = NB
     if HAS_DENSE:
         if dense:  # ND dense rows (input positions), exact over every block, no tail
             mrow = offs_m < ND
@@ -440,27 +450,9 @@ def _pisa_fwd_kernel(Q, KD, VD, K, V, O, VALID, IDX, CNT, SEL, KBAR, VMEAN, BLEN
             idx_base = DIDX + b64 * NB
             cnt_base = DCNT + b64 * 2
         else:  # a regular tile leaves its dense rows to their own programs
-            mrow = offs_m < N
-            if HAS_PERM:
-                rows = tl.load(PERM + offs_m, mask=mrow, other=0).to(tl.int64)
-            else:
-                rows = offs_m.to(tl.int64)
             store = mrow & (tl.load(DFLAG + offs_m, mask=mrow, other=1) == 0)
-            idx_base = IDX + tile * KT
-            cnt_base = CNT + tile * 2
         kt = tl.where(dense, NB, KT)
         nb_tail = tl.where(dense, 0, NB)
-    else:
-        mrow = offs_m < N
-        if HAS_PERM:
-            rows = tl.load(PERM + offs_m, mask=mrow, other=0).to(tl.int64)
-        else:
-            rows = offs_m.to(tl.int64)
-        store = mrow
-        idx_base = IDX + tile * KT
-        cnt_base = CNT + tile * 2
-        kt = KT
-        nb_tail = NB
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None] * sqn + offs_d[None, :],
                 mask=mrow[:, None] & dmask[None, :], other=0.0)
     # Finite "minus infinity" for the running max: a fully masked block then yields p = 0 and
