@@ -371,16 +371,19 @@ PERM_GROUP_MIN_BYTES = 256 << 20
 def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
     """The device work of one call: pure tensor operations, no host synchronisation (capturable)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # caller's layout and order
-    views = [t if plan.layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out)]  # [B, H, N, D]
+
+    def views():  # [B, H, N, D]; made afresh for each in-place write (autograd tracks out's versions)
+        return [t if plan.layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out)]
+
     valid_p = valid.index_select(1, plan.perm) if valid is not None and plan.perm is not None else valid
     groups = PERM_HEAD_GROUPS if plan.perm is not None and 3 * q.numel() * q.element_size() >= PERM_GROUP_MIN_BYTES \
         else 1
     step = -(-plan.heads // groups)
     attend_heads = _attend_heads_triton if plan.backend == "triton" else _attend_heads_reference
     for h0 in range(0, plan.heads, step):
-        attend_heads(plan, *(t.narrow(1, h0, min(step, plan.heads - h0)) for t in views), valid_p)
+        attend_heads(plan, *(t.narrow(1, h0, min(step, plan.heads - h0)) for t in views()), valid_p)
     if plan.dense_idx is not None and plan.backend != "triton":  # (the Triton kernel computes them itself)
-        _dense_rows_inplace(*views, plan.dense_idx, valid, plan.scale)
+        _dense_rows_inplace(*views(), plan.dense_idx, valid, plan.scale)
     return out
 
 
