@@ -173,7 +173,6 @@ class _Plan:
     model's repeated calls skip the host-side preparation and never synchronise."""
 
     layout: str
-    seq_dim: int
     heads: int
     tokens: int
     backend: str
@@ -276,7 +275,7 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
     if dense_rows is not None:
         dense_idx = dense_rows.nonzero().squeeze(1).to(dev)
         dense_flags = (dense_rows[perms[1]] if perms is not None else dense_rows).to(dev, torch.int8)
-    return _Plan(layout=layout, seq_dim=seq_dim, heads=h, tokens=n, backend=be, block=block_size, order=order,
+    return _Plan(layout=layout, heads=h, tokens=n, backend=be, block=block_size, order=order,
                  cov=routing == "cov", lognormal=tail == "lognormal" and order >= 0, scale=scale, blocks=nb,
                  k_top=topk_count(sparsity, nb),
                  n_forced=int(forced.sum()) if forced is not None else 0,
