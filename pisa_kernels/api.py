@@ -20,8 +20,8 @@ from . import reference
 from .backend import resolve_backend
 from .errors import KernelDoesNotFit
 from .limits import BLOCK_SIZES, SUPPORTED_DTYPES, TAILS, TRITON_MAX_HEAD_DIM, check_sparsity
-from .routing import (QUERY_TILE, forced_blocks_from_tokens, num_blocks, route, routing_chunk_bytes, top_blocks,
-                      topk_count)
+from .routing import (QUERY_TILE, block_kinds, exact_order, forced_blocks_from_tokens, num_blocks, route,
+                      routing_chunk_bytes, top_blocks, topk_count)
 
 Ranges = Union[Sequence[Sequence[int]], torch.Tensor, None]
 
@@ -167,7 +167,6 @@ class _Plan:
     model's repeated calls skip the host-side preparation and never synchronise."""
 
     layout: str
-    seq_dim: int
     heads: int
     tokens: int
     backend: str
@@ -181,7 +180,8 @@ class _Plan:
     n_forced: int
     forced: torch.Tensor | None  # [NB] bool on the device, processing order
     perm: torch.Tensor | None  # [N] int64 on the device
-    dense_idx: torch.Tensor | None  # query rows that attend everything exactly (input order)
+    dense_idx: torch.Tensor | None  # query rows that attend everything exactly (input positions, int64)
+    dense_flags: torch.Tensor | None  # int8 [N] on the device, processing order: 1 at those rows
 
     @property
     def exact_blocks(self) -> int:
@@ -266,13 +266,16 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
     if perms is not None and sink is not None:
         sink = sink[perms[1]]
     forced = forced_blocks_from_tokens(sink, block_size)  # CPU
-    dense_idx = dense_rows.nonzero().squeeze(1).to(dev) if dense_rows is not None else None
-    return _Plan(layout=layout, seq_dim=seq_dim, heads=h, tokens=n, backend=be, block=block_size, order=order,
+    dense_idx = dense_flags = None
+    if dense_rows is not None:
+        dense_idx = dense_rows.nonzero().squeeze(1).to(dev)
+        dense_flags = (dense_rows[perms[1]] if perms is not None else dense_rows).to(dev, torch.int8)
+    return _Plan(layout=layout, heads=h, tokens=n, backend=be, block=block_size, order=order,
                  cov=routing == "cov", lognormal=tail == "lognormal" and order >= 0, scale=scale, blocks=nb,
                  k_top=topk_count(sparsity, nb),
                  n_forced=int(forced.sum()) if forced is not None else 0,
                  forced=forced.to(dev) if forced is not None else None,
-                 perm=perms[0] if perms is not None else None, dense_idx=dense_idx)
+                 perm=perms[0] if perms is not None else None, dense_idx=dense_idx, dense_flags=dense_flags)
 
 
 def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsity: float = 0.875,
@@ -348,63 +351,91 @@ def _run(plan: _Plan, q, k, v, valid, cuda_graph) -> torch.Tensor:
     return _execute(plan, q, k, v, valid)
 
 
-#: With a token order, a call gathers q, k, v and its output in the processing order.  Where q + k + v
-#: take at least ``PERM_GROUP_MIN_BYTES``, it does so for ``PERM_HEAD_GROUPS`` groups of heads one
-#: after the other, so the copies take a third of the bytes of q + k + v instead of 4/3 (each group
-#: still fills the GPU at such lengths; smaller calls keep one group and fewer launches).
+#: With a token order, the Triton backend writes k and v in the processing order during its
+#: pre-scan (q is read and the output written through the permutation, no copies); the reference
+#: gathers q, k, v and scatters its output.  Where q + k + v take at least
+#: ``PERM_GROUP_MIN_BYTES``, a call does so for ``PERM_HEAD_GROUPS`` groups of heads one after the
+#: other, so the copies take a sixth (Triton: k and v) or a third (reference: q, k, v and the
+#: output) of the bytes of q + k + v; each group still fills the GPU at such lengths, smaller calls
+#: keep one group and fewer launches.
 PERM_HEAD_GROUPS = 4
 PERM_GROUP_MIN_BYTES = 256 << 20
 
 
 def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
     """The device work of one call: pure tensor operations, no host synchronisation (capturable)."""
-    layout, seq_dim, perm = plan.layout, plan.seq_dim, plan.perm
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # caller's layout and order
-    if perm is None:
-        _attend_heads(plan, *(t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out)), valid)
-    else:
-        # Processing order: gathered copies along the sequence (cheaper than gathers in the kernel).
-        valid_p = valid.index_select(1, perm) if valid is not None else None
-        head_dim = 3 - seq_dim
-        groups = PERM_HEAD_GROUPS if 3 * q.numel() * q.element_size() >= PERM_GROUP_MIN_BYTES else 1
-        step = -(-plan.heads // groups)
-        for h0 in range(0, plan.heads, step):
-            qp, kp, vp = (t.narrow(head_dim, h0, min(step, plan.heads - h0)).index_select(seq_dim, perm)
-                          for t in (q, k, v))
-            op = torch.empty_like(qp)
-            _attend_heads(plan, *(t if layout == "BHND" else t.transpose(1, 2) for t in (qp, kp, vp, op)), valid_p)
-            out.narrow(head_dim, h0, qp.shape[head_dim]).index_copy_(seq_dim, perm, op)
-            del qp, kp, vp, op  # before the next group's copies: one group's copies at a time
-    if plan.dense_idx is not None:
-        views = (t if layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out))
-        _dense_rows_inplace(*views, plan.dense_idx, valid, plan.scale)
+
+    def views():  # [B, H, N, D]; made afresh for each in-place write (autograd tracks out's versions)
+        return [t if plan.layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out)]
+
+    valid_p = valid.index_select(1, plan.perm) if valid is not None and plan.perm is not None else valid
+    groups = PERM_HEAD_GROUPS if plan.perm is not None and 3 * q.numel() * q.element_size() >= PERM_GROUP_MIN_BYTES \
+        else 1
+    step = -(-plan.heads // groups)
+    attend_heads = _attend_heads_triton if plan.backend == "triton" else _attend_heads_reference
+    for h0 in range(0, plan.heads, step):
+        attend_heads(plan, *(t.narrow(1, h0, min(step, plan.heads - h0)) for t in views()), valid_p)
+    if plan.dense_idx is not None and plan.backend != "triton":  # (the Triton kernel computes them itself)
+        _dense_rows_inplace(*views(), plan.dense_idx, valid, plan.scale)
     return out
 
 
-def _attend_heads(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
-    """PISA on ``[B, H', N, D]`` views in the processing order (all heads or a group), into ``out_h``."""
+def _kinds(plan: _Plan, stats, valid):
+    """The blocks' kinds (routing.block_kinds), or None where every block is full and none forced."""
+    if valid is None and plan.forced is None:
+        return None
+    return block_kinds(stats.blen, plan.tokens, plan.block, plan.forced)
+
+
+def _route(plan: _Plan, stats, kinds, heads: int, chunk: int, select):
+    # The reference reads the log-normal mass correction from the routing; the Triton kernel
+    # computes it per tile from the pooled second moments.
+    return route(stats, scale=plan.scale, k=plan.k_top, heads=heads, kinds=kinds, n_forced=plan.n_forced,
+                 cov=plan.cov, tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk,
+                 select=select)
+
+
+def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
+    """PISA on ``[B, H', N, D]`` views in the input order (all heads or a group), into ``out_h``;
+    ``valid`` in the processing order.  The token order is applied inside the kernels: the
+    pre-scan reads k and v through it and writes their processing-order copies (the exact loop's
+    tiles must be contiguous rows), q is read and the output written through it."""
+    from . import triton_kernels as tk
+
+    qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
+    valid8 = valid.to(torch.int8).contiguous() if valid is not None else None
+    kv = (torch.empty(kh.shape, dtype=kh.dtype, device=kh.device),
+          torch.empty(vh.shape, dtype=vh.dtype, device=vh.device)) if plan.perm is not None else (kh, vh)
+    stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov,
+                    lognormal=plan.lognormal, perm=plan.perm, kv_out=kv if plan.perm is not None else None)
+    kinds = _kinds(plan, stats, valid)
+    sel = _route(plan, stats, kinds, qh.shape[1], routing_chunk_bytes(3 * qh.numel() * qh.element_size()),
+                 tk.top_blocks)
+    dense = None
+    if plan.dense_idx is not None:
+        every = kinds if kinds is not None else torch.zeros_like(stats.blen, dtype=torch.int8)
+        dense = tk.DenseRows(plan.dense_idx, plan.dense_flags, *exact_order(every))
+    tk.attend(qh, *kv, out_h, valid=valid8, stats=stats, sel=sel, scale=plan.scale, block=plan.block,
+              order=plan.order, perm=plan.perm, dense=dense)
+
+
+def _attend_heads_reference(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
+    """The reference on ``[B, H', N, D]`` views: gathered into the processing order, the output
+    scattered back; ``valid`` in the processing order."""
+    perm = plan.perm
+    qp, kp, vp = (t if perm is None else t.index_select(2, perm) for t in (qh, kh, vh))
     chunk = routing_chunk_bytes(3 * qh.numel() * qh.element_size())
 
-    def route_fn(stats, select=top_blocks):
-        # The reference reads the log-normal mass correction from the routing; the Triton kernel
-        # computes it per tile from the pooled second moments.
-        return route(stats, scale=plan.scale, k=plan.k_top, heads=qh.shape[1], forced_blocks=plan.forced,
-                     n_forced=plan.n_forced, cov=plan.cov, may_have_empty=valid is not None,
-                     tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk, select=select)
+    def route_fn(stats):
+        return _route(plan, stats, _kinds(plan, stats, valid), qh.shape[1], chunk, top_blocks)
 
-    if plan.backend == "triton":
-        from . import triton_kernels as tk
-
-        qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
-        valid8 = valid.to(torch.int8).contiguous() if valid is not None else None
-        stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov,
-                        lognormal=plan.lognormal)
-        tk.attend(qh, kh, vh, out_h, valid=valid8, stats=stats, sel=route_fn(stats, tk.top_blocks),
-                  scale=plan.scale, block=plan.block, order=plan.order)
+    res = reference.reference_forward(qp, kp, vp, valid, scale=plan.scale, block=plan.block, order=plan.order,
+                                      cov=plan.cov, route_fn=route_fn, lognormal=plan.lognormal)
+    if perm is None:
+        out_h.copy_(res)
     else:
-        out_h.copy_(reference.reference_forward(qh, kh, vh, valid, scale=plan.scale, block=plan.block,
-                                                order=plan.order, cov=plan.cov, route_fn=route_fn,
-                                                lognormal=plan.lognormal))
+        out_h.index_copy_(2, perm, res.to(out_h.dtype))
 
 
 def _dense_rows_inplace(qh, kh, vh, out_h, idx: torch.Tensor, valid, scale: float) -> None:

@@ -23,6 +23,16 @@ COV_EPS = 1e-5
 #: Most bytes of scratch the score map may take per routing chunk.
 ROUTING_CHUNK_BYTES = 16 << 20
 
+#: Bits of a block's kind (:func:`block_kinds`, one int8 per batch element and key block).
+#: PARTIAL: some key of the block (inside the sequence) is invalid, so the Triton kernel reads it
+#: through its masked path; every other block keeps the unmasked (tensor-descriptor) path.
+PARTIAL = 1
+#: EMPTY (always with PARTIAL): no valid key; never preferred over a block with one, and computing
+#: it exactly adds nothing (every weight is 0), so the kernel skips it.
+EMPTY = 2
+#: FORCED: a sink block, selected in every query tile on top of the top-k budget.
+FORCED = 4
+
 
 @dataclass
 class PooledStats:
@@ -75,43 +85,89 @@ def topk_count(sparsity: float, n_blocks: int) -> int:
 class Selection:
     """The exact key blocks of every query tile, and the log-normal tail's mass correction."""
 
-    idx: torch.Tensor  # [BH, NQ, KT] int32, in no particular order
+    idx: torch.Tensor  # [BH, NQ, KT] int32, in no particular order (but see ``counts``)
     mask: torch.Tensor  # [BH, NQ, NB] int8, 1 where selected
     count: int  # KT, the same for every query tile (load balance)
     #: [BH, NQ, NB]: ``c_ij`` (natural-log units) of every unselected block, ``-inf`` at the
     #: selected ones, for the reference's log-normal tail (the Triton kernel computes ``c_ij``
     #: itself from ``q2`` and ``kvar``: O(N) memory instead of O(N^2)).  See :func:`mass_bias`.
     tail_bias: torch.Tensor | None = None
+    #: [BH, NQ, 2] int32 where the blocks had kinds: each tile's ``idx`` lists its full blocks
+    #: first, then its PARTIAL ones, then its EMPTY ones; ``counts[..., 0]`` is the number of full
+    #: blocks and ``counts[..., 1]`` that of the non-empty ones (:func:`exact_order`).
+    counts: torch.Tensor | None = None
 
     @property
     def all_blocks(self) -> bool:
         return self.count == self.mask.shape[-1]
 
 
-def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tensor) -> None:
+def block_kinds(blen: torch.Tensor, tokens: int, block: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 ``[B, NB]``: the PARTIAL / EMPTY / FORCED bits of every key block, from the valid-key
+    counts of the pre-scan (``blen [B, NB]``) and the sink blocks (``forced``: bool ``[NB]``).
+
+    A block is PARTIAL when it holds fewer valid keys than it has keys inside the sequence (the
+    last block of a length that is not a multiple of ``block`` is short, not partial)."""
+    rows = (tokens - block * torch.arange(blen.shape[1], device=blen.device)).clamp(max=block)
+    kinds = (blen < rows).to(torch.int8) * PARTIAL + (blen <= 0).to(torch.int8) * EMPTY
+    if forced is not None:
+        kinds |= forced.to(torch.int8) * FORCED
+    return kinds
+
+
+def _group(kinds: torch.Tensor) -> torch.Tensor:
+    """0 for a full block, 1 for a PARTIAL one with a valid key, 2 for an EMPTY one."""
+    return (kinds & PARTIAL) + ((kinds & EMPTY) >> 1)
+
+
+def exact_order(kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every block as one exact list per batch element, in the kernel's order (full, PARTIAL,
+    EMPTY): ``(idx [B, NB] int32, counts [B, 2] int32)`` as in :attr:`Selection.counts`.  The list
+    of the dense query rows, and of every tile when all blocks are exact."""
+    group = _group(kinds)
+    idx = torch.sort(group, dim=-1, stable=True).indices.to(torch.int32)
+    counts = torch.stack(((group == 0).sum(-1), (group <= 1).sum(-1)), dim=-1).to(torch.int32)
+    return idx, counts
+
+
+def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tensor,
+               kinds: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> None:
     """The ``kt`` highest scores of every row of ``score [R, NQ, NB]``: their block indices into
-    ``idx [R, NQ, kt]`` (int32, in no particular order) and a 0/1 row into ``mask [R, NQ, NB]``.
+    ``idx [R, NQ, kt]`` (int32) and a 0/1 row into ``mask [R, NQ, NB]``.
 
     Ties go to the lower block index and NaN ranks above everything (as in ``torch.sort``), so the
     result is one function of the scores: the Triton backend's kernel
     (:func:`pisa_kernels.triton_kernels.top_blocks`) selects the same blocks.
+
+    ``kinds`` (int8 ``[R, 1, NB]``, :func:`block_kinds` of each row's batch element): EMPTY blocks
+    score ``-inf`` and FORCED ones ``+inf`` (written into ``score``, which is scratch), and each
+    row's indices come full blocks first, then PARTIAL, then EMPTY ones, with the two boundaries
+    in ``counts [R, NQ, 2]``.  Without kinds the indices are in no particular order.
     """
+    if kinds is not None:
+        score.masked_fill_((kinds & EMPTY) != 0, -torch.inf).masked_fill_((kinds & FORCED) != 0, torch.inf)
     top = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :kt]
+    if kinds is not None:
+        group = _group(kinds).expand(-1, score.shape[1], -1).gather(-1, top)
+        top = top.gather(-1, torch.sort(group, dim=-1, stable=True).indices)
+        counts[..., 0] = (group == 0).sum(-1)
+        counts[..., 1] = (group <= 1).sum(-1)
     idx.copy_(top)
     mask.zero_().scatter_(-1, top, 1)
 
 
-def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks: torch.Tensor | None = None,
-          n_forced: int = 0, cov: bool = False, may_have_empty: bool = True, tail_bias: bool = False,
-          chunk_bytes: int = ROUTING_CHUNK_BYTES, select=top_blocks) -> Selection:
+def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
+          n_forced: int = 0, cov: bool = False, tail_bias: bool = False, chunk_bytes: int = ROUTING_CHUNK_BYTES,
+          select=top_blocks) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
     first-order residual is large go to the exact path, where the Taylor tail would be least
-    accurate).  Forced blocks come on top of the ``k`` budget; blocks without any valid key are
-    never preferred over a block with one (``may_have_empty=False`` skips that step when the
-    caller knows every block has a valid key).  ``n_forced`` is the host-side count of
-    ``forced_blocks`` (passed in so routing never synchronises with the device).
+    accurate).  ``kinds`` (:func:`block_kinds`, or None where every block is full and none is
+    forced): FORCED blocks come on top of the ``k`` budget, EMPTY blocks (no valid key) are never
+    preferred over a block with one, and every tile's list is ordered full, PARTIAL, EMPTY
+    (:attr:`Selection.counts`).  ``n_forced`` is the host-side count of FORCED blocks (passed in so
+    routing never synchronises with the device).
 
     ``tail_bias`` (the reference's log-normal tail; needs ``stats.q2`` and ``stats.kvar``) also
     writes ``Selection.tail_bias`` through each chunk's score buffer.  ``chunk_bytes`` bounds that
@@ -124,10 +180,18 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
     device = stats.qbar.device
     idx = torch.empty(bh, nq, kt, dtype=torch.int32, device=device)
     mask = torch.empty(bh, nq, nb, dtype=torch.int8, device=device)
+    counts = torch.empty(bh, nq, 2, dtype=torch.int32, device=device) if kinds is not None else None
+    batch_of = torch.arange(bh, device=device) // heads
+    kinds_rows = kinds[batch_of].unsqueeze(1) if kinds is not None else None  # [BH, 1, NB]
     if kt == nb:  # everything exact: no tail, so no bias
-        idx.copy_(torch.arange(nb, dtype=torch.int32, device=device).expand(bh, nq, nb))
+        if kinds is None:
+            idx.copy_(torch.arange(nb, dtype=torch.int32, device=device).expand(bh, nq, nb))
+        else:
+            order, per_batch = exact_order(kinds)
+            idx.copy_(order[batch_of].unsqueeze(1).expand(bh, nq, nb))
+            counts.copy_(per_batch[batch_of].unsqueeze(1).expand(bh, nq, 2))
         mask.fill_(1)
-        return Selection(idx, mask, kt)
+        return Selection(idx, mask, kt, counts=counts)
     bias = torch.empty(bh, nq, nb, dtype=stats.kbar.dtype, device=device) if tail_bias else None
     rows = max(1, chunk_bytes // max(1, nq * nb * 4))
     for s in range(0, bh, rows):
@@ -137,17 +201,15 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, forced_blocks
         score.baddbmm_(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
         if cov and stats.covnorm is not None:
             score.add_(torch.log(stats.covnorm[s:e] + COV_EPS).unsqueeze(1))
-        if may_have_empty or bias is not None:
-            blen_rows = stats.blen[torch.arange(s, e, device=device) // heads].unsqueeze(1)  # [rows, 1, NB]
-        if may_have_empty:
-            score.masked_fill_(blen_rows <= 0, -torch.inf)
-        if forced_blocks is not None and n_forced:
-            score.masked_fill_(forced_blocks.view(1, 1, nb), torch.inf)
-        select(score, kt, idx[s:e], mask[s:e])
+        if kinds is None:
+            select(score, kt, idx[s:e], mask[s:e])
+        else:
+            select(score, kt, idx[s:e], mask[s:e], kinds_rows[s:e], counts[s:e])
         if bias is not None:
             c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=score)
+            blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
             bias[s:e] = cap_mass_bias(c, blen_rows).masked_fill_(mask[s:e].bool(), -torch.inf)
-    return Selection(idx, mask, kt, bias)
+    return Selection(idx, mask, kt, bias, counts)
 
 
 def mass_bias(q2: torch.Tensor, kvar: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,8 @@ representative.  RoPE is
 applied before attention, so permuting q, k and v the same way and un-permuting the output is exact.
 
 A permutation ``perm`` is an int64 tensor with ``perm[i]`` = the input position of the i-th token of
-the processing order.  The kernels take it directly (no gathered copies of q, k and v).
+the processing order.  The Triton kernels read q and write the output through it and their
+pre-scan writes k and v in this order (the reference gathers all three).
 """
 
 from __future__ import annotations

@@ -18,24 +18,38 @@ Design (see docs/kernels.md for the measurements):
   whenever the running max moves), each centroid logit raised by its log-normal mass correction
   when asked; phase 3 adds the hybrid first-order term ``g * q @ Hmean``.  On sm90+, for 16-bit
   inputs with a power-of-two head dim and 16-byte aligned, non-broadcast strides, the K/V tiles of
-  phase 1 (without ``kv_valid``) and the centroid tiles of phase 2 come through tensor descriptors
-  (TMA); everywhere else through pointers.
+  phase 1 and the centroid tiles of phase 2 come through tensor descriptors (TMA); everywhere else
+  through pointers.
+
+What the node's calls add costs only where it acts:
+
+* Key padding (``kv_valid``): each tile's exact list comes from the routing ordered full blocks,
+  then blocks with an invalid key, then blocks without any (``routing.Selection.counts``, from the
+  pre-scan's valid counts), so only the few partial blocks take the masked pointer loads, the
+  others keep the unmasked (TMA) loop, and empty blocks are not visited.
+* Sinks (``sink_kv``) are ordinary entries of that list (the top-k kernel scores them ``+inf``).
+* Dense query rows (``dense_q``) run as extra programs of the same launch, numbered first, each
+  over every key block; the regular tiles leave those rows to them.
+* Token orders: the pre-scan reads K and V through the permutation and writes their processing-
+  order copies as it goes (the exact loop needs contiguous rows: reading K/V rows through a
+  permutation inside the loop was measured 20% slower at Wan 720p, docs/kernels.md); q is read and
+  the output written through the permutation, once per row, so neither is copied.
 
 Sequence length, block counts and the number of selected blocks are runtime arguments and are not
 specialised (``do_not_specialize``), so a new resolution never recompiles.  Inputs are addressed
-through strides (``[B, H, N, D]`` and ``[B, N, H, D]`` views without copies).  Token orders are
-applied by the caller with one gathered copy: reading rows through a permutation inside the kernel
-was measured 20% slower at Wan 720p (docs/kernels.md).
+through strides (``[B, H, N, D]`` and ``[B, N, H, D]`` views without copies).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from .errors import KernelDoesNotFit
-from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
+from .routing import EMPTY, FORCED, PARTIAL, QUERY_TILE, PooledStats, Selection, num_blocks
 from .routing import top_blocks as _sorted_top_blocks
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.3; without them every tile loads through pointers
@@ -46,6 +60,7 @@ except ImportError:
 LOG2E = 1.4426950408889634
 _LOG2E_IN_KERNEL = tl.constexpr(LOG2E)
 _TWO_LOG2E = tl.constexpr(2.0 * LOG2E)
+_PARTIAL, _EMPTY, _FORCED = tl.constexpr(PARTIAL), tl.constexpr(EMPTY), tl.constexpr(FORCED)
 
 #: Centroids per step of the tail scan, and its software-pipelining depth.
 TAIL_GROUP = 64
@@ -67,10 +82,10 @@ _RUNTIME_INTS = ["N", "NB", "NQ", "KT", "blocks_per_prog"]
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN, KVAR,
+def _pool_k_kernel(K, V, VALID, PERM, KP, VP, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN, KVAR,
                    skb, skh, skn, svb, svh, svn, s_valid_b,
                    N, NB, H, D, blocks_per_prog,
-                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr, HAS_PERM: tl.constexpr,
                    MOMENT: tl.constexpr, COV: tl.constexpr, WRITE_LP: tl.constexpr, SECOND: tl.constexpr,
                    KVAR_MAX: tl.constexpr, EXACT_DOT: tl.constexpr, DSPLIT: tl.constexpr):
     # DSPLIT programs share a chunk, each owning 1/DSPLIT of the value columns (of the moment, the
@@ -78,6 +93,10 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
     # 18); the first also writes the key statistics.  Each reads the whole K tile (the key mean
     # enters every column of the moment); the programs of a chunk are neighbours in the launch, so
     # the repeated reads mostly hit L2.
+    # With a token order (HAS_PERM) the rows are read through PERM (the input position of each
+    # processing position) and written, in the processing order, to the contiguous [B, H, N, D]
+    # copies KP / VP that the forward kernel reads: the order is applied in this pass over K and V
+    # instead of in gathers of their own.  VALID is in the processing order.
     chunk = tl.program_id(0) // DSPLIT
     part = tl.program_id(0) % DSPLIT
     bh = tl.program_id(1)
@@ -97,14 +116,27 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
         j = j0 + jj
         offs = j * BLOCK + tl.arange(0, BLOCK)
         inb = offs < N
-        rows = offs
+        if HAS_PERM:
+            rows = tl.load(PERM + offs, mask=inb, other=0)
+        else:
+            rows = offs
+        k_in = tl.load(kbase + rows[:, None].to(tl.int64) * skn + offs_d[None, :],
+                       mask=inb[:, None] & dmask[None, :], other=0.0)
+        v_in = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_c[None, :],
+                       mask=inb[:, None] & cmask[None, :], other=0.0)
         w = inb
         if HAS_VALID:
-            w = w & (tl.load(VALID + b.to(tl.int64) * s_valid_b + rows, mask=inb, other=0) != 0)
+            # Invalid keys are selected away after the load (a padded key holding NaN must not reach
+            # any statistic), so the K / V loads never wait for the VALID load (their mask would).
+            w = w & (tl.load(VALID + b.to(tl.int64) * s_valid_b + offs, mask=inb, other=0) != 0)
+            k_in = tl.where(w[:, None], k_in, 0.0)
+            v_in = tl.where(w[:, None], v_in, 0.0)
         m2 = w[:, None] & dmask[None, :]
-        k_in = tl.load(kbase + rows[:, None].to(tl.int64) * skn + offs_d[None, :], mask=m2, other=0.0)
-        v_in = tl.load(vbase + rows[:, None].to(tl.int64) * svn + offs_c[None, :],
-                       mask=w[:, None] & cmask[None, :], other=0.0)
+        if HAS_PERM:  # the processing-order copies (invalid keys as zeros: the kernel never reads them)
+            cbase = (bh.to(tl.int64) * N + offs[:, None]) * D
+            if part == 0:
+                tl.store(KP + cbase + offs_d[None, :], k_in, mask=inb[:, None] & dmask[None, :])
+            tl.store(VP + cbase + offs_c[None, :], v_in, mask=inb[:, None] & cmask[None, :])
         cnt = tl.sum(w.to(tl.float32), axis=0)
         kbar = tl.sum(k_in.to(tl.float32), axis=0) / tl.maximum(cnt, 1.0)
         vsum = tl.sum(v_in.to(tl.float32), axis=0)
@@ -146,15 +178,18 @@ def _pool_k_kernel(K, V, VALID, KBAR, VSUM, KBAR_LP, VMEAN_LP, BLEN, HSUM, COVN,
 
 
 @triton.jit(do_not_specialize=["N", "NQ"])
-def _pool_q_kernel(Q, QBAR, Q2, sqb, sqh, sqn, N, NQ, H, D,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SECOND: tl.constexpr):
+def _pool_q_kernel(Q, PERM, QBAR, Q2, sqb, sqh, sqn, N, NQ, H, D,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SECOND: tl.constexpr, HAS_PERM: tl.constexpr):
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     inb = offs < N
-    rows = offs
+    if HAS_PERM:
+        rows = tl.load(PERM + offs, mask=inb, other=0)
+    else:
+        rows = offs
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn + offs_d[None, :],
@@ -169,40 +204,21 @@ def _pool_q_kernel(Q, QBAR, Q2, sqb, sqh, sqn, N, NQ, H, D,
         tl.store(Q2 + (bh.to(tl.int64) * NQ + qt) * D + offs_d, tl.sum(qq, axis=0) / cnt, mask=dmask)
 
 
-@triton.jit
-def _exact_block(K, V, VALID, b, h, j, N, skb, skh, skn, svb, svh, svn, s_valid_b, offs_d, dmask,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_VALID: tl.constexpr, KV_TMA: tl.constexpr):
-    """K and V tiles of key block ``j`` and which of its rows are valid keys."""
-    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-    kok = offs_n < N
-    if KV_TMA:
-        # K and V are tensor descriptors: Hopper's bulk tensor copies (rows past N read as 0;
-        # only used without kv_valid, so every loaded row is a real key).
-        k = K.load([b, h, j * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-        v = V.load([b, h, j * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
-    else:
-        b64 = b.to(tl.int64)
-        h64 = h.to(tl.int64)
-        if HAS_VALID:
-            kok = kok & (tl.load(VALID + b64 * s_valid_b + offs_n, mask=offs_n < N, other=0) != 0)
-        # Invalid keys are never loaded: a padded value holding NaN must not meet its zero weight.
-        kv_mask = kok[:, None] & dmask[None, :]
-        k = tl.load(K + b64 * skb + h64 * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + b64 * svb + h64 * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-    return k, v, kok
-
-
-@triton.jit(do_not_specialize=["NB", "KT"])
-def _top_blocks_kernel(S, IDX, MASK, NB, KT, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["NB", "KT", "NQ"])
+def _top_blocks_kernel(S, IDX, MASK, KIND, CNT, NB, KT, NQ, BLOCK: tl.constexpr, HAS_KIND: tl.constexpr):
     """One row of scores: the KT-th largest found by a bitwise binary search on order-preserving
     integer keys (32 counting passes over the row in registers), then the blocks above it and the
-    first ties by index, compacted with a prefix sum."""
+    first ties by index, compacted with a prefix sum.  With block kinds (routing.block_kinds, one
+    row per NQ score rows) EMPTY blocks score -inf and FORCED ones +inf, and the compaction writes
+    the full blocks first, then the PARTIAL, then the EMPTY ones, and the two counts."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < NB
     x = tl.load(S + row * NB + offs, mask=ok, other=0.0) + 0.0  # (-0.0 + 0.0 = +0.0: the two zeros tie)
+    if HAS_KIND:
+        kind = tl.load(KIND + (row // NQ) * NB + offs, mask=ok, other=0).to(tl.int32)
+        x = tl.where((kind & _EMPTY) != 0, float("-inf"), x)
+        x = tl.where((kind & _FORCED) != 0, float("inf"), x)
     # Integer keys in the order of the floats (negatives have their magnitude bits flipped); every
     # NaN above +inf, as in torch.sort.
     i = x.to(tl.int32, bitcast=True)
@@ -215,7 +231,21 @@ def _top_blocks_kernel(S, IDX, MASK, NB, KT, BLOCK: tl.constexpr):
     above = ok & (key > kth)
     tie = ok & (key == kth)
     take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= KT - tl.sum(above.to(tl.int32), axis=0)))
-    tl.store(IDX + row * KT + tl.cumsum(take.to(tl.int32), axis=0) - 1, offs, mask=take)
+    if HAS_KIND:
+        group = (kind & _PARTIAL) + ((kind & _EMPTY) >> 1)
+        full = (take & (group == 0)).to(tl.int32)
+        part = (take & (group == 1)).to(tl.int32)
+        empty = (take & (group == 2)).to(tl.int32)
+        n_full = tl.sum(full, axis=0)
+        n_part = tl.sum(part, axis=0)
+        pos = tl.where(group == 0, tl.cumsum(full, axis=0),
+                       tl.where(group == 1, n_full + tl.cumsum(part, axis=0),
+                                n_full + n_part + tl.cumsum(empty, axis=0))) - 1
+        tl.store(CNT + row * 2, n_full)
+        tl.store(CNT + row * 2 + 1, n_full + n_part)
+    else:
+        pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(IDX + row * KT + pos, offs, mask=take)
     tl.store(MASK + row * NB + offs, take.to(tl.int8), mask=ok)
 
 
@@ -228,38 +258,202 @@ TOP_BLOCKS_PER_WARP = 1024
 TOP_BLOCKS_WIDTHS = (128, 512, 2048, 8192)
 
 
-def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tensor) -> None:
-    """:func:`pisa_kernels.routing.top_blocks` (the same blocks, ties to the lower index) in one
-    launch, instead of a sort (or ``torch.topk``) and the mask's scatter."""
+def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tensor,
+               kinds: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> None:
+    """:func:`pisa_kernels.routing.top_blocks` (the same blocks, ties to the lower index, the same
+    order of full, PARTIAL and EMPTY blocks with ``kinds``) in one launch, instead of a sort (or
+    ``torch.topk``), the kinds' two masked fills and the mask's scatter."""
     r, nq, nb = score.shape
     block = next((w for w in TOP_BLOCKS_WIDTHS if w >= nb), None)
-    if score.dtype != torch.float32 or block is None or not (score.is_contiguous() and idx.is_contiguous()
-                                                             and mask.is_contiguous()):
-        return _sorted_top_blocks(score, kt, idx, mask)
-    _top_blocks_kernel[(r * nq,)](score, idx, mask, nb, kt, BLOCK=block,
-                                  num_warps=max(1, block // TOP_BLOCKS_PER_WARP))
+    tensors = (score, idx, mask) + ((kinds, counts) if kinds is not None else ())
+    if score.dtype != torch.float32 or block is None or not all(t.is_contiguous() for t in tensors):
+        return _sorted_top_blocks(score, kt, idx, mask, kinds, counts)
+    _top_blocks_kernel[(r * nq,)](score, idx, mask, kinds if kinds is not None else mask,
+                                  counts if counts is not None else idx, nb, kt, nq, BLOCK=block,
+                                  HAS_KIND=kinds is not None, num_warps=max(1, block // TOP_BLOCKS_PER_WARP))
 
 
-@triton.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
-def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, KVAR, TOTAL,
+@triton.jit
+def _exact_block(K, V, VALID, b, h, j, N, skb, skh, skn, svb, svh, svn, s_valid_b, offs_d, dmask,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, KV_TMA: tl.constexpr):
+    """K and V tiles of key block ``j`` and which of its rows are valid keys.  A MASKED block (one
+    with an invalid key: routing.PARTIAL) is read through pointers, its invalid keys never loaded (a
+    padded value holding NaN must not meet its zero weight); in every other block each row inside
+    the sequence is a valid key, so with KV_TMA K and V are tensor descriptors (Hopper's bulk
+    tensor copies; rows past N read as 0)."""
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    kok = offs_n < N
+    if KV_TMA:
+        k = K.load([b, h, j * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = V.load([b, h, j * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        if MASKED:
+            kok = kok & (tl.load(VALID + b64 * s_valid_b + offs_n, mask=offs_n < N, other=0) != 0)
+        kv_mask = kok[:, None] & dmask[None, :]
+        k = tl.load(K + b64 * skb + h64 * skh + offs_n[:, None].to(tl.int64) * skn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b64 * svb + h64 * svh + offs_n[:, None].to(tl.int64) * svn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+    return k, v, kok
+
+
+@triton.jit
+def _softmax_step(q, k, v, kok, m_i, l_i, acc, qk_scale):
+    """One exact key block into the online softmax.  Raw logits; the scale is folded into one FMA
+    with the max (base-2 units)."""
+    qk = tl.where(kok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in place (no temporary)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _exact_phase(q, m_i, l_i, acc, KD, VD, K, V, VALID, IDX, n_full, n_used, b, h, N,
+                 skb, skh, skn, svb, svh, svn, s_valid_b, offs_d, dmask, qk_scale,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, KV_TMA: tl.constexpr):
+    """Phase 1: exact attention over the blocks ``IDX[0:n_used]``, of which the first ``n_full``
+    have no invalid key: those take the unmasked loads (descriptors ``KD`` / ``VD`` with KV_TMA),
+    only the few after them (SPLIT: keys may be masked) the masked pointer loads of ``K`` / ``V``.
+    EMPTY blocks (listed after ``n_used``) would add exactly nothing and are not visited."""
+    for i in range(0, n_full):
+        k, v, kok = _exact_block(KD, VD, VALID, b, h, tl.load(IDX + i), N, skb, skh, skn, svb, svh, svn,
+                                 s_valid_b, offs_d, dmask, BLOCK_N, BLOCK_D, False, KV_TMA)
+        m_i, l_i, acc = _softmax_step(q, k, v, kok, m_i, l_i, acc, qk_scale)
+    if SPLIT:
+        # (a few blocks a tile: not software-pipelined, which would only add its buffers and prologue)
+        for i in tl.range(n_full, n_used, num_stages=1):
+            k, v, kok = _exact_block(K, V, VALID, b, h, tl.load(IDX + i), N, skb, skh, skn, svb, svh, svn,
+                                     s_valid_b, offs_d, dmask, BLOCK_N, BLOCK_D, True, False)
+            m_i, l_i, acc = _softmax_step(q, k, v, kok, m_i, l_i, acc, qk_scale)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _tail_phase(q, m_i, l_i, g_i, acc, SEL, KBAR, VMEAN, BLEN, Q2, KVAR, tile, bh, b64, nb_tail, NB, D,
+                offs_d, dmask, qk_scale, sm_scale, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                TAIL_STAGES: tl.constexpr, LOGNORMAL: tl.constexpr, TAIL_TMA: tl.constexpr):
+    """Phase 2: the zeroth-order tail over every non-selected, non-empty block among the first
+    ``nb_tail`` (centroid logits), in the same online softmax (``acc``, ``l`` and the tail mass
+    ``g`` rescaled together).  Returns the softmax state and, for the plain tail, the valid keys
+    it scanned (phase 3's mean moment)."""
+    total = 0.0
+    sel_base = SEL + tile * NB
+    if LOGNORMAL:
+        # c_ij = s^2/2 E_i[q^2] . Var_j[k] (log-normal mass), base-2 units: the tile's mean q^2
+        # once, then one D-vector dot per centroid.
+        q2 = tl.load(Q2 + tile * D + offs_d, mask=dmask, other=0.0) * (0.5 * sm_scale * sm_scale * _LOG2E_IN_KERNEL)
+    for j0 in tl.range(0, nb_tail, GROUP, num_stages=TAIL_STAGES):
+        offs_j = j0 + tl.arange(0, GROUP)
+        jm = offs_j < NB
+        cmask = jm[:, None] & dmask[None, :]
+        coff = (bh.to(tl.int64) * NB + offs_j[:, None]) * D + offs_d[None, :]
+        if TAIL_TMA:  # [BH, NB, D] descriptors: rows past NB read as 0
+            kb = KBAR.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
+        else:
+            kb = tl.load(KBAR + coff, mask=cmask, other=0.0)
+        nj = tl.load(BLEN + b64 * NB + offs_j, mask=jm, other=0.0)
+        if not LOGNORMAL:
+            total += tl.sum(nj, axis=0)
+        ok = (tl.load(sel_base + offs_j, mask=jm, other=1) == 0) & (nj > 0)
+        if LOGNORMAL:
+            if TAIL_TMA:
+                kv = KVAR.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
+            else:
+                kv = tl.load(KVAR + coff, mask=cmask, other=0.0)
+            c = tl.sum(kv.to(tl.float32) * q2[None, :], axis=1)
+            # Samuelson's bound (routing.cap_mass_bias), in base-2 units: c <= sqrt(2 c (n - 1)).
+            c = tl.minimum(c, tl.sqrt(c * tl.maximum(nj - 1.0, 0.0) * _TWO_LOG2E))
+            # n_j e^{z + c}: the block's length, its log-normal correction and the selection
+            # mask ride in one bias per centroid, so each logit costs one FMA (and the valid
+            # key count comes from the host): 4-6 % faster for this tail; for the plain tail
+            # the same form measured 6-10 % slower (docs/kernels.md, log entry 16).
+            bias = tl.where(ok, tl.math.log2(tl.maximum(nj, 1.0)) + c, float("-inf"))
+            zc = tl.dot(q, tl.trans(kb)) * qk_scale + bias[None, :]
+        else:
+            zc = tl.dot(q, tl.trans(kb)) * qk_scale  # centroid logits, base-2 units
+            zc = tl.where(ok[None, :], zc, float("-inf"))
+        if TAIL_TMA:
+            vm = VMEAN.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
+        else:
+            vm = tl.load(VMEAN + coff, mask=cmask, other=0.0)
+        m_new = tl.maximum(m_i, tl.max(zc, axis=1))
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        g_i = g_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        # n_j e^{z - m}: the block's token-weighted tail mass, which multiplies the value mean
+        # (n_j v̄_j = V̂_j) and adds to g.
+        if LOGNORMAL:
+            wn = tl.math.exp2(zc - m_i[:, None])  # n_j is in the bias
+        else:
+            wn = tl.math.exp2(zc - m_i[:, None]) * nj[None, :]
+        acc = tl.dot(wn.to(vm.dtype), vm, acc)
+        g_i = g_i + tl.sum(wn, axis=1)
+    return m_i, l_i, g_i, acc, total
+
+
+@triton.jit(do_not_specialize=["N", "NB", "NQ", "KT", "ND"])
+def _pisa_fwd_kernel(Q, KD, VD, K, V, O, VALID, IDX, CNT, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, KVAR, TOTAL,
+                     PERM, DROWS, DFLAG, DIDX, DCNT,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, s_valid_b,
-                     N, NB, NQ, H, D, KT, qk_scale, sm_scale,
+                     N, NB, NQ, H, D, KT, ND, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      GROUP: tl.constexpr, TAIL_STAGES: tl.constexpr, ORDER: tl.constexpr,
-                     HAS_VALID: tl.constexpr, LOGNORMAL: tl.constexpr, KV_TMA: tl.constexpr,
-                     TAIL_TMA: tl.constexpr):
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
+                     SPLIT: tl.constexpr, LOGNORMAL: tl.constexpr, KV_TMA: tl.constexpr,
+                     TAIL_TMA: tl.constexpr, HAS_PERM: tl.constexpr, HAS_DENSE: tl.constexpr):
+    # Programs: one per (query tile, batch x head); with dense query rows (HAS_DENSE) also one per
+    # (tile of ND dense rows, batch x head), numbered FIRST: each runs over every key block, several
+    # times a regular program's work, so it must start early and not trail the launch.
+    if HAS_DENSE:
+        n_dt = tl.cdiv(ND, BLOCK_M)
+        n_dense = n_dt * tl.num_programs(1)
+        lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        dense = lin < n_dense
+        r = tl.where(dense, lin, lin - n_dense)
+        per = tl.where(dense, n_dt, NQ)
+        bh = r // per
+        qt = r % per
+    else:
+        qt = tl.program_id(0)
+        bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
+    tile = bh.to(tl.int64) * NQ + qt
     offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-    mrow = offs_m < N
-    rows_m = offs_m
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    q = tl.load(Q + b64 * sqb + h64 * sqh + rows_m[:, None].to(tl.int64) * sqn + offs_d[None, :],
+    # rows: where each row of this program sits in q and the output (the input order; a token
+    # order reads and writes through PERM, so the output needs no scatter).
+    mrow = offs_m < N
+    if HAS_PERM:
+        rows = tl.load(PERM + offs_m, mask=mrow, other=0).to(tl.int64)
+    else:
+        rows = offs_m.to(tl.int64)
+    store = mrow
+    idx_base = IDX + tile * KT
+    cnt_base = CNT + tile * 2
+    kt = KT
+    nb_tail = NB
+    if HAS_DENSE:
+        if dense:  # ND dense rows (input positions), exact over every block, no tail
+            mrow = offs_m < ND
+            rows = tl.load(DROWS + offs_m, mask=mrow, other=0).to(tl.int64)
+            store = mrow
+            idx_base = DIDX + b64 * NB
+            cnt_base = DCNT + b64 * 2
+        else:  # a regular tile leaves its dense rows to their own programs
+            store = mrow & (tl.load(DFLAG + offs_m, mask=mrow, other=1) == 0)
+        kt = tl.where(dense, NB, KT)
+        nb_tail = tl.where(dense, 0, NB)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + rows[:, None] * sqn + offs_d[None, :],
                 mask=mrow[:, None] & dmask[None, :], other=0.0)
     # Finite "minus infinity" for the running max: a fully masked block then yields p = 0 and
     # alpha = 1 instead of NaN.
@@ -268,77 +462,19 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, K
     g_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Phase 1: exact attention over the selected key blocks.
-    tile = bh.to(tl.int64) * NQ + qt
-    idx_base = IDX + tile * KT
-    for i in range(0, KT):
-        k, v, kok = _exact_block(K, V, VALID, b, h, tl.load(idx_base + i), N, skb, skh, skn, svb, svh, svn,
-                                 s_valid_b, offs_d, dmask, BLOCK_N, BLOCK_D, HAS_VALID, KV_TMA)
-        # Raw logits; the scale is folded into one FMA with the max (base-2 units).
-        qk = tl.where(kok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulate in place (no temporary)
-        m_i = m_new
-
-    # Phase 2: zeroth-order tail over every non-selected, non-empty block (centroid logits).
+    if SPLIT:  # full blocks first, then the partial ones (routing.Selection.counts)
+        n_full = tl.load(cnt_base)
+        n_used = tl.load(cnt_base + 1)
+    else:
+        n_full = kt
+        n_used = kt
+    m_i, l_i, acc = _exact_phase(q, m_i, l_i, acc, KD, VD, K, V, VALID, idx_base, n_full, n_used, b, h, N,
+                                 skb, skh, skn, svb, svh, svn, s_valid_b, offs_d, dmask, qk_scale,
+                                 BLOCK_N, BLOCK_D, SPLIT, KV_TMA)
     if ORDER >= 0:
-        total = 0.0  # valid keys of this batch element, for the mean moment of phase 3
-        sel_base = SEL + tile * NB
-        if LOGNORMAL:
-            # c_ij = s^2/2 E_i[q^2] . Var_j[k] (log-normal mass), base-2 units: the tile's mean q^2
-            # once, then one D-vector dot per centroid.
-            q2 = tl.load(Q2 + tile * D + offs_d, mask=dmask, other=0.0) * (0.5 * sm_scale * sm_scale * _LOG2E_IN_KERNEL)
-        for j0 in tl.range(0, NB, GROUP, num_stages=TAIL_STAGES):
-            offs_j = j0 + tl.arange(0, GROUP)
-            jm = offs_j < NB
-            cmask = jm[:, None] & dmask[None, :]
-            coff = (bh.to(tl.int64) * NB + offs_j[:, None]) * D + offs_d[None, :]
-            if TAIL_TMA:  # [BH, NB, D] descriptors: rows past NB read as 0
-                kb = KBAR.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
-            else:
-                kb = tl.load(KBAR + coff, mask=cmask, other=0.0)
-            nj = tl.load(BLEN + b64 * NB + offs_j, mask=jm, other=0.0)
-            if not LOGNORMAL:
-                total += tl.sum(nj, axis=0)
-            ok = (tl.load(sel_base + offs_j, mask=jm, other=1) == 0) & (nj > 0)
-            if LOGNORMAL:
-                if TAIL_TMA:
-                    kv = KVAR.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
-                else:
-                    kv = tl.load(KVAR + coff, mask=cmask, other=0.0)
-                c = tl.sum(kv.to(tl.float32) * q2[None, :], axis=1)
-                # Samuelson's bound (routing.cap_mass_bias), in base-2 units: c <= sqrt(2 c (n - 1)).
-                c = tl.minimum(c, tl.sqrt(c * tl.maximum(nj - 1.0, 0.0) * _TWO_LOG2E))
-                # n_j e^{z + c}: the block's length, its log-normal correction and the selection
-                # mask ride in one bias per centroid, so each logit costs one FMA (and the valid
-                # key count comes from the host): 4-6 % faster for this tail; for the plain tail
-                # the same form measured 6-10 % slower (docs/kernels.md, log entry 16).
-                bias = tl.where(ok, tl.math.log2(tl.maximum(nj, 1.0)) + c, float("-inf"))
-                zc = tl.dot(q, tl.trans(kb)) * qk_scale + bias[None, :]
-            else:
-                zc = tl.dot(q, tl.trans(kb)) * qk_scale  # centroid logits, base-2 units
-                zc = tl.where(ok[None, :], zc, float("-inf"))
-            if TAIL_TMA:
-                vm = VMEAN.load([bh, j0, 0]).reshape(GROUP, BLOCK_D)
-            else:
-                vm = tl.load(VMEAN + coff, mask=cmask, other=0.0)
-            m_new = tl.maximum(m_i, tl.max(zc, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            g_i = g_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-            # n_j e^{z - m}: the block's token-weighted tail mass, which multiplies the value mean
-            # (n_j v̄_j = V̂_j) and adds to g.
-            if LOGNORMAL:
-                wn = tl.math.exp2(zc - m_i[:, None])  # n_j is in the bias
-            else:
-                wn = tl.math.exp2(zc - m_i[:, None]) * nj[None, :]
-            acc = tl.dot(wn.to(vm.dtype), vm, acc)
-            g_i = g_i + tl.sum(wn, axis=1)
+        m_i, l_i, g_i, acc, total = _tail_phase(q, m_i, l_i, g_i, acc, SEL, KBAR, VMEAN, BLEN, Q2, KVAR, tile,
+                                                bh, b64, nb_tail, NB, D, offs_d, dmask, qk_scale, sm_scale,
+                                                BLOCK_D, GROUP, TAIL_STAGES, LOGNORMAL, TAIL_TMA)
         if LOGNORMAL:
             total = tl.load(TOTAL + b)
 
@@ -347,14 +483,15 @@ def _pisa_fwd_kernel(Q, K, V, O, VALID, IDX, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, K
     out = acc / safe[:, None]
     # Phase 3: hybrid first order, (g / den) * scale * q @ (HSUM / valid keys), added after the
     # normalisation so the row weight g / den (the tail's share, <= 1) keeps fp16 in range; it is
-    # accumulated into ``out`` by the product itself (no D-wide temporary).
+    # accumulated into ``out`` by the product itself (no D-wide temporary).  (g = 0 in a dense
+    # program: it adds nothing.)
     if ORDER == 1:
         hm = tl.load(HSUM + bh.to(tl.int64) * D * D + offs_d[:, None] * D + offs_d[None, :],
                      mask=dmask[:, None] & dmask[None, :], other=0.0)
         hm = (hm * (sm_scale / tl.maximum(total, 1.0))).to(q.dtype)
         out = tl.dot((q.to(tl.float32) * (g_i / safe)[:, None]).to(q.dtype), hm, out)
-    tl.store(O + b64 * sob + h64 * soh + rows_m[:, None].to(tl.int64) * son + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=mrow[:, None] & dmask[None, :])
+    tl.store(O + b64 * sob + h64 * soh + rows[:, None] * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=store[:, None] & dmask[None, :])
 
 
 #: Launch configurations that fit, found per (capability, dtype, block, head dim, ...): see _launch;
@@ -431,10 +568,24 @@ def _descriptors(tensors, box: list[int]):
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), box) for t in tensors)
 
 
-def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal: bool = False) -> PooledStats:
-    """Pooled statistics with the Triton pre-scan.  q, k, v: ``[B, H, N, D]`` views (unit stride on D),
-    in the processing order; ``valid``: int8 ``[B, N]`` or None.  For bf16 / fp16 inputs the value
-    statistics come only as ``vmean_lp`` (``vsum`` is None): the forward kernel reads nothing else."""
+@dataclass(frozen=True)
+class DenseRows:
+    """Query rows that attend every key exactly (``dense_q``), as the forward kernel takes them."""
+
+    rows: torch.Tensor  # int64 [ND]: their positions in q and the output (the input order)
+    flags: torch.Tensor  # int8 [N], processing order: 1 at those rows (their tiles do not write them)
+    idx: torch.Tensor  # int32 [B, NB]: every block, full ones first (routing.exact_order)
+    counts: torch.Tensor  # int32 [B, 2]: the full and the non-empty blocks of ``idx``
+
+
+def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal: bool = False,
+         perm: torch.Tensor | None = None, kv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> PooledStats:
+    """Pooled statistics with the Triton pre-scan.  q, k, v: ``[B, H, N, D]`` views (unit stride on D)
+    in the processing order, or in the input order with ``perm`` (int64 ``[N]``: the input position
+    of each processing position), which then also writes k and v in the processing order into
+    ``kv_out`` (two contiguous ``[B, H, N, D]`` buffers, for :func:`attend`).  ``valid``: int8
+    ``[B, N]`` in the processing order, or None.  For bf16 / fp16 inputs the value statistics come
+    only as ``vmean_lp`` (``vsum`` is None): the forward kernel reads nothing else."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     dev = q.device
@@ -452,21 +603,26 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
     kbar_lp = torch.empty(b * h, nb, d, dtype=q.dtype, device=dev) if lp else kbar
     vmean_lp = torch.empty_like(kbar_lp) if lp else vsum
     valid_t = valid if valid is not None else blen
+    if perm is not None:
+        kp, vp = kv_out
+        assert kp.shape == k.shape and vp.shape == v.shape and kp.is_contiguous() and vp.is_contiguous()
+    perm_t, kp, vp = (perm, kp, vp) if perm is not None else (blen, kbar, kbar)  # (placeholders: never read)
     key = ("pool", torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", k.dtype, block, d,
            first_order, cov, valid is not None, lognormal)
     dsplit = POOL_DSPLIT if first_order and not cov and not lognormal and bd >= 128 else 1
     _launch(_pool_k_kernel, (chunks * dsplit, b * h), key, [dict(num_warps=4, num_stages=s) for s in (3, 2, 1)],
-            k, v, valid_t, kbar, vsum, kbar_lp, vmean_lp, blen, hsum, covn, kvar,
+            k, v, valid_t, perm_t, kp, vp, kbar, vsum, kbar_lp, vmean_lp, blen, hsum, covn, kvar,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             valid.stride(0) if valid is not None else 0,
             n, nb, h, d, bpp,
-            BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, MOMENT=first_order, COV=cov, WRITE_LP=lp,
-            SECOND=lognormal, KVAR_MAX=torch.finfo(kvar.dtype).max, EXACT_DOT=k.dtype == torch.float32,
-            DSPLIT=dsplit)
+            BLOCK=block, BLOCK_D=bd, HAS_VALID=valid is not None, HAS_PERM=perm is not None, MOMENT=first_order,
+            COV=cov, WRITE_LP=lp, SECOND=lognormal, KVAR_MAX=torch.finfo(kvar.dtype).max,
+            EXACT_DOT=k.dtype == torch.float32, DSPLIT=dsplit)
     qbar = torch.empty(b * h, nq, d, dtype=torch.float32, device=dev)
     q2 = torch.empty_like(qbar) if lognormal else qbar
-    _pool_q_kernel[(nq, b * h)](q, qbar, q2, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
-                                BLOCK_M=QUERY_TILE, BLOCK_D=bd, SECOND=lognormal, num_warps=4)
+    _pool_q_kernel[(nq, b * h)](q, perm_t, qbar, q2, q.stride(0), q.stride(1), q.stride(2), n, nq, h, d,
+                                BLOCK_M=QUERY_TILE, BLOCK_D=bd, SECOND=lognormal, HAS_PERM=perm is not None,
+                                num_warps=4)
     return PooledStats(qbar=qbar, kbar=kbar, vsum=None if lp else vsum, blen=blen,
                        hsum=hsum if first_order else None, covnorm=covn if cov else None,
                        kbar_lp=kbar_lp if lp else None, vmean_lp=vmean_lp if lp else None,
@@ -474,10 +630,16 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
 
 
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
-           order: int, return_kernel: bool = False):
-    """Run the fused forward kernel, writing into ``out`` (a ``[B, H, N, D]`` view).  With
-    ``return_kernel`` it returns Triton's compiled kernel (register and spill counts) instead.
-    ``stats.kvar`` (the log-normal tail) comes from :func:`pool` with ``lognormal=True``."""
+           order: int, perm: torch.Tensor | None = None, dense: DenseRows | None = None,
+           return_kernel: bool = False):
+    """Run the fused forward kernel, writing into ``out``.  ``k``, ``v``: ``[B, H, N, D]`` views in
+    the processing order (with a token order: :func:`pool`'s copies); ``q`` and ``out`` the same,
+    or, with ``perm``, in the input order (rows read and written through it).  ``valid``: int8
+    ``[B, N]`` in the processing order, or None; with it ``sel.counts`` splits each tile's blocks
+    into unmasked and masked ones.  ``dense``: query rows computed exactly over every key by
+    programs of their own.  With ``return_kernel`` it returns Triton's compiled kernel (register
+    and spill counts) instead.  ``stats.kvar`` (the log-normal tail) comes from :func:`pool` with
+    ``lognormal=True``."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     dev = q.device
@@ -487,28 +649,37 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     vmean = stats.vmean_lp if stats.vmean_lp is not None else \
         (stats.vsum / stats.blen.clamp_min(1.0).repeat_interleave(h, dim=0).unsqueeze(-1)).to(lp)
     hsum = stats.hsum if eff_order == 1 else stats.kbar
+    split = valid is not None
+    if split and sel.counts is None:
+        raise ValueError("a call with kv_valid needs the selection's counts (route with block kinds)")
     valid_t = valid if valid is not None else stats.blen
     lognormal = stats.kvar is not None and eff_order >= 0
     q2, kvar = (stats.q2, stats.kvar) if lognormal else (stats.kbar, kbar)
-    # Tensor descriptors (TMA) on sm90+: K / V of the exact blocks (only without kv_valid, whose
-    # masked rows must not be loaded) and the tail's centroids, value means and key variances.
-    kv_tma = valid is None and _tma_ok((k, v), d)
+    # Tensor descriptors (TMA) on sm90+: K / V of the exact blocks without invalid keys (the
+    # masked ones read through pointers) and the tail's centroids, value means and key variances.
+    kv_tma = _tma_ok((k, v), d)
     tail_tma = eff_order >= 0 and _tma_ok((kbar, vmean, kvar), d)
     kk, vv = _descriptors((k, v), [1, 1, block, d]) if kv_tma else (k, v)
     kbar_a, vmean_a, kvar_a = _descriptors((kbar, vmean, kvar), [1, TAIL_GROUP, d]) if tail_tma \
         else (kbar, vmean, kvar)
     cfg = _launch_config(block, _block_d(d), dev, q.dtype)
     key = (torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", q.dtype, block, d, eff_order,
-           valid is not None, lognormal, kv_tma, tail_tma, cfg)
+           lognormal, kv_tma, tail_tma, cfg)
     # valid keys per batch element (phase 3's mean moment); the plain tail sums them in its scan
     total = stats.blen.sum(-1) if lognormal and eff_order == 1 else stats.blen
+    n_dense = dense.rows.numel() if dense is not None else 0
+    grid = (nq + num_blocks(n_dense, QUERY_TILE), b * h)
+    ph = stats.blen  # a placeholder for the pointers a configuration never reads
     compiled = _launch(
-        _pisa_fwd_kernel, (nq, b * h), key, _fallbacks(cfg),
-        q, kk, vv, out, valid_t, sel.idx, sel.mask, kbar_a, vmean_a, stats.blen, hsum, q2, kvar_a, total,
+        _pisa_fwd_kernel, grid, key, _fallbacks(cfg),
+        q, kk, vv, k, v, out, valid_t, sel.idx, sel.counts if sel.counts is not None else sel.idx, sel.mask,
+        kbar_a, vmean_a, stats.blen, hsum, q2, kvar_a, total,
+        perm if perm is not None else ph, *((dense.rows, dense.flags, dense.idx, dense.counts) if dense else (ph,) * 4),
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
-        n, nb, nq, h, d, sel.count, scale * LOG2E, scale,
+        n, nb, nq, h, d, sel.count, n_dense, scale * LOG2E, scale,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
-        HAS_VALID=valid is not None, LOGNORMAL=lognormal, KV_TMA=kv_tma, TAIL_TMA=tail_tma)
+        SPLIT=split, LOGNORMAL=lognormal, KV_TMA=kv_tma, TAIL_TMA=tail_tma, HAS_PERM=perm is not None,
+        HAS_DENSE=dense is not None)
     return compiled if return_kernel else out

@@ -4,6 +4,7 @@ ComfyUI's Sol-Attn kernel (``comfy_kitchen.sol_attn``), at DiT shapes, in one pr
     python -m pisa_lab.bench                      # all shapes, table on stdout
     python -m pisa_lab.bench --shapes wan720 --json out.json
     python -m pisa_lab.bench --tails plain lognormal   # also order 1 with the log-normal tail
+    python -m pisa_lab.bench --node-calls             # the node's real calls (bench_node_calls)
 
 Times are medians of CUDA-event timings (``triton.testing.do_bench``) after warm-up.  The error
 column is the relative L2 error against the cuDNN output on the same inputs.
@@ -104,8 +105,7 @@ def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: boo
 
     def run():
         st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=False, lognormal=lognormal)
-        return route(st, scale=scale, k=kk, heads=h, forced_blocks=None, cov=False, may_have_empty=False,
-                     chunk_bytes=chunk, select=tk.top_blocks)
+        return route(st, scale=scale, k=kk, heads=h, cov=False, chunk_bytes=chunk, select=tk.top_blocks)
 
     return time_ms(run)
 
@@ -188,7 +188,13 @@ def main(argv=None) -> int:
     ap.add_argument("--md", help="write the table as markdown (with the environment) to this file")
     ap.add_argument("--extra-n", nargs="*", type=int, default=[],
                     help="also time these sequence lengths (H=24, B=1): the dense/sparse crossover")
+    ap.add_argument("--node-calls", action="store_true",
+                    help="instead: the node's real calls next to the bare call (pisa_lab.bench_node_calls)")
     args = ap.parse_args(argv)
+    if args.node_calls:
+        from . import bench_node_calls
+
+        return bench_node_calls.main(["--data", args.data[0]] + (["--json", args.json] if args.json else []))
     if not torch.cuda.is_available():
         print("pisa_lab.bench needs a CUDA GPU (the kernels are timed against cuDNN); "
               "run `python -m pisa_lab.demo` for the CPU demo.", file=sys.stderr)

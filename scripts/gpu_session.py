@@ -78,11 +78,11 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     res = {}
     res["pool_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False))
     res["pool_nomoment_ms"] = time_ms(lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=False, cov=False))
-    res["route_ms"] = time_ms(lambda: route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False,
-                                            may_have_empty=False, select=tk.top_blocks))
+    res["route_ms"] = time_ms(lambda: route(st, scale=d ** -0.5, k=kk, heads=h, cov=False,
+                                            select=tk.top_blocks))
     res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
     from pisa_kernels.routing import Selection
-    sel = route(st, scale=d ** -0.5, k=kk, heads=h, forced_blocks=None, cov=False, may_have_empty=False)
+    sel = route(st, scale=d ** -0.5, k=kk, heads=h, cov=False)
     out = torch.empty_like(qh)
     tail_only = Selection(sel.idx, sel.mask, 0)
     for tstages in (3,):
@@ -206,7 +206,7 @@ def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
                 for per_warp in ((256, 1024, 2048) if sname == "kernel" else (None,)):
                     if per_warp:
                         tk.TOP_BLOCKS_PER_WARP = per_warp
-                    call = lambda: route(st, scale=d ** -0.5, k=kk, heads=h, may_have_empty=False, select=fn)
+                    call = lambda: route(st, scale=d ** -0.5, k=kk, heads=h, select=fn)
                     sels[sname] = call()
                     res.setdefault(f"route {sname}{per_warp or ''}", []).append(round(time_ms(call), 4))
             for ds in (1, 2):

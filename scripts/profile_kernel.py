@@ -17,7 +17,7 @@ mode = sys.argv[1]
 n, h, d = 32760, 40, 128
 q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
 st = tk.pool(q, k, v, valid=None, block=64, first_order=True, cov=False)
-sel = route(st, scale=d ** -0.5, k=topk_count(0.875, num_blocks(n, 64)), heads=h, may_have_empty=False)
+sel = route(st, scale=d ** -0.5, k=topk_count(0.875, num_blocks(n, 64)), heads=h)
 if mode == "tail":
     sel = Selection(sel.idx, sel.mask, 0)
 out = torch.empty_like(q)

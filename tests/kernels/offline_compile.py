@@ -24,16 +24,17 @@ from pisa_kernels import triton_kernels as tk  # noqa: E402
 #: A100, RTX 30, RTX 40, H100, B200, RTX 50.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
-#: (capability, dtype, block, head dim, order, log-normal tail, kv_valid, tensor descriptors): the
-#: tightest targets (sm86/89/120: 99 KB) with the largest 16-bit tiles, fp32 of head dim 64, sm80 with
-#: the default configuration, and the descriptor (TMA) path of sm90+ on Hopper and on RTX 50.  fp32
-#: of head dim 128 needs 147 KB (196 KB with kv_valid) even with the shallowest pipelines: on sm86/89
-#: (and sm80 with kv_valid) such calls raise KernelDoesNotFit, which the API and the node turn into
-#: the reference / dense (docs/fallbacks.md).
-CASES = [(86, "bfloat16", 64, 128, 1, True, False, False), (86, "float16", 128, 128, 1, True, True, False),
-         (89, "bfloat16", 64, 128, 0, False, True, False), (86, "float32", 64, 64, 1, True, True, False),
-         (80, "bfloat16", 64, 128, 1, True, True, False), (90, "bfloat16", 64, 128, 1, True, False, True),
-         (120, "bfloat16", 64, 128, 1, True, False, True)]
+#: (capability, dtype, block, head dim, order, log-normal tail, kv_valid, tensor descriptors, token
+#: order and dense rows): the tightest targets (sm86/89/120: 99 KB) with the largest 16-bit tiles, fp32
+#: of head dim 64, sm80 with the default configuration, and the descriptor (TMA) path of sm90+ on
+#: Hopper and on RTX 50, also with everything the node passes for HunyuanVideo (key padding, token
+#: order, dense text rows).  fp32 of head dim 128 needs 147 KB (196 KB with kv_valid) even with the
+#: shallowest pipelines: on sm86/89 (and sm80 with kv_valid) such calls raise KernelDoesNotFit, which
+#: the API and the node turn into the reference / dense (docs/fallbacks.md).
+CASES = [(86, "bfloat16", 64, 128, 1, True, False, False, False), (86, "float16", 128, 128, 1, True, True, False, True),
+         (89, "bfloat16", 64, 128, 0, False, True, False, False), (86, "float32", 64, 64, 1, True, True, False, False),
+         (80, "bfloat16", 64, 128, 1, True, True, False, True), (90, "bfloat16", 64, 128, 1, True, False, True, False),
+         (90, "bfloat16", 64, 128, 1, True, True, True, True), (120, "bfloat16", 64, 128, 1, True, False, True, False)]
 
 _TRITON_TYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -47,8 +48,9 @@ def _descriptor_type(dtype: str, box: list[int]) -> str:
 def signature(dtype: str, lognormal: bool, tma: bool, block: int, d: int) -> dict:
     t = _TRITON_TYPE[dtype]
     lp = t  # centroids and value means come in the input dtype (fp32 stays fp32)
-    ptr = {"Q": t, "K": t, "V": t, "O": t, "VALID": "i8", "IDX": "i32", "SEL": "i8", "KBAR": lp, "VMEAN": lp,
-           "BLEN": "fp32", "HSUM": "fp32", "Q2": "fp32", "KVAR": lp if lognormal else "fp32", "TOTAL": "fp32"}
+    ptr = {"Q": t, "KD": t, "VD": t, "K": t, "V": t, "O": t, "VALID": "i8", "IDX": "i32", "CNT": "i32", "SEL": "i8",
+           "KBAR": lp, "VMEAN": lp, "BLEN": "fp32", "HSUM": "fp32", "Q2": "fp32", "KVAR": lp if lognormal else "fp32",
+           "TOTAL": "fp32", "PERM": "i64", "DROWS": "i64", "DFLAG": "i8", "DIDX": "i32", "DCNT": "i32"}
     sig = {}
     for name in tk._pisa_fwd_kernel.arg_names:
         if name in ptr:
@@ -58,16 +60,16 @@ def signature(dtype: str, lognormal: bool, tma: bool, block: int, d: int) -> dic
         else:
             sig[name] = "i32"
     if tma:  # as attend() passes them: K / V as [B, H, N, D], the tail's tensors as [BH, NB, D]
-        sig["K"] = sig["V"] = _descriptor_type(dtype, [1, 1, block, d])
+        sig["KD"] = sig["VD"] = _descriptor_type(dtype, [1, 1, block, d])
         for name in ("KBAR", "VMEAN") + (("KVAR",) if lognormal else ()):
             sig[name] = _descriptor_type(dtype, [1, tk.TAIL_GROUP, d])
     return sig
 
 
-def first_fit(cap, dtype, block, d, order, lognormal, valid, tma) -> dict:
+def first_fit(cap, dtype, block, d, order, lognormal, valid, tma, node) -> dict:
     bd = tk._block_d(d)
     meta = dict(BLOCK_M=tk.QUERY_TILE, BLOCK_N=block, BLOCK_D=bd, GROUP=tk.TAIL_GROUP, ORDER=order,
-                HAS_VALID=valid, LOGNORMAL=lognormal, KV_TMA=tma, TAIL_TMA=tma)
+                SPLIT=valid, LOGNORMAL=lognormal, KV_TMA=tma, TAIL_TMA=tma, HAS_PERM=node, HAS_DENSE=node)
     tried = []
     for cfg in tk._fallbacks(tk._launch_config(block, bd, torch.device("cuda"), getattr(torch, dtype))):
         consts = dict(meta, TAIL_STAGES=cfg["TAIL_STAGES"])
@@ -81,9 +83,9 @@ def first_fit(cap, dtype, block, d, order, lognormal, valid, tma) -> dict:
         shared = compiled.metadata.shared
         tried.append(dict(cfg, shared=shared))
         if shared <= SMEM_LIMIT[cap]:
-            return dict(case=[cap, dtype, block, d, order, lognormal, valid, tma], fits=dict(cfg, shared=shared),
-                        tried=tried)
-    return dict(case=[cap, dtype, block, d, order, lognormal, valid, tma], fits=None, tried=tried)
+            return dict(case=[cap, dtype, block, d, order, lognormal, valid, tma, node],
+                        fits=dict(cfg, shared=shared), tried=tried)
+    return dict(case=[cap, dtype, block, d, order, lognormal, valid, tma, node], fits=None, tried=tried)
 
 
 def ptxas_missing() -> str | None:

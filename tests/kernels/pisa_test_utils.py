@@ -161,7 +161,8 @@ def capture_routing(replay: Selection | None = None):
             bias = None
             if sel.tail_bias is not None:  # this backend's own mass correction on the replayed blocks
                 bias = mass_bias(stats.q2, stats.kvar, kw["scale"]).masked_fill(chosen.bool(), -torch.inf)
-            sel = Selection(replay.idx.to(dev), chosen, replay.count, bias)
+            sel = Selection(replay.idx.to(dev), chosen, replay.count, bias,
+                            replay.counts.to(dev) if replay.counts is not None else None)
         log.append((stats, sel, kw))
         return sel
 

@@ -124,6 +124,24 @@ def test_moderate_layout_routing_video_perm(dtype, routing, layout, tail):
                    token_perm=tile_permutation(grid))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["wan720", "hunyuan720"])
+def test_node_calls(dtype, name):
+    """The node's calls (pisa_lab.bench_node_calls: ComfyUI's views and mask, the node's own
+    keyword arguments) at a moderate size: Wan's B = 2 BNHD views in tiled order; HunyuanVideo's
+    256 text tokens (128 padded) as sinks, dense rows and key padding, in joint order.  On sm90+ the
+    full blocks come through tensor descriptors with the mask, only the partial ones through
+    pointers."""
+    from dataclasses import replace
+
+    from pisa_lab import bench_node_calls as nc
+
+    fam = replace(nc.FAMILIES[name], heads=4, grid=(5, 16, 40))
+    call = nc.node_call(fam, *rand_qkv(fam.batch, fam.heads, fam.tokens, fam.head_dim, dtype=dtype, seed=4,
+                                       layout="BNHD", v_shift=0.5, device=DEV))
+    compare_on_gpu(call.q, call.k, call.v, **call.kwargs)
+
+
 def test_fp32_and_large_head_dim_fallback():
     q, k, v = rand_qkv(1, 2, 2000, 64, dtype=torch.float32, seed=3, device=DEV)
     compare_on_gpu(q, k, v, sparsity=0.75, order=1)
@@ -337,9 +355,9 @@ def test_no_recompilation_for_new_lengths_and_sparsities(flags):
 @pytest.mark.parametrize("case", ["plain", "kv_valid", "token_perm", "cov_routing", "lognormal"])
 def test_extra_memory_is_small(case):
     """Extra GPU memory during a call (peak minus inputs minus the output) <= 10% of q+k+v bytes
-    at a medium shape, and nothing accumulates from call to call.  A token order adds its gathered
-    copies of q, k, v and the output, a group of heads at a time (pisa_kernels.api.PERM_HEAD_GROUPS):
-    4/3 of q+k+v divided by the number of groups."""
+    at a medium shape, and nothing accumulates from call to call.  A token order adds the pre-scan's
+    processing-order copies of k and v, a group of heads at a time (pisa_kernels.api.PERM_HEAD_GROUPS):
+    2/3 of q+k+v divided by the number of groups."""
     from pisa_kernels import api
 
     b, h, n, d = 1, 24 if case == "token_perm" else 16, 16384, 128
@@ -351,7 +369,7 @@ def test_extra_memory_is_small(case):
     elif case == "token_perm":
         kw["token_perm"] = tile_permutation((8, 32, 64), device=DEV)
         assert 3 * q.numel() * q.element_size() >= api.PERM_GROUP_MIN_BYTES  # grouped
-        limit += 4 / 3 / api.PERM_HEAD_GROUPS
+        limit += 2 / 3 / api.PERM_HEAD_GROUPS
     elif case == "cov_routing":
         kw["routing"] = "cov"
     elif case == "lognormal":

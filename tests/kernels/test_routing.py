@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from pisa_kernels.routing import (QUERY_TILE, ROUTING_CHUNK_BYTES, PooledStats, cap_mass_bias,
-                                  forced_blocks_from_tokens, num_blocks, route, routing_chunk_bytes, top_blocks,
-                                  topk_count)
+from pisa_kernels.routing import (EMPTY, FORCED, PARTIAL, QUERY_TILE, ROUTING_CHUNK_BYTES, PooledStats,
+                                  block_kinds, cap_mass_bias, exact_order, forced_blocks_from_tokens, num_blocks,
+                                  route, routing_chunk_bytes, top_blocks, topk_count)
 
 
 def test_constants_and_block_counts():
@@ -112,7 +112,7 @@ def test_forced_blocks_on_top_of_budget():
     st = make_stats()
     forced = torch.zeros(8, dtype=torch.bool)
     forced[[0, 7]] = True
-    sel = route(st, scale=0.25, k=2, heads=2, forced_blocks=forced, n_forced=2)
+    sel = route(st, scale=0.25, k=2, heads=2, kinds=block_kinds(st.blen, 8 * 64, 64, forced), n_forced=2)
     check_selection(sel, 4, 8)
     assert bool(sel.mask[:, :, 0].all()) and bool(sel.mask[:, :, 7].all())
     # The remaining two are the top-2 among the others.
@@ -131,10 +131,72 @@ def test_empty_blocks_never_preferred():
     st = make_stats(bh=4, b=2, blen=blen)
     st.kbar[:2, [1, 2]] = 100.0 * st.qbar[:2].mean(1, keepdim=True)  # would win on score
     st.kbar[2:, 5] = 100.0 * st.qbar[2:].mean(1, keepdim=True).squeeze(1)
-    sel = route(st, scale=0.25, k=4, heads=2)
+    sel = route(st, scale=0.25, k=4, heads=2, kinds=block_kinds(blen, 8 * 64, 64))
     check_selection(sel, 4, 8)
     assert not bool(sel.mask[:2, :, [1, 2]].any())
     assert not bool(sel.mask[2:, :, 5].any())
+
+
+def test_block_kinds():
+    """A short last block is full; fewer valid keys than keys make a block PARTIAL, none EMPTY too;
+    sinks are FORCED whatever else they are."""
+    n, block = 300, 64  # five blocks, the last of 44 keys
+    blen = torch.tensor([[64.0, 63.0, 0.0, 64.0, 44.0],
+                         [64.0, 64.0, 64.0, 1.0, 43.0]])
+    forced = torch.tensor([False, False, True, False, True])
+    kinds = block_kinds(blen, n, block, forced)
+    assert kinds.dtype == torch.int8
+    assert kinds.tolist() == [[0, PARTIAL, PARTIAL | EMPTY | FORCED, 0, FORCED],
+                              [0, 0, FORCED, PARTIAL, PARTIAL | FORCED]]
+    assert block_kinds(blen[:, :4], 256, 64).tolist() == [[0, PARTIAL, PARTIAL | EMPTY, 0], [0, 0, 0, PARTIAL]]
+
+
+def exact_lists_are_ordered(sel, kinds, heads):
+    """Each tile's list: its full blocks, then its PARTIAL ones, then its EMPTY ones, as counted."""
+    for row in range(sel.idx.shape[0]):
+        kind = kinds[row // heads]
+        for t in range(sel.idx.shape[1]):
+            idx = sel.idx[row, t].long()
+            group = ((kind[idx] & PARTIAL) + ((kind[idx] & EMPTY) >> 1)).tolist()
+            assert group == sorted(group), (row, t, group)
+            n_full, n_used = sel.counts[row, t].tolist()
+            assert n_full == group.count(0) and n_used == n_full + group.count(1)
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_exact_lists_full_partial_empty(k):
+    """With kinds, the selection is the same as the scores and kinds select, and every tile lists
+    its blocks full first (the kernel's unmasked loop), then partial (its masked loop), then empty
+    (skipped); also when every block is exact (k = NB)."""
+    blen = torch.full((2, 8), 64.0)
+    blen[0, [1, 6]] = 10.0  # partial
+    blen[0, 3] = 0.0  # empty
+    blen[1, [0, 7]] = 0.0
+    blen[1, 2] = 5.0
+    forced = torch.zeros(8, dtype=torch.bool)
+    forced[[3, 4]] = True  # an empty sink and a full sink
+    st = make_stats(bh=4, b=2, blen=blen)
+    kinds = block_kinds(blen, 8 * 64, 64, forced)
+    sel = route(st, scale=0.25, k=k, heads=2, kinds=kinds, n_forced=2)
+    check_selection(sel, min(8, k + 2), 8)
+    exact_lists_are_ordered(sel, kinds, heads=2)
+    assert bool(sel.mask[:, :, [3, 4]].all())  # sinks on top of the budget, empty or not
+    if k < 8:
+        assert not bool(sel.mask[2:, :, [0, 7]].any())  # empty blocks lose to every other one
+        plain = route(st, scale=0.25, k=k, heads=2)  # the same scores without kinds
+        score = 0.25 * st.qbar @ st.kbar.transpose(1, 2)
+        score[:, :, 3] = score[:, :, 4] = math.inf
+        score[2:, :, 0] = score[2:, :, 7] = -math.inf
+        want = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(k + 2, dim=-1).indices, True)
+        assert torch.equal(sel.mask.bool(), want)
+        assert plain.counts is None
+
+
+def test_exact_order_lists_every_block():
+    kinds = torch.tensor([[0, PARTIAL, PARTIAL | EMPTY, FORCED, PARTIAL | FORCED, 0]], dtype=torch.int8)
+    idx, counts = exact_order(kinds)
+    assert idx.dtype == torch.int32 and counts.dtype == torch.int32
+    assert idx.tolist() == [[0, 3, 5, 1, 4, 2]] and counts.tolist() == [[3, 5]]
 
 
 def test_covariance_bias():

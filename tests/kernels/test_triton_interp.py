@@ -88,6 +88,36 @@ def test_top_blocks_kernel_selects_what_the_sort_selects(nb, kt, triton_device):
         assert torch.equal(got_idx.sort(-1).values.cpu(), want_idx.sort(-1).values.cpu())
 
 
+@pytest.mark.parametrize("nb,kt", [(72, 10), (17, 16), (9, 9)])
+def test_top_blocks_kernel_with_kinds_orders_as_the_sort(nb, kt, triton_device):
+    """With block kinds (sinks, partial and empty blocks) the kernel selects what the sort selects
+    and lists each row's full, partial and empty blocks in that order, with the same counts."""
+    from pisa_kernels import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(nb + kt)
+    r, nq = 2, 3
+    score = torch.randn(r, nq, nb, generator=g).to(triton_device)
+    kinds = torch.zeros(r, 1, nb, dtype=torch.int8)
+    kinds[0, 0, 1::5] = routing.PARTIAL
+    kinds[1, 0, 2::4] = routing.PARTIAL | routing.EMPTY
+    kinds[:, 0, 0] |= routing.FORCED  # a full sink and (row 1) an empty one
+    kinds[1, 0, 2] |= routing.FORCED
+    kinds = kinds.to(triton_device)
+    got = [torch.full((r, nq, kt), -1, dtype=torch.int32, device=triton_device),
+           torch.full((r, nq, nb), 7, dtype=torch.int8, device=triton_device),
+           torch.full((r, nq, 2), -1, dtype=torch.int32, device=triton_device)]
+    want = [torch.empty_like(t) for t in got]
+    tk.top_blocks(score.clone(), kt, got[0], got[1], kinds, got[2])
+    routing.top_blocks(score.clone(), kt, want[0], want[1], kinds, want[2])
+    assert torch.equal(got[1].cpu(), want[1].cpu()) and torch.equal(got[2].cpu(), want[2].cpu())
+    assert bool(got[1][:, :, 0].all()) and bool(got[1][1, :, 2].all())  # the sinks
+    for row in range(r):
+        for t in range(nq):
+            n_full, n_used = want[2][row, t].tolist()
+            for lo, hi in ((0, n_full), (n_full, n_used), (n_used, kt)):  # the same blocks in each part
+                assert sorted(got[0][row, t, lo:hi].tolist()) == sorted(want[0][row, t, lo:hi].tolist())
+
+
 def test_top_blocks_longer_rows_than_the_kernel_takes_sort(monkeypatch, triton_device):
     from pisa_kernels import triton_kernels as tk
 
@@ -242,6 +272,51 @@ def test_structured_joint_replayed(dtype, triton_device):
             sink_kv=[(0, n_text)], dense_q=[(0, n_text)])
 
 
+NODE_CASES = ["partial_end", "forced_empty_block", "sinks_in_topk", "dense_start_end", "batch_lengths",
+              "text_first_padded"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", NODE_CASES)
+def test_masked_blocks_sinks_and_dense_rows(dtype, case, triton_device):
+    """The paths of the node's calls: the exact blocks of a tile split into unmasked ones and the
+    few with invalid keys (partial blocks, here at the end of a batch element; empty blocks,
+    skipped, also as sinks), sinks that the top-k would have chosen anyway, dense query rows at the
+    start and at the end (more than one tile of them, in their own programs), batch elements of
+    different lengths, and joint attention with the text first and its end padded."""
+    skip_bf16_interp(dtype, triton_device)
+    n, b = 300, 2
+    q, k, v = rand_qkv(b, 2, n, 64, dtype=dtype, seed=NODE_CASES.index(case) + 40, v_shift=0.5)
+    kw = dict(sparsity=0.7, order=1, tail="lognormal")
+    if case == "partial_end":
+        kw.update(kv_valid=torch.tensor([n, n - 37]))
+    elif case == "forced_empty_block":  # a sink whose keys are all padding (HunyuanVideo's padded text)
+        valid = torch.ones(b, n, dtype=torch.bool)
+        valid[:, 64:128] = False
+        valid[1, 200:230] = False
+        kw.update(kv_valid=valid, sink_kv=[(0, 128)], dense_q=[(0, 128)])
+    elif case == "sinks_in_topk":  # sink keys large: the top-k would pick their blocks too
+        k = k.clone()
+        k[:, :, 128:192] *= 4
+        kw.update(sink_kv=[(128, 192)], token_perm=torch.randperm(n, generator=torch.Generator().manual_seed(1)))
+    elif case == "dense_start_end":
+        kw.update(dense_q=[(0, 10), (150, n)], sink_kv=[(0, 10)],
+                  token_perm=torch.randperm(n, generator=torch.Generator().manual_seed(2)),
+                  kv_valid=torch.tensor([n, 270]))
+    elif case == "batch_lengths":
+        q, k, v = (torch.cat([t, t[:1].flip(2)]) for t in (q, k, v))  # B = 3
+        kw.update(kv_valid=torch.tensor([n, 137, 64]), sink_kv=[(280, n)], dense_q=[(280, n)])
+    else:  # [text | grid], text padded at its end, joint token order (the node's HunyuanVideo call)
+        grid, n_text = (13, 20), 40
+        n = n_text + grid[0] * grid[1]
+        q, k, v = rand_qkv(b, 2, n, 64, dtype=dtype, seed=47, v_shift=0.5)
+        valid = torch.ones(b, n, dtype=torch.bool)
+        valid[:, 25:n_text] = False
+        kw.update(kv_valid=valid, sink_kv=[(0, n_text)], dense_q=[(0, n_text)],
+                  token_perm=joint_permutation(n, grid, n_text))
+    compare(q, k, v, triton_device, **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_high_sparsity_single_block(dtype, triton_device):
     """k = 1 (sparsity 0.99): the tail carries almost all the mass."""
@@ -265,12 +340,18 @@ def test_pool_stats_match_reference(dtype, n, block, perm_on, valid_on, cov, tri
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(triton_device) if perm_on else None
     valid = (torch.rand(b, n, generator=torch.Generator().manual_seed(2)) < 0.7).to(triton_device) \
         if valid_on else None
-    # Both pre-scans take the tokens in the processing order (the API gathers them once).
+    # The reference pools the gathered tokens; the Triton pre-scan reads them through the order and
+    # writes k and v in the processing order (zeros at invalid keys) for the forward kernel.
     qp, kp, vp = (t if perm is None else t.index_select(2, perm) for t in (q, k, v))
     validp = None if valid is None else (valid if perm is None else valid.index_select(1, perm))
-    st_t = tk.pool(qp, kp, vp, valid=None if validp is None else validp.to(torch.int8).contiguous(),
-                   block=block, first_order=True, cov=cov, lognormal=True)
+    copies = (torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))) if perm is not None else None
+    st_t = tk.pool(q, k, v, valid=None if validp is None else validp.to(torch.int8).contiguous(),
+                   block=block, first_order=True, cov=cov, lognormal=True, perm=perm, kv_out=copies)
     st_r = ref_mod.pool(qp, kp, vp, validp, block, first_order=True, cov=cov, lognormal=True)
+    if copies is not None:
+        keep = (torch.ones(b, n, dtype=torch.bool, device=triton_device) if validp is None else validp)[:, None, :, None]
+        for got, want in zip(copies, (kp, vp)):
+            assert torch.equal(got.cpu(), torch.where(keep, want, 0.0).cpu())
     tol = 1e-5 if triton_device.type == "cpu" else 2e-3
     loose = {}
     if st_t.vsum is None:  # 16-bit inputs: the Triton pre-scan writes the value means only, and the
