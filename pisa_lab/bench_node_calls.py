@@ -1,6 +1,6 @@
 """The node's real attention calls, timed next to the bare kernel call (issue 13).
 
-    python -m pisa_kernels.bench --node-calls                     # Wan 720p and HunyuanVideo 720p
+    python -m pisa_lab.bench --node-calls                     # Wan 720p and HunyuanVideo 720p
     python -m pisa_lab.bench_node_calls --families hunyuan720 --json out.json
 
 A benchmark that calls ``pisa_attention(q, k, v, layout="BNHD")`` on fresh contiguous tensors times

@@ -41,7 +41,7 @@ FUZZ_FUNCTION = "test_gpu_fuzz"
 GPU_GROUPS = [
     ("moderate-shapes", ["test_moderate_shapes"], 240),
     ("masks-perm-sinks-fallbacks", ["test_moderate_masks_perm_sinks", "test_fp32_and_large_head_dim_fallback",
-                                    "test_auto_is_triton_on_gpu"], 180),
+                                    "test_auto_is_triton_on_gpu", "test_node_calls"], 180),
     ("layouts-routings-video", ["test_moderate_layout_routing_video_perm"], 300),
     ("graphs-sdpa-recompile-memory", ["test_cuda_graph_replay", "test_routing_capture_of_short_calls",
                                       "test_cuda_graph_of_expanded_inputs_and_across_inference_mode",

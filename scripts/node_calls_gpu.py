@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))  # pisa_test_utils: routing capture / replay
 from pisa_kernels import api, pisa_attention  # noqa: E402
 from pisa_lab import bench_node_calls as nc  # noqa: E402
-from pisa_kernels.bench import _peak_extra_mb, environment, make_inputs, rel_l2, time_ms  # noqa: E402
+from pisa_lab.bench import _peak_extra_mb, environment, make_inputs, rel_l2, time_ms  # noqa: E402
 
 T0 = time.time()
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # as tests/kernels/test_gpu.py
