@@ -141,7 +141,7 @@ def order_copy_costs(call: NodeCall) -> dict:
     * ``prescan`` / ``prescan_ordered``: the Triton pre-scan without and with the order (it now
       reads K and V through it and writes their processing-order copies)."""
     from pisa_kernels import api
-    from . import triton_kernels as tk
+    from pisa_kernels import triton_kernels as tk
     from .bench import time_ms
 
     perm = call.kwargs["token_perm"].to(call.q.device)
