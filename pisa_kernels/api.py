@@ -452,6 +452,11 @@ def _dense_rows_inplace(qh, kh, vh, out_h, idx: torch.Tensor, valid, scale: floa
     for s in range(0, idx.numel(), step):
         o = torch.nn.functional.scaled_dot_product_attention(qr[:, :, s:s + step], kh, vh, attn_mask=mask,
                                                              scale=scale)
+        if mask is not None:
+            # A batch element without any valid key attends nothing: zero, as in the kernels.  SDPA's
+            # answer for a fully masked row depends on its backend (0 from the CPU math path, the
+            # mean of v or NaN from fused CUDA kernels).
+            o = torch.where(mask.any(-1, keepdim=True), o, 0.0)
         out_h.index_copy_(2, idx[s:s + step], o.to(out_h.dtype))
 
 

@@ -3,15 +3,19 @@
     python scripts/gpu_tests.py --list                  # the groups and their pytest command lines
     python scripts/gpu_tests.py --group 3               # one group (or several: --group 3 4)
     python scripts/gpu_tests.py --from 0 --budget 580   # groups 0, 1, ... while they fit in 580 s
+    python scripts/gpu_tests.py --from 0 --jobs 6 --budget 580   # six groups at a time
 
 The suite: ``tests/kernels/test_gpu.py`` (its non-fuzz tests in four groups by test function, and
 its 2,000-case fuzz in the shards ``test_gpu_fuzz[shardK]``, each of its own seed and share of the
 cases) and the Triton fuzz of ``tests/kernels/test_fuzz.py`` on the GPU.  Every group runs as its own
 pytest process (a failure or hang stays in its group; Triton's on-disk kernel cache carries over
 between them).  After each group one line gives its counts and time; at the end a summary, and with
-``--budget`` the group to start the next call with (a group that would not fit, by its estimate or
+``--budget`` the groups to run in the next call (a group that would not fit, by its estimate or
 by the time an earlier fuzz shard took, is not started; one cut off by the budget counts as not run).
 ``PISA_FUZZ_SCALE`` in the environment scales the fuzz shards as it scales the tests.
+With ``--jobs N`` N groups run at once on the one GPU (most of a group's time is the host:
+hypothesis, Triton's compiler, the reference's many small launches; each process measures its own
+memory, and no test compares times), each group's output printed whole when it ends.
 Exit status 0 only if every group run passed (on a GPU, a group in which everything was skipped
 fails too).
 """
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -107,10 +112,10 @@ def _counts(xml_path: str) -> dict[str, int]:
 CASES = re.compile(r"^(?!total:)(.+): (\d+) generated cases$")
 
 
-def run_group(index: int, group: Group, timeout: float | None, on_gpu: bool) -> dict:
-    """Runs one group, streaming its output; returns its counts, fuzz cases, seconds and status
-    (``on_gpu``: a group in which nothing passed, all skipped, fails)."""
-    print(f"\n[gpu_tests] group {index} {group.name}: {shlex.join(['python'] + group.command()[1:])}", flush=True)
+def run_group(index: int, group: Group, timeout: float | None, on_gpu: bool, write=sys.stdout.write) -> dict:
+    """Runs one group, passing its output line by line to ``write``; returns its counts, fuzz cases,
+    seconds and status (``on_gpu``: a group in which nothing passed, all skipped, fails)."""
+    write(f"\n[gpu_tests] group {index} {group.name}: {shlex.join(['python'] + group.command()[1:])}\n")
     with tempfile.TemporaryDirectory() as tmp:
         xml_path = os.path.join(tmp, "junit.xml")
         start = time.monotonic()
@@ -131,7 +136,7 @@ def run_group(index: int, group: Group, timeout: float | None, on_gpu: bool) -> 
             timer.start()
         try:
             for line in proc.stdout:
-                sys.stdout.write(line)
+                write(line)
                 m = CASES.match(line.strip())
                 if m:
                     cases[m.group(1)] = int(m.group(2))
@@ -170,7 +175,8 @@ def main(argv=None) -> int:
     sel.add_argument("--group", type=int, nargs="+", metavar="N", help="run these groups")
     sel.add_argument("--from", dest="start", type=int, metavar="N", help="run groups N, N+1, ... in order")
     ap.add_argument("--budget", type=float, metavar="SECONDS",
-                    help="with --from: start a group only while its estimate fits in what is left of SECONDS")
+                    help="start a group only while its estimate fits in what is left of SECONDS")
+    ap.add_argument("--jobs", type=int, default=1, metavar="N", help="run N groups at once (default 1)")
     args = ap.parse_args(argv)
     groups = build_groups(collect_gpu_file())
 
@@ -178,7 +184,7 @@ def main(argv=None) -> int:
         for i, g in enumerate(groups):
             print(f"{i:2d}  {g.name:30s} ~{g.estimate:.0f} s  {shlex.join(['python'] + g.command()[1:])}")
         print("one group: python scripts/gpu_tests.py --group N; in one call: "
-              "python scripts/gpu_tests.py --from N --budget 580")
+              "python scripts/gpu_tests.py --from N --jobs 6 --budget 580")
         return 0
 
     import torch
@@ -191,24 +197,46 @@ def main(argv=None) -> int:
             ap.error(f"no group {i} (0..{len(groups) - 1}; see --list)")
     order = args.group if args.group else list(range(args.start, len(groups)))
     t0 = time.monotonic()
-    results, next_group, shard_times = [], None, []
-    for i in order:
-        g = groups[i]
-        left = None if args.budget is None else args.budget - (time.monotonic() - t0) - SLACK
-        estimate = max(shard_times) if g.shard and shard_times else g.estimate
-        if left is not None and estimate > left:
-            next_group = i
-            print(f"\n[gpu_tests] group {i} {g.name} (~{estimate:.0f} s) does not fit in the {left:.0f} s left",
-                  flush=True)
-            break
-        r = run_group(i, g, left, on_gpu)
-        results.append(r)
-        print(report_line(r), flush=True)
-        if r["status"] == "cut off by the budget":
-            next_group = i
-            break
-        if g.shard:
-            shard_times.append(r["seconds"])
+    results, shard_times = [], []
+    pending = list(order)  # taken from the front, in order
+    lock = threading.Lock()
+    stop = threading.Event()  # set once a group did not fit or was cut off: start no more
+
+    def worker():
+        while True:
+            with lock:
+                if stop.is_set() or not pending:
+                    return
+                i = pending[0]
+                g = groups[i]
+                left = None if args.budget is None else args.budget - (time.monotonic() - t0) - SLACK
+                estimate = max(shard_times) if g.shard and shard_times else g.estimate
+                if left is not None and estimate > left:
+                    stop.set()
+                    print(f"\n[gpu_tests] group {i} {g.name} (~{estimate:.0f} s) does not fit in the {left:.0f} s "
+                          "left", flush=True)
+                    return
+                pending.pop(0)
+            if args.jobs == 1:
+                r = run_group(i, g, left, on_gpu, write=lambda line: print(line, end="", flush=True))
+            else:  # the group's output whole, when it ends
+                lines: list[str] = []
+                r = run_group(i, g, left, on_gpu, write=lines.append)
+            with lock:
+                if args.jobs != 1:
+                    print("".join(lines), end="", flush=True)
+                results.append(r)
+                print(report_line(r), flush=True)
+                if r["status"] == "cut off by the budget":
+                    stop.set()
+                elif g.shard:
+                    shard_times.append(r["seconds"])
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for f in [pool.submit(worker) for _ in range(args.jobs)]:
+            f.result()
+    results.sort(key=lambda r: r["index"])
+    not_run = sorted(set(order) - {r["index"] for r in results if r["status"] != "cut off by the budget"})
 
     print("\n[gpu_tests] summary")
     for r in results:
@@ -219,10 +247,11 @@ def main(argv=None) -> int:
     print(f"[gpu_tests] {len(results)} groups run, {total['passed']} passed, {total['failures']} failed, "
           f"{total['errors']} errors, {total['skipped']} skipped; {cases} fuzz cases; "
           f"{time.monotonic() - t0:.0f} s")
-    if args.start is not None:
-        print(f"[gpu_tests] next group: {next_group} (python scripts/gpu_tests.py --from {next_group} --budget 580)"
-              if next_group is not None else "[gpu_tests] next group: none, all groups from "
-              f"{args.start} ran")
+    if not_run:
+        print(f"[gpu_tests] not run: {not_run} (python scripts/gpu_tests.py --group {' '.join(map(str, not_run))} "
+              f"--jobs {args.jobs} --budget 580)")
+    else:
+        print("[gpu_tests] not run: none, every group asked for ran")
     return 0 if results and all(r["status"] == "ok" for r in results) else 1
 
 

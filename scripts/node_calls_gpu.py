@@ -76,9 +76,12 @@ def check(name, dtype):
         (k2 if kw["layout"] == "BNHD" else k2.transpose(1, 2))[pad] = float("nan")
         (v2 if kw["layout"] == "BNHD" else v2.transpose(1, 2))[pad] = float("nan")
         garbage = pisa_attention(call.q, k2, v2, **kw)
-        g_err = max_err(garbage, tri)
-        line += f"; NaN in padded keys: finite={bool(torch.isfinite(garbage).all())}, change {g_err:.1e}"
-        ok = ok and bool(torch.isfinite(garbage).all()) and g_err <= 1e-5
+        # A NaN that reached any product would make its rows NaN, so finiteness is the test; the
+        # output itself may differ from ``tri`` by a rounding (the pre-scan's fp32 atomics add in
+        # any order on a GPU), so it is held to the reference's tolerance.
+        g_err = max_err(garbage, ref)
+        line += f"; NaN in padded keys: finite={bool(torch.isfinite(garbage).all())}, err {g_err:.1e}"
+        ok = ok and bool(torch.isfinite(garbage).all()) and g_err <= TOL[dtype]
     say(("OK   " if ok else "FAIL ") + line)
     return ok
 

@@ -77,4 +77,26 @@ def test_a_group_past_the_budget_is_cut_off(gpu_tests, tmp_path):
 def test_budget_names_the_next_group(gpu_tests, capsys):
     assert gpu_tests.main(["--from", "1", "--budget", "30"]) == 1  # group 1's estimate does not fit
     out = capsys.readouterr().out
-    assert "next group: 1 (python scripts/gpu_tests.py --from 1 --budget 580)" in out
+    assert "not run: [1, 2, 3" in out and "(python scripts/gpu_tests.py --group 1 2 3 " in out
+
+
+def test_jobs_run_groups_at_once(gpu_tests, tmp_path, monkeypatch, capsys):
+    """With --jobs 2 two groups run side by side: each waits for the other's mark (with one job at a
+    time the first would wait in vain), and each group's output comes whole."""
+    for me, other in (("a", "b"), ("b", "a")):
+        (tmp_path / me).mkdir()
+        (tmp_path / me / f"test_{me}.py").write_text(
+            "import os, time\n"
+            f"def test_{me}():\n"
+            f"    open({str(tmp_path / me)!r} + '.mark', 'w').close()\n"
+            "    end = time.monotonic() + 60\n"
+            f"    while not os.path.exists({str(tmp_path / other)!r} + '.mark'):\n"
+            "        assert time.monotonic() < end, 'the other group never ran alongside'\n"
+            "        time.sleep(0.1)\n")
+    groups = [gpu_tests.Group(n, [str(tmp_path / n)], 1) for n in ("a", "b")]
+    monkeypatch.setattr(gpu_tests, "build_groups", lambda ids: groups)
+    monkeypatch.setattr(gpu_tests, "collect_gpu_file", lambda: [])
+    assert gpu_tests.main(["--from", "0", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "group 0 a: 1 passed" in out and "group 1 b: 1 passed" in out
+    assert "not run: none" in out
