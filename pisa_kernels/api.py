@@ -447,16 +447,17 @@ def _dense_rows_inplace(qh, kh, vh, out_h, idx: torch.Tensor, valid, scale: floa
         # 30x the error in a fuzz case.  The fused CUDA kernels accumulate in fp32 anyway.
         qr, kh, vh = (t.float() for t in (qr, kh, vh))
     mask = None if valid is None else valid[:, None, None, :]
+    # A batch element without any valid key attends nothing: zero, as in the kernels.  SDPA's answer
+    # for a fully masked row depends on its backend (0 from the CPU math path; a non-zero value from
+    # a fused CUDA kernel, seen in the GPU fuzz on an H200).
+    has_key = None if mask is None else mask.any(-1, keepdim=True)
     # Chunk the rows so the math fallback of SDPA never builds a huge [rows, N] matrix per head.
     step = max(1, (1 << 26) // max(1, qh.shape[0] * qh.shape[1] * kh.shape[2]))
     for s in range(0, idx.numel(), step):
         o = torch.nn.functional.scaled_dot_product_attention(qr[:, :, s:s + step], kh, vh, attn_mask=mask,
                                                              scale=scale)
-        if mask is not None:
-            # A batch element without any valid key attends nothing: zero, as in the kernels.  SDPA's
-            # answer for a fully masked row depends on its backend (0 from the CPU math path, the
-            # mean of v or NaN from fused CUDA kernels).
-            o = torch.where(mask.any(-1, keepdim=True), o, 0.0)
+        if has_key is not None:
+            o = torch.where(has_key, o, 0.0)
         out_h.index_copy_(2, idx[s:s + step], o.to(out_h.dtype))
 
 
