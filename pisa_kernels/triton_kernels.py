@@ -547,16 +547,11 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-#: Read tiles with tensor descriptors (TMA) where the GPU has them; False forces pointer loads
-#: everywhere (A/B timing: scripts/gpu_session.py).
-USE_TMA = True
-
-
 def _tma_ok(tensors, d: int) -> bool:
     """Whether ``tensors`` can be read through tensor descriptors: sm90+, 16-bit, a power-of-two
     head dim (a box is whole rows), 16-byte aligned bases and strides."""
     t0 = tensors[0]
-    if not USE_TMA or t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
         return False
     if d != _block_d(d) or TensorDescriptor is None:
         return False
@@ -631,13 +626,14 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
 
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
            order: int, perm: torch.Tensor | None = None, dense: DenseRows | None = None,
-           return_kernel: bool = False):
+           tma: bool = True, return_kernel: bool = False):
     """Run the fused forward kernel, writing into ``out``.  ``k``, ``v``: ``[B, H, N, D]`` views in
     the processing order (with a token order: :func:`pool`'s copies); ``q`` and ``out`` the same,
     or, with ``perm``, in the input order (rows read and written through it).  ``valid``: int8
     ``[B, N]`` in the processing order, or None; with it ``sel.counts`` splits each tile's blocks
     into unmasked and masked ones.  ``dense``: query rows computed exactly over every key by
-    programs of their own.  With ``return_kernel`` it returns Triton's compiled kernel (register
+    programs of their own.  ``tma=False`` reads every tile through pointers even where tensor
+    descriptors would do (for A/B timing; the library keeps the default).  With ``return_kernel`` it returns Triton's compiled kernel (register
     and spill counts) instead.  ``stats.kvar`` (the log-normal tail) comes from :func:`pool` with
     ``lognormal=True``."""
     b, h, n, d = q.shape
@@ -657,8 +653,8 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     q2, kvar = (stats.q2, stats.kvar) if lognormal else (stats.kbar, kbar)
     # Tensor descriptors (TMA) on sm90+: K / V of the exact blocks without invalid keys (the
     # masked ones read through pointers) and the tail's centroids, value means and key variances.
-    kv_tma = _tma_ok((k, v), d)
-    tail_tma = eff_order >= 0 and _tma_ok((kbar, vmean, kvar), d)
+    kv_tma = tma and _tma_ok((k, v), d)
+    tail_tma = tma and eff_order >= 0 and _tma_ok((kbar, vmean, kvar), d)
     kk, vv = _descriptors((k, v), [1, 1, block, d]) if kv_tma else (k, v)
     kbar_a, vmean_a, kvar_a = _descriptors((kbar, vmean, kvar), [1, TAIL_GROUP, d]) if tail_tma \
         else (kbar, vmean, kvar)

@@ -13,15 +13,15 @@ column is the relative L2 error against the cuDNN output on the same inputs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import sys
 
 import torch
 
 from pisa_kernels import pisa_attention
+
+from .measure import environment, make_inputs, peak_extra_mb, rel_l2, sdpa, time_ms
 
 #: name -> (tokens N, heads H); B = 1, D = 128, bf16 (issue #2).
 SHAPES = {
@@ -39,35 +39,6 @@ def dense_flops(b: int, h: int, n: int, d: int) -> float:
     return 4.0 * b * h * n * n * d
 
 
-def time_ms(fn, warmup_ms: int = 30, rep_ms: int = 150) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
-def make_inputs(kind: str, b: int, h: int, n: int, d: int, seed: int, device) -> tuple[torch.Tensor, ...]:
-    """``[B, N, H, D]`` bf16 inputs.  ``random``: i.i.d. normal; ``dit``: the structured DiT-like set
-    of :mod:`pisa_lab.workloads` when present (spatially smooth, RoPE, concentrated heads)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    if kind == "random":
-        return tuple(torch.randn(b, n, h, d, generator=g).to(device=device, dtype=torch.bfloat16) for _ in range(3))
-    from . import workloads  # noqa: PLC0415 - imported only for --data dit
-
-    return workloads.bench_inputs(b, h, n, d, seed=seed, device=device)
-
-
-def sdpa(q, k, v, backend):
-    from torch.nn.attention import sdpa_kernel
-
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    with sdpa_kernel([backend]):
-        return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh).transpose(1, 2)
-
-
 def _sol_attn():
     try:
         import comfy_kitchen
@@ -77,17 +48,6 @@ def _sol_attn():
     except Exception as exc:  # noqa: BLE001 - any import failure just means "no peer"
         print(f"[bench] comfy_kitchen.sol_attn unavailable: {exc}", file=sys.stderr)
     return None
-
-
-def _peak_extra_mb(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
-    del out
-    return peak / 2**20
 
 
 def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: bool = False) -> float:
@@ -138,7 +98,7 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
             extra = {}
             if order == 1 and sp == 0.875:
                 extra = dict(prescan_routing_ms=prescan_routing_ms(q, k, v, sp, block, tail == "lognormal"),
-                             extra_mem_mb=_peak_extra_mb(fn),
+                             extra_mem_mb=peak_extra_mb(fn),
                              qkv_mb=3 * q.numel() * q.element_size() / 2**20)
             add(f"pisa-o{order}" + ("+ln" if tail == "lognormal" else ""), sp, time_ms(fn), out, ref, **extra)
     sol = _sol_attn()
@@ -151,14 +111,6 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
         out = fn()
         add("sol-attn-tau1.3", float("nan"), time_ms(fn), out, ref)
     return rows
-
-
-def environment() -> dict:
-    import triton
-
-    return dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(0),
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version(), python=platform.python_version())
 
 
 def format_table(rows: list[dict]) -> str:

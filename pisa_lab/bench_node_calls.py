@@ -26,6 +26,8 @@ import torch
 
 from pisa_kernels.api import pisa_attention
 
+from .measure import environment, make_inputs, peak_extra_mb, time_ms
+
 #: The keyword arguments the node adds to a bare call, in the order of the table.
 EXTRAS = ("token_perm", "kv_valid", "sink_kv", "dense_q")
 #: (case, extras on top of the bare call); "node" is everything the node passes.
@@ -125,7 +127,6 @@ def case_kwargs(node: dict, extras) -> dict:
 
 def dense_ms(call: NodeCall) -> float:
     """Dense SDPA on the call's inputs (with its key-padding mask): the node's dense path."""
-    from .bench import time_ms
 
     views = [t if call.kwargs["layout"] == "BHND" else t.transpose(1, 2) for t in (call.q, call.k, call.v)]
     valid = call.kwargs.get("kv_valid")
@@ -142,7 +143,6 @@ def order_copy_costs(call: NodeCall) -> dict:
       reads K and V through it and writes their processing-order copies)."""
     from pisa_kernels import api
     from pisa_kernels import triton_kernels as tk
-    from .bench import time_ms
 
     perm = call.kwargs["token_perm"].to(call.q.device)
     seq_dim = 2 if call.kwargs["layout"] == "BHND" else 1
@@ -176,7 +176,6 @@ def bench_family(name: str, *, data: str = "random", seed: int = 0, sparsity: fl
                  log=print) -> list[dict]:
     """Rows ``{family, case, ms, ...}``: dense SDPA, the bare call, each extra the node adds alone,
     the node's configuration; a failing case is logged and skipped."""
-    from .bench import _peak_extra_mb, make_inputs, time_ms
 
     fam = FAMILIES[name]
     dev = torch.device("cuda")
@@ -195,7 +194,7 @@ def bench_family(name: str, *, data: str = "random", seed: int = 0, sparsity: fl
         try:
             fn = lambda: pisa_attention(call.q, call.k, call.v, **kw)
             fn()  # compiles outside the timing
-            rows.append(dict(family=name, case=case, ms=time_ms(fn), extra_mb=_peak_extra_mb(fn), qkv_mb=qkv_mb))
+            rows.append(dict(family=name, case=case, ms=time_ms(fn), extra_mb=peak_extra_mb(fn), qkv_mb=qkv_mb))
         except Exception as exc:  # noqa: BLE001
             log(f"[node-calls] {name} {case}: {type(exc).__name__}: {exc}")
         else:
@@ -226,7 +225,6 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("the node-call benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    from .bench import environment
 
     env = environment()
     print(json.dumps(env))

@@ -1,10 +1,11 @@
 """One device call that checks and times the kernels (METHOD.md: few, full calls).
 
-    python scripts/gpu_session.py [--quick]
+    python scripts/gpu_session.py [--skip-check | --ab-lognormal | --profile-short]
 
 1. environment; 2. Triton vs reference (bf16/fp16, all orders, both tails, masks, token order)
-at moderate shapes; 3. Wan 720p timing breakdown (pre-scan, routing, forward) and A/B timings of
-the kernel variants (tensor-descriptor K/V loads on/off, plain / log-normal tail).
+at moderate shapes; CUDA-graph replay; 3. Wan 720p timing breakdown (pre-scan, routing, forward
+with tensor-descriptor loads and with pointer loads, the node's tiled call).  Kernel variants are
+arguments of the library's functions (``attend(tma=...)``), never module switches flipped here.
 """
 import argparse
 import json
@@ -16,7 +17,8 @@ import torch
 sys.path.insert(0, ".")
 from pisa_kernels import pisa_attention, tiling  # noqa: E402
 from pisa_kernels import triton_kernels as tk  # noqa: E402
-from pisa_lab.bench import SHAPES, environment, rel_l2, sdpa, time_ms  # noqa: E402
+from pisa_lab.bench import SHAPES  # noqa: E402
+from pisa_lab.measure import environment, rel_l2, sdpa, time_ms  # noqa: E402
 from pisa_kernels.routing import num_blocks, route, topk_count  # noqa: E402
 
 
@@ -85,13 +87,13 @@ def breakdown(n=75600, h=40, d=128, sparsity=0.875):
     sel = route(st, scale=d ** -0.5, k=kk, heads=h, cov=False)
     out = torch.empty_like(qh)
     tail_only = Selection(sel.idx, sel.mask, 0)
-    for tstages in (3,):
-        res[f"attend_tail_only_t{tstages}_ms"] = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st,
-                                                         sel=tail_only, scale=d ** -0.5, block=64, order=1))
+    res["attend_tail_only_ms"] = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=tail_only,
+                                                           scale=d ** -0.5, block=64, order=1))
     for order in (1, -1):
-        res[f"attend_o{order}_ms"] = time_ms(lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=sel,
-                                                                scale=d ** -0.5, block=64, order=order))
-    tk.TAIL_STAGES = 3
+        for tma in (True, False):
+            res[f"attend_o{order}{'' if tma else '_pointer_loads'}_ms"] = time_ms(
+                lambda: tk.attend(qh, kh, vh, out, valid=None, stats=st, sel=sel, scale=d ** -0.5, block=64,
+                                  order=order, tma=tma))
     perm = tiling.tile_permutation((21, 45, 80), block_size=64, device="cuda")
     res["pisa_default_tiled_ms"] = time_ms(lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD",
                                                                   token_perm=perm))
@@ -113,46 +115,6 @@ def ab_lognormal(shapes=((75600, 40), (32760, 40), (119056, 24)), d=128, sparsit
                 fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", tail=tail)
                 res.setdefault(tail, []).append(round(time_ms(fn), 3))
         print(f"N={n} H={h}: {json.dumps(res)}")
-
-
-def ab(n=75600, h=40, d=128, sparsity=0.875):
-    """The same call with each kernel variant, interleaved, at the Wan 720p shape (random inputs)."""
-    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    res = {}
-    outs = {}
-    group = tk.TAIL_GROUP
-    for rnd in range(2):
-        for tma, tail_group in ((False, group), (True, group), (True, 2 * group)):
-            tk.USE_TMA, tk.TAIL_GROUP = tma, tail_group
-            for tail in ("plain", "lognormal"):
-                for order in (1, "drop"):
-                    if order == "drop" and (tail != "plain" or tail_group != group):
-                        continue
-                    fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, order=order, layout="BNHD", tail=tail)
-                    try:
-                        outs[(tma, tail_group, tail, order)] = fn()
-                    except RuntimeError as exc:
-                        print(f"tma={tma} group={tail_group} tail={tail} order={order}: {exc}")
-                        continue
-                    res.setdefault(f"tma={tma} group={tail_group} tail={tail} order={order}", []).append(
-                        round(time_ms(fn), 3))
-    tk.USE_TMA, tk.TAIL_GROUP = True, group
-    for (tma, tail_group, tail, order), o in outs.items():
-        if tma:
-            print(f"tma group {tail_group} vs pointer loads, {tail} {order}: "
-                  f"rel L2 {rel_l2(o, outs[(False, group, tail, order)]):.1e}")
-    res["dense_cudnn_ms"] = time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION))
-    # the node's call: tiled token order (gathered copies, in groups of heads) and the log-normal tail
-    from pisa_kernels import api
-
-    perm = tiling.tile_permutation((21, 45, 80), block_size=64, device="cuda")
-    groups = api.PERM_HEAD_GROUPS
-    for g in (1, groups):
-        api.PERM_HEAD_GROUPS = g
-        fn = lambda: pisa_attention(q, k, v, sparsity=sparsity, layout="BNHD", token_perm=perm, tail="lognormal")
-        res[f"tiled lognormal head_groups={g}"] = round(time_ms(fn), 3)
-    api.PERM_HEAD_GROUPS = groups
-    print(json.dumps(res, indent=1))
 
 
 def profile_short(name="flux1024", sparsity=0.85, d=128):
@@ -178,79 +140,19 @@ def profile_short(name="flux1024", sparsity=0.85, d=128):
               f"{time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)):.4f} ms", flush=True)
 
 
-def _topk_scatter(score, kt, idx, mask):
-    """The routing's selection before log entry 18 (torch.topk, unsorted, and a scatter), for A/B."""
-    top = torch.topk(score, kt, dim=-1, sorted=False).indices
-    idx.copy_(top)
-    mask.zero_().scatter_(-1, top, 1)
-
-
-def ab_routing(shapes=("wan720", "hunyuan720", "flux1024"), d=128):
-    """Log entry 18: the top-k kernel against torch.topk + scatter and the stable sort, the pre-scan
-    with and without the column split, and the whole call with both (interleaved, three rounds)."""
-    from pisa_kernels import routing
-
-    torch.manual_seed(0)
-    selects = {"topk+scatter": _topk_scatter, "sort": routing.top_blocks, "kernel": tk.top_blocks}
-    per_warp_default, dsplit_default = tk.TOP_BLOCKS_PER_WARP, tk.POOL_DSPLIT
-    for name in shapes:
-        n, h = SHAPES[name]
-        sp = 0.85 if name == "flux1024" else 0.875
-        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-        kk = topk_count(sp, num_blocks(n, 64))
-        st = tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False)
-        res, sels = {}, {}
-        for rnd in range(3):
-            for sname, fn in selects.items():
-                for per_warp in ((256, 1024, 2048) if sname == "kernel" else (None,)):
-                    if per_warp:
-                        tk.TOP_BLOCKS_PER_WARP = per_warp
-                    call = lambda: route(st, scale=d ** -0.5, k=kk, heads=h, select=fn)
-                    sels[sname] = call()
-                    res.setdefault(f"route {sname}{per_warp or ''}", []).append(round(time_ms(call), 4))
-            for ds in (1, 2):
-                tk.POOL_DSPLIT = ds
-                tk._FITTING.clear()
-                call = lambda: tk.pool(qh, kh, vh, valid=None, block=64, first_order=True, cov=False)
-                res.setdefault(f"pool dsplit={ds}", []).append(round(time_ms(call), 4))
-            for new in (False, True):
-                tk.POOL_DSPLIT = dsplit_default if new else 1
-                tk._FITTING.clear()
-                kernel_select = tk.top_blocks
-                if not new:
-                    tk.top_blocks = _topk_scatter
-                for tail in ("plain", "lognormal"):
-                    call = lambda: pisa_attention(q, k, v, sparsity=sp, layout="BNHD", tail=tail)
-                    res.setdefault(f"pisa {tail} {'new' if new else 'old'}", []).append(round(time_ms(call), 3))
-                tk.top_blocks = kernel_select
-        tk.POOL_DSPLIT, tk.TOP_BLOCKS_PER_WARP = dsplit_default, per_warp_default
-        same = torch.equal(sels["kernel"].mask, sels["sort"].mask)
-        agree = float((sels["kernel"].mask == sels["topk+scatter"].mask).float().mean())
-        res["cudnn"] = round(time_ms(lambda: sdpa(q, k, v, torch.nn.attention.SDPBackend.CUDNN_ATTENTION)), 3)
-        print(f"{name}: kernel == sort selection: {same}; mask agreement with torch.topk {agree:.6f}; "
-              f"{json.dumps(res)}", flush=True)
-
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--ab-only", action="store_true", help="only the A/B timings of the kernel variants")
-    ap.add_argument("--ab-lognormal", action="store_true", help="only the cost of the log-normal tail variants")
+    ap.add_argument("--ab-lognormal", action="store_true", help="only the cost of the log-normal tail")
     ap.add_argument("--profile-short", action="store_true", help="kernel times of one FLUX 1024² call")
-    ap.add_argument("--ab-routing", action="store_true", help="top-k kernel and pre-scan split (log entry 18)")
     args = ap.parse_args()
-    if args.ab_routing:
-        print(json.dumps(environment()))
-        ab_routing()
-        raise SystemExit(0)
     if args.profile_short:
         print(json.dumps(environment()))
         profile_short()
         raise SystemExit(0)
-    if args.ab_only or args.ab_lognormal:
+    if args.ab_lognormal:
         print(json.dumps(environment()))
-        ab_lognormal() if args.ab_lognormal else ab()
+        ab_lognormal()
         raise SystemExit(0)
     print(json.dumps(environment()))
     t = time.time()

@@ -29,9 +29,9 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))  # pisa_test_utils: routing capture / replay
-from pisa_kernels import api, pisa_attention  # noqa: E402
+from pisa_kernels import pisa_attention  # noqa: E402
 from pisa_lab import bench_node_calls as nc  # noqa: E402
-from pisa_lab.bench import _peak_extra_mb, environment, make_inputs, rel_l2, time_ms  # noqa: E402
+from pisa_lab.measure import environment, make_inputs, rel_l2  # noqa: E402
 
 T0 = time.time()
 TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}  # as tests/kernels/test_gpu.py
@@ -86,23 +86,6 @@ def check(name, dtype):
     return ok
 
 
-def head_groups(call):
-    """The node's call with the token order in one group of heads and in PERM_HEAD_GROUPS groups."""
-    res = {}
-    groups, threshold = api.PERM_HEAD_GROUPS, api.PERM_GROUP_MIN_BYTES
-    try:
-        for g in (1, groups):
-            api.PERM_HEAD_GROUPS, api.PERM_GROUP_MIN_BYTES = g, 0
-            fn = lambda: pisa_attention(call.q, call.k, call.v, **call.kwargs)
-            fn()
-            res[g] = (time_ms(fn), _peak_extra_mb(fn))
-    finally:
-        api.PERM_HEAD_GROUPS, api.PERM_GROUP_MIN_BYTES = groups, threshold
-    qkv_mb = 3 * call.q.numel() * call.q.element_size() / 2**20
-    return ", ".join(f"{g} group(s) {ms:.2f} ms, extra {mb:.0f} MiB ({100 * mb / qkv_mb:.1f}% of q+k+v)"
-                     for g, (ms, mb) in res.items())
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
@@ -130,10 +113,6 @@ def main():
                 f"{cost['old_copies_bytes'] / 1e9:.2f} GB ({cost['old_copies_gbs']:.0f} GB/s); pre-scan "
                 f"{cost['prescan']:.2f} ms, with the order and the k/v copies {cost['prescan_ordered']:.2f} ms "
                 f"(+{cost['prescan_copy_bytes'] / 1e9:.2f} GB written)")
-        groups = guarded(f"head groups {name}", head_groups, call)
-        if groups:
-            parts.setdefault(name, {})["head_groups"] = groups
-            say(f"{name} node call, token order in head groups: {groups}")
         del call
         torch.cuda.empty_cache()
     print(nc.format_table(rows), flush=True)

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile-blocks", type=int, default=None,
                     help="blocks of the --compile model (Wan layers; FLUX/HunyuanVideo double and single each)")
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; CPU: eager)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run one sparse step under torch.profiler: GPU kernel time by group, the top kernels")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="wall-clock budget: optional passes (cuDNN baseline, no-attention) are skipped when short")
     ap.add_argument("--json", default=None, help="write the full report here")

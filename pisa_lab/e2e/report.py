@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .call_times import IN_STEP_BAR
 from .comfy_host import REPO
 
 
@@ -81,8 +82,30 @@ def header_lines(report: dict) -> list[str]:
             f"- {report['settings_note']}"]
 
 
+def call_time_lines(report: dict) -> list[str]:
+    """PISA's calls inside the timed sparse step against the benchmark of the same call."""
+    return [f"- {r['model']}: PISA call {c['call']}: {c['calls']} calls, {c['in_step_ms']:.2f} ms each in the step "
+            f"(median {c['in_step_median_ms']:.2f}), {c['bench_ms']:.2f} ms alone in the benchmark: "
+            f"{c['ratio']:.3f}x ({'within' if c['within_bar'] else 'OVER'} the {IN_STEP_BAR:.2f}x bar)"
+            for r in report["results"] for c in r.get("call_times", [])]
+
+
+def profile_lines(report: dict) -> list[str]:
+    """``--profile``: GPU kernel time of one sparse step, by group, and its largest kernels."""
+    lines = []
+    for r in report["results"]:
+        p = r.get("profile")
+        if not p:
+            continue
+        groups = ", ".join(f"{g} {ms / 1000:.2f} s" for g, ms in p["groups_ms"].items())
+        lines.append(f"- {r['model']}: profile of one sparse step: GPU kernels {p['total_kernel_ms'] / 1000:.2f} s "
+                     f"({groups}); largest: " + "; ".join(f"{k['kernel'][:60]} x{k['count']} {k['ms']:.0f} ms"
+                                                          for k in p["top"][:6]))
+    return lines
+
+
 def note_lines(report: dict) -> list[str]:
-    lines = [f"- {r['model']}: {n}" for r in report["results"] for n in r.get("notes", [])]
+    lines = call_time_lines(report) + profile_lines(report) + [f"- {r['model']}: {n}" for r in report["results"] for n in r.get("notes", [])]
     for c in report.get("compile", []):
         if "error" in c:
             lines.append(f"- torch.compile {c['model']}: {c['error'].splitlines()[0]}")

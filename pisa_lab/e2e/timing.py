@@ -14,8 +14,10 @@ from contextlib import nullcontext
 
 import torch
 
+from .call_times import CallRecorder, compare
 from .comfy_host import node_defaults, read_workflow
 from .models import StepRunner, build, make_inputs, noop_attention, simple_schedule, with_override
+from .step_profile import profile_step
 from .specs import ISSUE_DENSE_STEPS, ISSUE_STEPS, Spec, short_latent, tokens_of
 
 
@@ -143,21 +145,30 @@ def bench_model(C, pack, spec: Spec, opts, budget: Budget) -> dict:
     pin_backend(state, opts, res)
     variants = {"dense": patcher, "pisa": pisa_patcher, "noop": with_override(patcher, noop_attention)}
 
-    def measure(name: str, sigma: float, ctx: str):
+    def measure(name: str, sigma: float, ctx: str, recorder: CallRecorder | None = None):
         """One pass: a sampling run of its own (StepRunner), warm-up, timed evaluations.  The
         warm-up runs at full size, except with --quick for steps slower than 3 s (known after the
-        first dense pass), which warm up on a short latent instead."""
+        first dense pass), which warm up on a short latent instead.  ``recorder`` keeps the timed
+        evaluations' PISA calls."""
         run = StepRunner(C, variants[name], sample_sigmas, x, conds)
         slow = not res.get("dense") or min(t["ms"] for t in res["dense"].values()) > 3000.0
         warm = StepRunner(C, variants[name], sample_sigmas, wx, wconds) if opts.quick and slow else None
+
+        def after_warmup():
+            state.finish_run()
+            if recorder is not None:
+                recorder.start()
+
         try:
             with sdpa_context(ctx):
                 result, out = time_pass(run, sigma, device, min_reps=opts.reps, target_s=opts.target_s,
-                                        warm=warm, after_warmup=state.finish_run)
+                                        warm=warm, after_warmup=after_warmup)
             if name == "pisa":  # PISA's own statistics of the timed evaluations (CUDA events per call)
                 result["pisa_stats"] = _stats_per_forward(state.finish_run(), len(result["all_ms"]))
             return result, out
         finally:
+            if recorder is not None:
+                recorder.stop()
             for r in (warm, run):
                 if r is not None:
                     r.close()
@@ -187,7 +198,21 @@ def bench_model(C, pack, spec: Spec, opts, budget: Budget) -> dict:
         res["dense_best"], dense_ms = best, res["dense"][best]["ms"]
 
         res["gated"], out_gated = measure("pisa", dense_sigma, best)
-        res["sparse"], out_sparse = measure("pisa", sparse_sigma, best)
+        recorder = CallRecorder(state)
+        res["sparse"], out_sparse = measure("pisa", sparse_sigma, best, recorder)
+        # the same configured calls alone, as the benchmark times them (issue 13)
+        with sdpa_context(best):
+            res["call_times"] = compare(recorder, device)
+        del recorder
+        free(device)
+        if opts.profile and device.type == "cuda":
+            run = StepRunner(C, pisa_patcher, sample_sigmas, x, conds)
+            try:
+                with sdpa_context(best):
+                    res["profile"] = profile_step(run, sparse_sigma, device)
+            finally:
+                run.close()
+                state.finish_run()
         if budget.allows(pass_s(dense_ms)):
             res["noop"], _ = measure("noop", dense_sigma, best)
         else:
@@ -266,6 +291,8 @@ def summarize(res: dict, dense_ms: float, workflow: dict | None) -> dict:
     ga, sa = res["gated"].get("pisa_stats") or {}, res["sparse"].get("pisa_stats") or {}
     if ga:
         s["attn_events_ms_dense"] = ga["attn_ms"]
+    if res.get("call_times"):
+        s["in_step_over_bench"] = max(c["ratio"] for c in res["call_times"])
     if sa:
         s["attn_events_ms_sparse"] = sa["attn_ms"]
         s["pisa_calls"] = f"{sa['pisa_calls']}/{sa['calls']}"

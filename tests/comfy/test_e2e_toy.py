@@ -121,7 +121,14 @@ def test_toy_run_on_the_device_copy_without_optional_packages(device_copy, tmp_p
         assert checks["finite_dense"] and checks["finite_sparse"]
         assert checks["gated_max_abs_diff_vs_dense"] == 0.0, name  # the dense step is ComfyUI's attention
         assert checks["sparse_rel_l2_vs_dense"] < 0.5
+        # PISA's calls of the timed sparse evaluations, grouped by configuration, each timed again alone
+        (ct,) = r["call_times"]  # one configuration of the main sequence's call per toy model
+        assert ct["calls"] == sparse["pisa_calls"] * len(r["sparse"]["all_ms"]), (name, ct)
+        assert ct["in_step_ms"] > 0 and ct["bench_ms"] > 0 and math.isclose(
+            ct["ratio"], ct["in_step_ms"] / ct["bench_ms"], rel_tol=1e-2)
+        assert ("token_perm" in ct["call"]) and (("sink_kv" in ct["call"]) == (name != "toy-wan")), ct["call"]
         s = r["summary"]
+        assert s["in_step_over_bench"] == ct["ratio"]
         assert s["dense_ms"] > 0 and s["sparse_ms"] > 0 and 0.0 <= s["attention_share"] <= 1.0
         assert s["run_issue"]["steps"] == 50 and s["run_issue"]["dense_steps"] == 10
         wf = s["run_workflow"]
@@ -129,6 +136,7 @@ def test_toy_run_on_the_device_copy_without_optional_packages(device_copy, tmp_p
                                           + (wf["steps"] - wf["dense_steps"]) * s["sparse_ms"]) / 1000.0)
     md = out_md.read_text()
     assert "| toy-wan |" in md and "step speedup" in md
+    assert "toy-wan: PISA call " in md and "alone in the benchmark" in md
     assert "toy-flux" in proc.stdout  # the compact table at the end
 
 
