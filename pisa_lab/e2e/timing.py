@@ -148,11 +148,15 @@ def bench_model(C, pack, spec: Spec, opts, budget: Budget) -> dict:
     def measure(name: str, sigma: float, ctx: str, recorder: CallRecorder | None = None):
         """One pass: a sampling run of its own (StepRunner), warm-up, timed evaluations.  The
         warm-up runs at full size, except with --quick for steps slower than 3 s (known after the
-        first dense pass), which warm up on a short latent instead.  ``recorder`` keeps the timed
-        evaluations' PISA calls."""
+        first dense pass), which warm up on a short latent instead, but for the sparse pass
+        (``recorder``, which keeps the timed evaluations' PISA calls)."""
         run = StepRunner(C, variants[name], sample_sigmas, x, conds)
         slow = not res.get("dense") or min(t["ms"] for t in res["dense"].values()) > 3000.0
-        warm = StepRunner(C, variants[name], sample_sigmas, wx, wconds) if opts.quick and slow else None
+        # The sparse pass warms up at full size: PISA's kernels have variants a short latent does
+        # not reach (e.g. the top-k kernel's row width), whose first compilation on a machine
+        # without Triton's cache would otherwise land in the one timed step.
+        short_ok = opts.quick and slow and recorder is None
+        warm = StepRunner(C, variants[name], sample_sigmas, wx, wconds) if short_ok else None
 
         def after_warmup():
             state.finish_run()
