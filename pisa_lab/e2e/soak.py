@@ -11,7 +11,7 @@ short schedule with one dense step, each run its own ``pre_run`` / ``cleanup``, 
 makes them).  After each run it records GPU memory (allocated, reserved), the library's caches
 (plans, token orders, CUDA graphs), the pack's live objects and every live tensor.  After the
 warm-up runs nothing may grow: memory within ``--slack-mib``, caches and objects not at all, and
-each model's output of a run equal to its first run's.  Exit status 1 when something grew.
+each model's output of a run equal to its first run's (on a GPU within roundings).  Exit status 1 when something grew.
 Tests: tests/comfy/test_soak.py (the CPU soak of the node itself), tests/comfy/test_e2e_soak.py.
 """
 
@@ -35,6 +35,8 @@ from .specs import SPECS, TOY_SPECS
 
 #: Steps of each soak run (the first one dense).
 STEPS, DENSE_STEPS = 4, 1
+#: A GPU run's output against the same model's first run (relative L2): roundings only.
+GPU_REPEAT_TOL = 1e-2
 #: Widgets of the second model's node, which differ from the first's (the node's defaults); with
 #: ``min_tokens`` 0 FLUX 1024²'s calls (4,608 tokens, under the default) run PISA, as CUDA graphs.
 OTHER_NODE = {"sparsity": 0.9, "block_size": "128", "taylor_order": "0", "min_tokens": 0}
@@ -122,10 +124,15 @@ def soak(C, pack, specs, device, dtype, runs: int, warm_up: int, slack_mib: floa
             first[i] = (out.clone(), summary["pisa_calls"])
             if not summary["pisa_calls"]:
                 raise RuntimeError(f"{case.spec.name}: the soak run ran no PISA call ({summary['text']})")
-        same = bool(torch.equal(out, first[i % len(cases)][0])) and summary["pisa_calls"] == first[i % len(cases)][1]
+        ref, ref_calls = first[i % len(cases)]
+        diff = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+        # bit-equal on the CPU; on a GPU the pre-scan's fp32 atomics add in any order, so a run may
+        # differ from the first by roundings (bf16), never by more
+        same = (diff == 0.0 if device.type == "cpu" else diff <= GPU_REPEAT_TOL) and summary["pisa_calls"] == ref_calls
         del out
         snap = snapshot(pack, device)
         row = {"run": i, "model": case.spec.name, "s": round(time.perf_counter() - t0, 2), "same_output": same,
+               "rel_l2_vs_first": diff,
                "pisa_calls": summary["pisa_calls"], "calls": summary["calls"], **snap["caches"],
                "pack_objects": sum(snap["objects"].values()), "tensors": snap["tensors"][0],
                "tensor_mib": round(snap["tensors"][1] / 2**20, 1)}
