@@ -4,6 +4,8 @@ The widget names and their order are a contract (docs/architecture.md): saved wo
 ``widgets_values`` by position.
 """
 
+import os
+
 from .pisa_comfy import PisaSettings, patch_model
 from .pisa_comfy.capture import CaptureSettings, capture_model
 from .pisa_comfy.settings import BLOCK_SIZES, ROUTINGS, TAYLOR_ORDERS, TOKEN_ORDERS
@@ -136,5 +138,49 @@ class PISACapture:
         return (capture_model(model, settings, unique_id),)
 
 
-NODE_CLASS_MAPPINGS = {"PISAPatch": PISAPatch, "PISACapture": PISACapture}
-NODE_DISPLAY_NAME_MAPPINGS = {"PISAPatch": "PISA Patch", "PISACapture": "PISA Capture (Q/K/V)"}
+class PISARaylightPatch:
+    """PISA Patch for raylight's Ray workers: patches every worker's model (docs/raylight.md)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        pisa = dict(PISAPatch.INPUT_TYPES()["required"])
+        del pisa["model"]
+        return {
+            "required": {
+                "ray_actors": ("RAY_ACTORS", {"tooltip": "raylight's Ray workers with their model loaded (from "
+                                                         "Load Diffusion Model (Ray)); connect the output to "
+                                                         "raylight's sampler."}),
+                "enabled": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Off removes PISA from the workers' model again: raylight keeps each worker's "
+                               "model between prompts, so deleting the node would leave the patch in place."}),
+                **pisa,
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("RAY_ACTORS",)
+    RETURN_NAMES = ("ray_actors",)
+    OUTPUT_TOOLTIPS = ("The same workers, their model patched: connect to raylight's sampler.",)
+    FUNCTION = "patch"
+    CATEGORY = "model/patch"
+    DESCRIPTION = ("PISA Patch inside raylight's sequence-parallel (Ulysses) attention: after the all-to-all "
+                   "each GPU runs PISA on its share of the heads, with the same settings as PISA Patch. Needs "
+                   "raylight with its inner-attention hook and a ring degree of 1; anything else stays dense.")
+
+    def patch(self, ray_actors, enabled, sparsity, block_size, taylor_order, dense_steps, dense_blocks,
+              min_tokens, token_order, routing, verbose, unique_id=None):
+        from .pisa_comfy.raylight import patch_ray_actors, worker_patch_function
+
+        settings = PisaSettings.from_widgets(
+            sparsity=sparsity, block_size=block_size, taylor_order=taylor_order, dense_steps=dense_steps,
+            dense_blocks=dense_blocks, min_tokens=min_tokens, token_order=token_order, routing=routing,
+            verbose=verbose)
+        fn = worker_patch_function(os.path.dirname(os.path.abspath(__file__)), __name__.rpartition(".")[0],
+                                   settings, unique_id, bool(enabled))
+        return (patch_ray_actors(ray_actors, fn),)
+
+
+NODE_CLASS_MAPPINGS = {"PISAPatch": PISAPatch, "PISACapture": PISACapture, "PISARaylightPatch": PISARaylightPatch}
+NODE_DISPLAY_NAME_MAPPINGS = {"PISAPatch": "PISA Patch", "PISACapture": "PISA Capture (Q/K/V)",
+                              "PISARaylightPatch": "PISA Patch (Raylight)"}

@@ -92,6 +92,17 @@ class AttentionCall:
                    skip_output_reshape=bool(named.get("skip_output_reshape", False)), extra=extra, args=args,
                    kwargs=kwargs, b=b, h=h, n=n, d=d, n_k=n_k)
 
+    @classmethod
+    def from_bnhd(cls, q, k, v, extra: dict) -> AttentionCall:
+        """A call whose q/k/v already are ``(B, N, H, D)`` tensors: what raylight's inner attention
+        hands over after the Ulysses all-to-all (every token, this rank's heads).  Its
+        :attr:`layout` is ``BNHD`` and the kernel output is already the shape that caller wants;
+        it has no dense path of its own (:meth:`dense` is the ComfyUI backend call's, not this
+        one's), the caller brings its own."""
+        b, n, h, d = q.shape
+        return cls(q=q, k=k, v=v, heads=h, mask=None, skip_reshape=False, skip_output_reshape=False, extra=extra,
+                   args=(), kwargs={}, b=b, h=h, n=n, d=d, n_k=k.shape[1])
+
     @property
     def transformer_options(self) -> dict:
         return self.extra.get("transformer_options") or {}

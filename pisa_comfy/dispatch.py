@@ -38,6 +38,14 @@ class KernelCall:
 def dispatch(state, func, previous, args: tuple, kwargs: dict):
     """The body of the override closure (see :mod:`pisa_comfy.override`)."""
     call = AttentionCall.parse(args, kwargs)
+    return run_call(state, call, lambda: call.dense(func, previous), call.shape_output)
+
+
+def run_call(state, call: AttentionCall, dense, shape_output):
+    """Decide one parsed call and run it: PISA's output (in :attr:`AttentionCall.layout`) through
+    ``shape_output``, else ``dense()``, the caller's own dense path; the outcome is recorded either
+    way.  The override above and raylight's inner-attention processor (:mod:`pisa_comfy.raylight`)
+    both come through here, so a call decides and counts alike on either path."""
     timer = start_timer(call.q.device)
     decision = decide(state, call)
     if isinstance(decision, KernelCall):
@@ -46,9 +54,9 @@ def dispatch(state, func, previous, args: tuple, kwargs: dict):
             out, stats = outcome
             density = stats.density + (stats.dense_rows / call.n) * (1.0 - stats.density)
             state.record(call, density=density, reason=None, timing=stop_timer(timer))
-            return call.shape_output(out)
+            return shape_output(out)
         decision, timer = outcome, start_timer(call.q.device)
-    out = call.dense(func, previous)
+    out = dense()
     state.record(call, density=1.0, reason=decision, timing=stop_timer(timer))
     return out
 

@@ -19,8 +19,10 @@ CONTRACT = [  # (name, type or combo, default)
 
 
 def test_pack_exports_what_comfyui_loads(pack):
-    assert set(pack.NODE_CLASS_MAPPINGS) == {"PISAPatch", "PISACapture"}  # PISACapture: tests/lab/test_capture.py
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"PISAPatch": "PISA Patch", "PISACapture": "PISA Capture (Q/K/V)"}
+    # PISACapture: tests/lab/test_capture.py; PISARaylightPatch: tests/comfy/test_raylight.py
+    assert set(pack.NODE_CLASS_MAPPINGS) == {"PISAPatch", "PISACapture", "PISARaylightPatch"}
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"PISAPatch": "PISA Patch", "PISACapture": "PISA Capture (Q/K/V)",
+                                               "PISARaylightPatch": "PISA Patch (Raylight)"}
     assert pack.WEB_DIRECTORY == "./web"
     node = pack.NODE_CLASS_MAPPINGS["PISAPatch"]
     assert node.CATEGORY == "model/patch"
