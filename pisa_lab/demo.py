@@ -4,8 +4,11 @@
 
 One Wan-like video attention call (RoPE, smooth content, a mix of local / spatial / temporal /
 global heads, from :mod:`pisa_lab.workloads`; no download), in the node's tiled token order.
-For PISA orders 1 / 0 / drop at several sparsities it reports the relative L2 error and cosine
-similarity against dense attention and, on a CUDA GPU, the speed-up over cuDNN.  Writes
+The node's configuration (order 1, log-normal tail, tiled order) comes first, then the paper's
+tail, zeroth order, keep-or-drop with the same blocks, the node in raster order and, on a CUDA GPU
+where comfy_kitchen is importable, ComfyUI's Sol-Attn at the same density.  At several sparsities
+it reports the relative L2 error and cosine similarity against dense attention and, on a CUDA GPU,
+the speed-up over cuDNN.  Writes
 ``demo.json`` and ``demo.png`` (error vs sparsity; speed-up vs sparsity on the GPU) to ``--out``.
 
 On a machine without a CUDA GPU it runs the PyTorch reference on a small set: the errors are the
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +29,28 @@ from . import eval as pisa_eval
 from pisa_kernels.backend import describe
 
 SPARSITIES = (0.75, 0.875, 0.9, 0.95)
-ORDERS = (1, 0, "drop")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One line of the table and the plot: what it is, in words, and how it is called."""
+
+    label: str
+    order: object = 1  # 1, 0 or "drop"; None: Sol-Attn
+    tail: str = "lognormal"
+    token_order: str = "tiled"
+
+
+#: The node's configuration first, then what it is compared with (same exact blocks per tile for
+#: every PISA line; Sol-Attn at the same density).
+METHODS = (
+    Method("PISA, the node (order 1, log-normal tail, tiled order)"),
+    Method("PISA, paper's tail (order 1, plain tail, tiled)", tail="plain"),
+    Method("zeroth order only (log-normal tail, tiled)", order=0),
+    Method("keep-or-drop block-sparse (same blocks, tiled)", order="drop", tail="plain"),
+    Method("PISA, the node in raster order (no tiling)", token_order="raster"),
+)
+SOL = Method("Sol-Attn (ComfyUI core, INT8 top-k), same density", order=None, tail="-")
 
 
 def _timer(device: torch.device):
@@ -49,20 +74,27 @@ def run(set_name: str, size: str, device: torch.device, sparsities=SPARSITIES) -
     qh, kh, vh = (t.transpose(1, 2) for t in (case.q, case.k, case.v))
     dense_ms = timer(lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh))
     backend = "triton" if device.type == "cuda" else "reference"
+    # Sol-Attn only where its compiled kernel runs (its CPU fallback is another method: eager, fp32)
+    sol, sol_note = pisa_eval.sol_peer(device) if device.type == "cuda" else (None, "GPU only")
+    methods = [m for m in METHODS if case.has_order(m.token_order)] + ([SOL] if sol is not None else [])
     rows = []
-    for order in ORDERS:
+    for m in methods:
         for sp in sparsities:
-            def call():
-                return pisa_eval.run_pisa(case, order=order, sparsity=sp, token_order="tiled",
-                                          routing=pisa_eval.resolve_routing("auto", case),
-                                          backend=backend)
+            if m.order is None:
+                def call(sp=sp):
+                    return pisa_eval.run_sol(sol, case, token_order="tiled", sparsity=sp)
+            else:
+                def call(m=m, sp=sp):
+                    return pisa_eval.run_pisa(case, order=m.order, sparsity=sp, token_order=m.token_order,
+                                              routing=pisa_eval.resolve_routing("auto", case), backend=backend,
+                                              tail=m.tail)
 
             err, cos = pisa_eval.metrics(call(), ref)
             ms = timer(call)
-            rows.append(dict(order=str(order), sparsity=sp, rel_l2=err, cosine=cos, ms=ms,
-                             speedup=dense_ms / ms))
-    return dict(case=case.describe, device=str(device), backend=backend, note=describe(device),
-                dense_ms=dense_ms, rows=rows, timed=device.type == "cuda")
+            rows.append({"method": m.label, "order": str(m.order), "tail": m.tail, "token_order": m.token_order,
+                         "sparsity": sp, "rel_l2": err, "cosine": cos, "ms": ms, "speedup": dense_ms / ms})
+    return {"case": case.describe, "device": str(device), "backend": backend, "note": describe(device),
+            "sol": sol_note, "dense_ms": dense_ms, "rows": rows, "timed": device.type == "cuda"}
 
 
 def plot(result: dict, path: str) -> None:
@@ -72,20 +104,23 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = 2 if result["timed"] else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 3.8), squeeze=False)
-    labels = {"1": "PISA (order 1)", "0": "zeroth order", "drop": "keep-or-drop"}
-    for order in ("1", "0", "drop"):
-        rows = [r for r in result["rows"] if r["order"] == order]
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.6), squeeze=False)
+    for i, label in enumerate(dict.fromkeys(r["method"] for r in result["rows"])):
+        rows = [r for r in result["rows"] if r["method"] == label]
         xs = [r["sparsity"] for r in rows]
-        axes[0][0].plot(xs, [r["rel_l2"] for r in rows], marker="o", label=labels[order])
+        style = {"marker": "o", "lw": 2.6 if i == 0 else 1.3, "zorder": 3 if i == 0 else 2}
+        axes[0][0].plot(xs, [r["rel_l2"] for r in rows], label=label, **style)
         if result["timed"]:
-            axes[0][1].plot(xs, [r["speedup"] for r in rows], marker="o", label=labels[order])
-    axes[0][0].set(xlabel="sparsity", ylabel="relative L2 error vs dense", yscale="log",
-                   title="fidelity (" + result["case"].split(",")[0] + ")")
-    axes[0][0].legend()
+            axes[0][1].plot(xs, [r["speedup"] for r in rows], label=label, **style)
+    device = "GPU, Triton kernels" if result["timed"] else "CPU, PyTorch reference"
+    axes[0][0].set(xlabel="sparsity (share of key blocks not computed exactly)",
+                   ylabel="relative L2 error vs dense attention", yscale="log", title="error (lower is better)")
+    axes[0][0].legend(fontsize=7, loc="upper left")
     if result["timed"]:
-        axes[0][1].set(xlabel="sparsity", ylabel="speed-up vs cuDNN", title="speed")
+        axes[0][1].set(xlabel="sparsity", ylabel=f"speed-up vs cuDNN ({result['dense_ms']:.1f} ms)",
+                       title="speed (higher is better)")
         axes[0][1].axhline(1.0, color="grey", lw=0.8)
+    fig.suptitle(f"PISA vs dense attention: {result['case']} ({device})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -104,11 +139,14 @@ def main(argv=None) -> int:
     result = run(args.set_name, size, device)
     print(f"{result['case']}; dense {'cuDNN/SDPA' if result['timed'] else 'SDPA (CPU)'} "
           f"{result['dense_ms']:.2f} ms")
-    print(f"{'method':<10} {'sparsity':>8} {'rel L2':>8} {'cosine':>8} {'ms':>9} {'speed-up':>8}")
+    width = max(len(r["method"]) for r in result["rows"])
+    print(f"{'method':<{width}} {'sparsity':>8} {'rel L2':>8} {'cosine':>8} {'ms':>9} {'speed-up':>8}")
     for r in result["rows"]:
         speed = f"{r['speedup']:.2f}x" if result["timed"] else "-"
-        print(f"{r['order']:<10} {r['sparsity']:>8.3f} {r['rel_l2']:>8.4f} {r['cosine']:>8.4f} {r['ms']:>9.2f} "
-              f"{speed:>8}")
+        print(f"{r['method']:<{width}} {r['sparsity']:>8.3f} {r['rel_l2']:>8.4f} {r['cosine']:>8.4f} "
+              f"{r['ms']:>9.2f} {speed:>8}")
+    if result["timed"]:
+        print(f"Sol-Attn: {result['sol']}")
     if not result["timed"]:
         print("(CPU: the PyTorch reference ran; its times are not speed numbers.)")
     os.makedirs(args.out, exist_ok=True)

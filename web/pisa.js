@@ -23,7 +23,7 @@ const TOOLTIPS = {
 
 // dense_frac: share of the connected sampler's steps kept dense (falls back to 30 steps).
 const BALANCED = { sparsity: 0.875, block_size: "64", taylor_order: "1", dense_frac: 0.2, dense_blocks: "0",
-                   min_tokens: 4096, routing: "auto" };
+                   min_tokens: 8192, routing: "auto" };
 const PRESETS = {
   quality: { ...BALANCED, sparsity: 0.75, dense_frac: 0.25,
              hint: "quality: 1/4 of key blocks exact, first quarter of the steps dense." },
