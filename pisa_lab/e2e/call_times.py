@@ -2,8 +2,9 @@
 
 The node already times every attention call with CUDA events (``RunStats``).  During the timed
 sparse pass, :class:`CallRecorder` reads those events for the calls that ran PISA, grouped by
-what makes a call's cost (shapes, strides, dtype, layout, the node's keyword arguments), and keeps
-the first call's keyword arguments as the node built them (``dispatch.decide`` on the live call).
+shapes, strides, dtype and layout (within one model step the node builds the same keyword
+arguments for all of them), and keeps the first call's keyword arguments as the node built them
+(``dispatch.decide`` on the live call).
 :func:`compare` then times each group's call alone, as ``pisa_lab.bench_node_calls`` does (the
 same shapes and strides, fresh random values, ``triton.testing.do_bench`` median), so the in-step
 time and the benchmark cannot drift apart unnoticed: a ratio above 1 is time the step loses
