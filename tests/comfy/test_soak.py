@@ -13,14 +13,14 @@ on the CPU through the PyTorch reference (``PISA_BACKEND=reference``, tests/comf
 with ``min_tokens`` 0 so every self-attention call of the tiny models runs PISA.
 """
 
-import collections
 import gc
 import importlib
 import os
-import types
 
 import pytest
 import torch
+
+from pisa_lab.e2e.soak import live_tensors, pack_objects
 
 RUNS = 50
 WARM_UP = 10  # runs before the baseline: the first runs fill caches up to their working set
@@ -33,30 +33,6 @@ RSS_SLACK = 16 << 20
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _pack_objects(prefix: str) -> collections.Counter:
-    """Live objects of the pack's classes, and functions it created (closures such as overrides)."""
-    counts = collections.Counter()
-    for o in gc.get_objects():
-        module = type(o).__dict__.get("__module__")
-        if isinstance(module, str) and module.startswith(prefix):
-            counts[type(o).__qualname__] += 1
-        elif type(o) is types.FunctionType and (o.__module__ or "").startswith(prefix):
-            counts["function " + o.__qualname__] += 1
-    return counts
-
-
-def _tensors() -> tuple[int, int]:
-    """Number of live tensors and bytes of their distinct storages."""
-    storages = {}
-    n = 0
-    for o in gc.get_objects():
-        if issubclass(type(o), torch.Tensor):
-            n += 1
-            s = o.untyped_storage()
-            storages[(s.data_ptr(), o.device)] = s.nbytes()
-    return n, sum(storages.values())
 
 
 def _lora_delta(weight: torch.Tensor) -> torch.Tensor:
@@ -109,7 +85,7 @@ def test_fifty_runs_grow_nothing(comfy, pack, tiny, sample, one_cpu_thread):
         gc.collect()
         caches = {"perm": len(api._PERM_CACHE), "plan": len(api._PLAN_CACHE), "graphs": len(graphs._GRAPHS),
                   "loaded_models": len(mm.current_loaded_models)}
-        return {"objects": _pack_objects(prefix), "tensors": _tensors(), "rss": _rss(), "caches": caches}
+        return {"objects": pack_objects(prefix), "tensors": live_tensors(), "rss": _rss(), "caches": caches}
 
     first = [run(0), run(1)]
     for out, summary in first:
