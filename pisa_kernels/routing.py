@@ -33,6 +33,16 @@ EMPTY = 2
 #: FORCED: a sink block, selected in every query tile on top of the top-k budget.
 FORCED = 4
 
+#: Adaptive routing (``routing="adaptive"``): every query tile gets at least
+#: ``max(1, k // ADAPTIVE_FLOOR_DIV)`` and at most ``ADAPTIVE_CAP_MUL * k`` blocks of the budget
+#: (``k`` = :func:`topk_count`), forced blocks on top.
+ADAPTIVE_FLOOR_DIV = 4
+ADAPTIVE_CAP_MUL = 4
+#: Over which tiles adaptive routing shares its budget: ``"call"`` (every tile of every head routed
+#: together: a flat head can take blocks a concentrated one does not need) or ``"head"`` (each
+#: (batch, head) keeps ``k x NQ``).  Both keep the mean count of the call at ``k`` exactly.
+ADAPTIVE_SCOPE = "call"
+
 
 @dataclass
 class PooledStats:
@@ -87,7 +97,9 @@ class Selection:
 
     idx: torch.Tensor  # [BH, NQ, KT] int32, in no particular order (but see ``counts``)
     mask: torch.Tensor  # [BH, NQ, NB] int8, 1 where selected
-    count: int  # KT, the same for every query tile (load balance)
+    #: KT: the blocks of every query tile (top-k routing), or, with ``tile_count``, the width of
+    #: ``idx`` (the most any tile may take; a tile's own blocks are the first ``tile_count`` entries)
+    count: int
     #: [BH, NQ, NB]: ``c_ij`` (natural-log units) of every unselected block, ``-inf`` at the
     #: selected ones, for the reference's log-normal tail (the Triton kernel computes ``c_ij``
     #: itself from ``q2`` and ``kvar``: O(N) memory instead of O(N^2)).  See :func:`mass_bias`.
@@ -96,10 +108,13 @@ class Selection:
     #: first, then its PARTIAL ones, then its EMPTY ones; ``counts[..., 0]`` is the number of full
     #: blocks and ``counts[..., 1]`` that of the non-empty ones (:func:`exact_order`).
     counts: torch.Tensor | None = None
+    #: [BH, NQ] int32, adaptive routing only: the exact blocks of each tile (forced ones included;
+    #: ``counts`` is then always set, also without block kinds).  None: every tile has ``count``.
+    tile_count: torch.Tensor | None = None
 
     @property
     def all_blocks(self) -> bool:
-        return self.count == self.mask.shape[-1]
+        return self.tile_count is None and self.count == self.mask.shape[-1]
 
 
 def block_kinds(blen: torch.Tensor, tokens: int, block: int, forced: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,7 +173,7 @@ def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tens
 
 def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
           n_forced: int = 0, cov: bool = False, tail_bias: bool = False, chunk_bytes: int = ROUTING_CHUNK_BYTES,
-          select=top_blocks) -> Selection:
+          select=top_blocks, adaptive: bool = False) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
@@ -173,7 +188,13 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.
     writes ``Selection.tail_bias`` through each chunk's score buffer.  ``chunk_bytes`` bounds that
     scratch (see :func:`routing_chunk_bytes`).  ``select`` takes each chunk's top ``k``
     (:func:`top_blocks`, or the Triton kernel with the same result).
+
+    ``adaptive``: the budget of ``k`` blocks per tile is shared between tiles by need
+    (:func:`adaptive_route`); ``cov`` and ``select`` do not apply.
     """
+    if adaptive and k + n_forced < stats.kbar.shape[1]:
+        return adaptive_route(stats, scale=scale, k=k, heads=heads, kinds=kinds, n_forced=n_forced,
+                              tail_bias=tail_bias, chunk_bytes=chunk_bytes)
     bh, nq, _ = stats.qbar.shape
     nb = stats.kbar.shape[1]
     kt = min(nb, k + n_forced)
@@ -210,6 +231,115 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.
             blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
             bias[s:e] = cap_mass_bias(c, blen_rows).masked_fill_(mask[s:e].bool(), -torch.inf)
     return Selection(idx, mask, kt, bias, counts)
+
+
+def adaptive_limits(k: int, n_blocks: int, n_forced: int = 0) -> tuple[int, int]:
+    """``(floor, cap)`` of adaptive routing: the fewest and the most blocks of the budget one query
+    tile takes (forced blocks on top), ``floor <= k <= cap``."""
+    cap = max(k, min(n_blocks - n_forced, ADAPTIVE_CAP_MUL * k))
+    return min(k, max(1, k // ADAPTIVE_FLOOR_DIV)), cap
+
+
+def block_log_mass(score: torch.Tensor, blen_rows: torch.Tensor, stats: PooledStats | None = None,
+                   scale: float = 1.0, rows: slice | None = None) -> torch.Tensor:
+    """In place on ``score [R, NQ, NB]`` (the pooled logits ``s qbar_i . kbar_j``): the log of each
+    block's share of its tile's estimated softmax mass, ``log(n_j e^{z_ij + c_ij} / sum_l n_l e^{z_il +
+    c_il})`` (``c``: the log-normal correction, capped as the tail caps it, where ``stats`` has the
+    second moments; else 0).  Blocks without a valid key get ``-inf``; a tile without any valid
+    block gets ``-inf`` everywhere."""
+    if stats is not None and stats.q2 is not None and stats.kvar is not None:
+        c = mass_bias(stats.q2[rows], stats.kvar[rows].float(), scale)
+        score.add_(cap_mass_bias(c, blen_rows))
+    score.add_(torch.log(blen_rows))  # log 0 = -inf: an empty block holds no mass
+    lse = torch.logsumexp(score, dim=-1, keepdim=True)
+    return score.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+
+
+def adaptive_counts(share: torch.Tensor, k: int, floor: int, scope: str) -> torch.Tensor:
+    """Blocks of the budget per tile (``[R, NQ]`` int32, forced blocks not counted) from each tile's
+    block shares sorted in descending order, ranks ``floor .. cap - 1`` (``share [R, NQ, cap -
+    floor]``, see :func:`adaptive_route`): every tile takes ``floor``, then the ``(k - floor)`` x
+    tiles largest shares of the scope (``"call"``: all tiles; ``"head"``: each row's) go to their
+    tiles.  Ties go to the lower (row, tile, rank), in the flattened order: one function of the
+    shares, and every tile's blocks are a prefix of its sorted list.  The sum over the scope is
+    exactly ``k`` x its tiles."""
+    r, nq, width = share.shape
+    counts = torch.full((r, nq), floor, dtype=torch.int32, device=share.device)
+    if width == 0 or k == floor:
+        return counts
+    flat = share.reshape(1 if scope == "call" else r, -1)
+    take = (k - floor) * (flat.shape[1] // width)
+    top = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, :take]
+    ones = torch.ones(top.shape, dtype=torch.int32, device=share.device)
+    per = torch.zeros(flat.shape[0], flat.shape[1] // width, dtype=torch.int32, device=share.device)
+    return counts + per.scatter_add_(1, top // width, ones).view(r, nq)
+
+
+def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
+                   n_forced: int = 0, tail_bias: bool = False, chunk_bytes: int = ROUTING_CHUNK_BYTES,
+                   scope: str | None = None) -> Selection:
+    """Adaptive routing: the call's budget of ``k`` blocks per tile, shared between tiles by need.
+
+    Each tile ranks its blocks by their estimated share of the tile's softmax mass
+    (:func:`block_log_mass`: pooled logit, block length and, with the log-normal tail, its mass
+    correction; forced blocks first, then ties to the lower index, as :func:`top_blocks`).  Every
+    tile takes its first ``floor`` blocks, at most ``cap`` (:func:`adaptive_limits`), and the rest of
+    the budget goes to the largest shares of the scope (:data:`ADAPTIVE_SCOPE`,
+    :func:`adaptive_counts`): one threshold on the normalised mass, which leaves the least estimated
+    mass to the tail for the budget.  The mean count over the scope is ``k`` (+ the forced blocks)
+    exactly, so the call's density is the top-k routing's.
+
+    The Selection has ``tile_count`` and always ``counts``; ``idx`` is ``cap + n_forced`` wide, each
+    tile's blocks first (ordered full, PARTIAL, EMPTY with ``kinds``).  No host synchronisation.
+    """
+    scope = ADAPTIVE_SCOPE if scope is None else scope
+    if scope not in ("call", "head"):
+        raise ValueError(f"adaptive scope must be 'call' or 'head', got {scope!r}")
+    bh, nq, _ = stats.qbar.shape
+    nb = stats.kbar.shape[1]
+    device = stats.qbar.device
+    floor, cap = adaptive_limits(k, nb, n_forced)
+    width = cap + n_forced
+    batch_of = torch.arange(bh, device=device) // heads
+    kinds_rows = kinds[batch_of].unsqueeze(1) if kinds is not None else None  # [BH, 1, NB]
+    share = torch.empty(bh, nq, width, dtype=stats.kbar.dtype, device=device)
+    order = torch.empty(bh, nq, width, dtype=torch.int64, device=device)
+    rows = max(1, chunk_bytes // max(1, nq * nb * 4))
+    for s in range(0, bh, rows):
+        e = min(bh, s + rows)
+        score = torch.empty(e - s, nq, nb, dtype=stats.kbar.dtype, device=device)
+        score.baddbmm_(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
+        blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
+        block_log_mass(score, blen_rows, stats, scale, slice(s, e))
+        if kinds is not None:
+            score.masked_fill_((kinds_rows[s:e] & EMPTY) != 0, -torch.inf)
+            score.masked_fill_((kinds_rows[s:e] & FORCED) != 0, torch.inf)
+        top = torch.sort(score, dim=-1, descending=True, stable=True)
+        share[s:e] = top.values[..., :width]
+        order[s:e] = top.indices[..., :width]
+    tile_count = adaptive_counts(share[..., n_forced + floor:width], k, floor, scope) + n_forced
+    take = torch.arange(width, device=device) < tile_count.unsqueeze(-1)  # [BH, NQ, width]
+    mask = torch.zeros(bh, nq, nb, dtype=torch.int8, device=device).scatter_(-1, order, take.to(torch.int8))
+    counts = torch.empty(bh, nq, 2, dtype=torch.int32, device=device)
+    if kinds is None:
+        idx = order.to(torch.int32)
+        counts[..., 0] = tile_count
+        counts[..., 1] = tile_count
+    else:
+        group = _group(kinds_rows).expand(-1, nq, -1).gather(-1, order)
+        key = torch.where(take, group, 3)  # the tile's own blocks by kind, then the rest
+        idx = order.gather(-1, torch.sort(key, dim=-1, stable=True).indices).to(torch.int32)
+        counts[..., 0] = (key == 0).sum(-1)
+        counts[..., 1] = (key <= 1).sum(-1)
+    bias = None
+    if tail_bias:
+        bias = torch.empty(bh, nq, nb, dtype=stats.kbar.dtype, device=device)
+        for s in range(0, bh, rows):
+            e = min(bh, s + rows)
+            c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale)
+            bias[s:e] = cap_mass_bias(c, stats.blen[batch_of[s:e]].unsqueeze(1)).masked_fill_(mask[s:e].bool(),
+                                                                                               -torch.inf)
+    return Selection(idx, mask, width, bias, counts, tile_count)
 
 
 def mass_bias(q2: torch.Tensor, kvar: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
