@@ -260,19 +260,22 @@ def adaptive_counts(share: torch.Tensor, k: int, floor: int, scope: str) -> torc
     block shares sorted in descending order, ranks ``floor .. cap - 1`` (``share [R, NQ, cap -
     floor]``, see :func:`adaptive_route`): every tile takes ``floor``, then the ``(k - floor)`` x
     tiles largest shares of the scope (``"call"``: all tiles; ``"head"``: each row's) go to their
-    tiles.  Ties go to the lower (row, tile, rank), in the flattened order: one function of the
-    shares, and every tile's blocks are a prefix of its sorted list.  The sum over the scope is
+    tiles.  Ties go to the lower rank, then to the lower (row, tile): one function of the shares,
+    and every tile's blocks are a prefix of its sorted list.  The sum over the scope is
     exactly ``k`` x its tiles."""
     r, nq, width = share.shape
     counts = torch.full((r, nq), floor, dtype=torch.int32, device=share.device)
     if width == 0 or k == floor:
         return counts
-    flat = share.reshape(1 if scope == "call" else r, -1)
-    take = (k - floor) * (flat.shape[1] // width)
-    top = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, :take]
+    groups = 1 if scope == "call" else r
+    tiles = r * nq // groups
+    # rank-major ([group, rank, tile]): equal shares go to the lower rank first, then to the lower
+    # tile, so tiles of equal shares share the budget evenly
+    flat = share.reshape(groups, tiles, width).transpose(1, 2).reshape(groups, -1)
+    top = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, :(k - floor) * tiles]
     ones = torch.ones(top.shape, dtype=torch.int32, device=share.device)
-    per = torch.zeros(flat.shape[0], flat.shape[1] // width, dtype=torch.int32, device=share.device)
-    return counts + per.scatter_add_(1, top // width, ones).view(r, nq)
+    per = torch.zeros(groups, tiles, dtype=torch.int32, device=share.device)
+    return counts + per.scatter_add_(1, top % tiles, ones).view(r, nq)
 
 
 def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
