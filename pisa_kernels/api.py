@@ -17,11 +17,12 @@ from typing import Sequence, Union
 import torch
 
 from . import reference
+from . import routing as routing_mod
 from .backend import resolve_backend
 from .errors import KernelDoesNotFit
 from .limits import BLOCK_SIZES, ROUTINGS, SUPPORTED_DTYPES, TAILS, TRITON_MAX_HEAD_DIM, check_sparsity
-from .routing import (QUERY_TILE, block_kinds, exact_order, forced_blocks_from_tokens, num_blocks, route,
-                      routing_chunk_bytes, top_blocks, topk_count)
+from .routing import (QUERY_TILE, adaptive_budget, block_kinds, exact_order, forced_blocks_from_tokens, num_blocks,
+                      route, routing_chunk_bytes, top_blocks, topk_count)
 
 Ranges = Union[Sequence[Sequence[int]], torch.Tensor, None]
 
@@ -32,13 +33,15 @@ class PisaStats:
 
     backend: str
     blocks: int  # key blocks per head
-    exact_blocks: int  # key blocks computed exactly per query tile (top-k + forced; adaptive: the mean)
-    density: float  # exact_blocks / blocks (adaptive routing: the mean over the call's tiles, exactly)
+    exact_blocks: int  # key blocks computed exactly per query tile (top-k + forced; adaptive: see exact_mean)
+    density: float  # exact blocks / blocks (adaptive routing: exact_mean / blocks, the call's mean, exactly)
     order: int
     dense_rows: int  # query rows that attended every key exactly (dense_q)
     #: Adaptive routing, eager calls: the exact blocks of every query tile, ``[B*H, NQ]`` int32 on the
     #: call's device (its spread costs the caller a synchronisation: see :meth:`density_spread`).
     tile_counts: torch.Tensor | None = None
+    #: Exact blocks per query tile, the mean over the call (forced included; host-side, exact).
+    exact_mean: float = 0.0
 
     def density_spread(self) -> tuple[float, float, float, float] | None:
         """``(mean, std, min, max)`` of the per-tile density (adaptive routing; synchronises), or None."""
@@ -191,6 +194,7 @@ class _Plan:
     scale: float
     blocks: int
     k_top: int
+    k_mean: float  # (1 - sparsity) * blocks: adaptive routing's mean budget per tile (routing.adaptive_budget)
     n_forced: int
     forced: torch.Tensor | None  # [NB] bool on the device, processing order
     perm: torch.Tensor | None  # [N] int64 on the device
@@ -288,7 +292,7 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
                  cov=routing == "cov", adaptive=routing == "adaptive",
                  lognormal=tail == "lognormal" and order >= 0,
                  moments=tail == "lognormal" and (order >= 0 or routing == "adaptive"), scale=scale, blocks=nb,
-                 k_top=topk_count(sparsity, nb),
+                 k_top=topk_count(sparsity, nb), k_mean=(1.0 - sparsity) * nb,
                  n_forced=int(forced.sum()) if forced is not None else 0,
                  forced=forced.to(dev) if forced is not None else None,
                  perm=perms[0] if perms is not None else None, dense_idx=dense_idx, dense_flags=dense_flags)
@@ -358,11 +362,31 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
     if tiles:  # [B*H', NQ] per head group -> [B*H, NQ] (batch-major)
         b = q.shape[0]
         tile_counts = torch.cat([t.view(b, -1, t.shape[-1]) for t in tiles], dim=1).view(-1, tiles[0].shape[-1])
+    mean = _exact_mean(plan, q)
     stats = PisaStats(backend=plan.backend, blocks=plan.blocks, exact_blocks=plan.exact_blocks,
-                      density=plan.exact_blocks / plan.blocks, order=plan.order,
+                      density=mean / plan.blocks, order=plan.order,
                       dense_rows=int(plan.dense_idx.numel()) if plan.dense_idx is not None else 0,
-                      tile_counts=tile_counts)
+                      tile_counts=tile_counts, exact_mean=mean)
     return out, stats
+
+
+def _exact_mean(plan: _Plan, q) -> float:
+    """Exact blocks per query tile, the call's mean, from host integers: the top-k routing's count,
+    or adaptive routing's budget over each routing scope (routing.adaptive_budget)."""
+    if not plan.adaptive or plan.exact_blocks == plan.blocks:
+        return float(plan.exact_blocks)
+    b, nq = q.shape[0], num_blocks(plan.tokens, QUERY_TILE)
+    k_mean = plan.k_mean if routing_mod.ADAPTIVE_BUDGET == "widget" else None
+    step = _head_step(plan, q)
+    chosen = tiles = 0
+    for h0 in range(0, plan.heads, step):
+        rows = b * min(step, plan.heads - h0)
+        if routing_mod.ADAPTIVE_SCOPE == "head":
+            chosen += rows * adaptive_budget(plan.k_top, k_mean, nq, plan.blocks, plan.n_forced)
+        else:
+            chosen += adaptive_budget(plan.k_top, k_mean, rows * nq, plan.blocks, plan.n_forced)
+        tiles += rows * nq
+    return chosen / tiles + plan.n_forced
 
 
 def _run(plan: _Plan, q, k, v, valid, cuda_graph, tiles: list | None = None) -> torch.Tensor:
@@ -386,6 +410,13 @@ PERM_HEAD_GROUPS = 4
 PERM_GROUP_MIN_BYTES = 256 << 20
 
 
+def _head_step(plan: _Plan, q) -> int:
+    """Heads per group of :func:`_execute` (all, or a ``PERM_HEAD_GROUPS``-th with a long token order)."""
+    groups = PERM_HEAD_GROUPS if plan.perm is not None and 3 * q.numel() * q.element_size() >= PERM_GROUP_MIN_BYTES \
+        else 1
+    return -(-plan.heads // groups)
+
+
 def _execute(plan: _Plan, q, k, v, valid, tiles: list | None = None) -> torch.Tensor:
     """The device work of one call: pure tensor operations, no host synchronisation (capturable)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # caller's layout and order
@@ -394,9 +425,7 @@ def _execute(plan: _Plan, q, k, v, valid, tiles: list | None = None) -> torch.Te
         return [t if plan.layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out)]
 
     valid_p = valid.index_select(1, plan.perm) if valid is not None and plan.perm is not None else valid
-    groups = PERM_HEAD_GROUPS if plan.perm is not None and 3 * q.numel() * q.element_size() >= PERM_GROUP_MIN_BYTES \
-        else 1
-    step = -(-plan.heads // groups)
+    step = _head_step(plan, q)
     attend_heads = _attend_heads_triton if plan.backend == "triton" else _attend_heads_reference
     for h0 in range(0, plan.heads, step):
         sel = attend_heads(plan, *(t.narrow(1, h0, min(step, plan.heads - h0)) for t in views()), valid_p)
@@ -419,7 +448,8 @@ def _route(plan: _Plan, stats, kinds, heads: int, chunk: int, select):
     # computes it per tile from the pooled second moments.
     return route(stats, scale=plan.scale, k=plan.k_top, heads=heads, kinds=kinds, n_forced=plan.n_forced,
                  cov=plan.cov, tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk,
-                 select=select, adaptive=plan.adaptive)
+                 select=select, adaptive=plan.adaptive,
+                 k_mean=plan.k_mean if routing_mod.ADAPTIVE_BUDGET == "widget" else None)
 
 
 def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid):

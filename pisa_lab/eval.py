@@ -200,24 +200,28 @@ def method_name(order, tail: str = "plain") -> str:
     return base + ("+ln" if tail == "lognormal" and order != "drop" else "")
 
 
-#: Routings of the evaluation: the API's, and ``adaptive:head`` (adaptive routing with the budget
-#: shared within each head instead of the call: routing.ADAPTIVE_SCOPE).
-ROUTINGS = ("auto",) + ROUTINGS_API + ("adaptive:head",)
+#: Routings of the evaluation: the API's, and adaptive routing's variants ``adaptive:OPTS``
+#: (comma-separated): ``head`` shares the budget within each head instead of the call
+#: (routing.ADAPTIVE_SCOPE), ``matched`` spends the top-k routing's count per tile instead of the
+#: widget's density (routing.ADAPTIVE_BUDGET: the same number of exact blocks as ``topk``).
+ROUTINGS = ("auto",) + ROUTINGS_API + ("adaptive:matched", "adaptive:head", "adaptive:head,matched")
 
 
 def run_pisa(case: Case, *, order, sparsity: float, token_order: str, routing: str, backend: str,
              tail: str = "plain", with_stats: bool = False):
     """PISA as the node runs it; with ``with_stats`` also its :class:`PisaStats`."""
-    api_routing, _, scope = routing.partition(":")
-    saved = routing_mod.ADAPTIVE_SCOPE
-    routing_mod.ADAPTIVE_SCOPE = scope or saved
+    api_routing, _, opts = routing.partition(":")
+    opts = set(filter(None, opts.split(",")))
+    saved = routing_mod.ADAPTIVE_SCOPE, routing_mod.ADAPTIVE_BUDGET
+    routing_mod.ADAPTIVE_SCOPE = "head" if "head" in opts else "call"
+    routing_mod.ADAPTIVE_BUDGET = "matched" if "matched" in opts else "widget"
     try:
         out, st = pisa_attention(case.q, case.k, case.v, sparsity=sparsity, order=order, layout="BNHD",
                                  sink_kv=case.exact or None, dense_q=case.exact or None, kv_valid=case.kv_valid,
                                  token_perm=case.perm(token_order), routing=api_routing, tail=tail, backend=backend,
                                  return_stats=True)
     finally:
-        routing_mod.ADAPTIVE_SCOPE = saved
+        routing_mod.ADAPTIVE_SCOPE, routing_mod.ADAPTIVE_BUDGET = saved
     return (out, st) if with_stats else out
 
 
@@ -461,7 +465,9 @@ def level_markdown(lv: list[dict]) -> list[str]:
              "| level (heads, mean mass) | token order | routing | " + " | ".join(methods) + " |",
              "|---|---|---|" + "---|" * len(methods)]
     get = {(x["level"], x["token_order"], x["routing"], x["method"]): x for x in lv}
-    for key in dict.fromkeys((x["level"], x["token_order"], x["routing"]) for x in lv):
+    rank = {name: i for i, (name, _, _) in enumerate(LEVELS)}
+    keys = list(dict.fromkeys((x["level"], x["token_order"], x["routing"]) for x in lv))
+    for key in sorted(keys, key=lambda kk: (rank[kk[0]], keys.index(kk))):
         first = next(x for x in lv if (x["level"], x["token_order"], x["routing"]) == key)
         cells = [f"{get[key + (m,)]['rel_l2']:.4f}" if key + (m,) in get else "" for m in methods]
         lines.append(f"| {key[0]} ({first['heads']}, {first['mass']:.2f}) | {key[1]} | {key[2]} | "
@@ -561,7 +567,7 @@ def plot(rows: list[dict], cases: list[Case], path: str) -> None:
             label = f"{method} {token_order}{'' if routing == '-' else ' ' + routing}"
             (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], color=_COLORS[method],
                               linestyle={"tiled": "-", "raster": "--"}.get(token_order, ":"),
-                              marker={"cov": "x", "-": "s", "adaptive": "^", "adaptive:head": "v"}.get(routing, "o"), markersize=4, label=label)
+                              marker={"cov": "x", "-": "s"}.get(routing, "^" if routing.startswith("adaptive") else "o"), markersize=4, label=label)
             handles.setdefault(label, line)
         ax.set_title(name)
         ax.set_xlabel("sparsity")
@@ -596,8 +602,9 @@ def main(argv=None) -> int:
     ap.add_argument("--token-orders", nargs="*", default=list(TOKEN_ORDERS),
                     help="raster, tiled (the node's order) and/or tile:FxHxW (another tile shape)")
     ap.add_argument("--routings", nargs="*", default=None, choices=list(ROUTINGS),
-                    help="default: auto on CPU (fast), topk and cov on CUDA; adaptive (the budget shared "
-                         "over the call's tiles), adaptive:head (within each head)")
+                    help="default: auto on CPU (fast), topk and cov on CUDA; adaptive (the widget's density "
+                         "shared over the call's tiles), adaptive:matched (the top-k count per tile), "
+                         "adaptive:head (shared within each head)")
     ap.add_argument("--tails", nargs="*", default=list(TAILS), choices=["auto", "plain", "lognormal"],
                     help="PISA tails (auto: the node's, log-normal)")
     ap.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])

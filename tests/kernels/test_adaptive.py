@@ -173,7 +173,54 @@ def test_lognormal_mass_bias_in_the_reference_selection():
     assert torch.equal(sel.tail_bias, c.masked_fill(sel.mask.bool(), -torch.inf))
 
 
-def test_api_stats_density_and_tile_order():
+def sorted_counts(share, budget, floor, scope):
+    """adaptive_counts by a stable sort (the first implementation): the second oracle."""
+    r, nq, width = share.shape
+    groups = 1 if scope == "call" else r
+    tiles = r * nq // groups
+    flat = share.reshape(groups, tiles, width).transpose(1, 2).reshape(groups, -1)
+    top = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, :budget - floor * tiles]
+    per = torch.zeros(groups, tiles, dtype=torch.int32).scatter_add_(1, top % tiles, torch.ones_like(top, dtype=torch.int32))
+    return floor + per.view(r, nq)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_threshold_search_equals_the_sort(seed):
+    """The sort-free threshold (bitwise search, ties rank-major) against a stable sort: random,
+    heavily tied, with -inf / +-0.0 / NaN, every budget from the floor to the cap, both scopes."""
+    g = torch.Generator().manual_seed(seed)
+    r, nq, width = 3, 4, 6
+    if seed % 3 == 0:
+        share = torch.randn(r, nq, width, generator=g)
+    elif seed % 3 == 1:
+        share = torch.randint(-2, 1, (r, nq, width), generator=g).float()
+    else:
+        share = torch.randint(-3, 1, (r, nq, width), generator=g).float()
+        share[0, 0, 2:] = -torch.inf
+        share[1, 2, :3] = -0.0
+        share[2, 1, 0] = float("nan")
+    share = torch.sort(share, dim=-1, descending=True).values  # per tile, as adaptive_route hands them over
+    floor = 1
+    for scope in ("call", "head"):
+        tiles = r * nq if scope == "call" else nq
+        for budget in range(floor * tiles, (floor + width) * tiles + 1):
+            got = R.adaptive_counts(share.clone(), budget, floor, scope)
+            assert torch.equal(got, sorted_counts(share, budget, floor, scope)), (scope, budget)
+
+
+def test_widget_budget_follows_the_density():
+    """``ADAPTIVE_BUDGET = "widget"``: (1 - sparsity) x NB blocks per tile on average, rounded once
+    over the scope (not down per tile, as the top-k count), the rest of a rank in tile order."""
+    assert R.adaptive_budget(5, 5.375, 100, 43) == 538 and R.adaptive_budget(5, None, 100, 43) == 500
+    assert R.adaptive_budget(1, 0.3, 10, 43) == 10  # the floor: at least one block a tile
+    st = make_stats()
+    st.qbar.zero_()  # every share equal: ranks fill in tile order
+    sel = R.adaptive_route(st, scale=1.0, k=2, heads=4, k_mean=2.5)
+    assert int(sel.tile_count.sum()) == 50
+    assert sel.tile_count.flatten().tolist() == [3] * 10 + [2] * 10
+
+
+def test_api_stats_density_and_tile_order(monkeypatch):
     q, k, v = rand_qkv(2, 3, 700, 32, dtype=torch.float32, seed=5)
     assert "adaptive" in ROUTINGS
     with pytest.raises(ValueError, match="routing"):
@@ -185,11 +232,19 @@ def test_api_stats_density_and_tile_order():
     sel = selection_of(log)
     nb, nq = 11, 6
     kt = topk_count(0.75, nb)
-    assert st_a.exact_blocks == st_t.exact_blocks == kt and st_a.density == st_t.density and st_t.tile_counts is None
-    assert st_a.tile_counts.shape == (6, nq) and int(st_a.tile_counts.sum()) == kt * 6 * nq
+    assert st_t.exact_blocks == kt and st_t.exact_mean == kt and st_t.tile_counts is None
+    # the widget's density: 0.25 x 11 = 2.75 blocks a tile on average (the top-k count: 2)
+    assert st_a.tile_counts.shape == (6, nq) and int(st_a.tile_counts.sum()) == round(2.75 * 6 * nq)
+    assert abs(st_a.exact_mean - 2.75) < 1e-12 and abs(st_a.density - 0.25) < 1e-12
     mean, std, lo, hi = st_a.density_spread()
-    assert abs(mean - kt / nb) < 1e-12 and std > 0 and lo < mean < hi
+    assert abs(mean - st_a.density) < 1e-12 and std > 0 and lo < mean < hi
     assert torch.equal(st_a.tile_counts, sel.tile_count)
+    monkeypatch.setattr(R, "ADAPTIVE_BUDGET", "matched")  # the top-k routing's count
+    _, st_m = pisa_attention(q, k, v, sparsity=0.75, routing="adaptive", backend="reference", return_stats=True)
+    assert st_m.density == st_t.density and int(st_m.tile_counts.sum()) == kt * 6 * nq
+    monkeypatch.setattr(R, "ADAPTIVE_SCOPE", "head")
+    _, st_h = pisa_attention(q, k, v, sparsity=0.75, routing="adaptive", backend="reference", return_stats=True)
+    assert bool((st_h.tile_counts.sum(-1) == kt * nq).all())
     from pisa_kernels import triton_kernels as tk
 
     order = tk.tile_order(sel)
@@ -210,11 +265,11 @@ def test_head_groups_keep_the_mean(monkeypatch):
         _, st = pisa_attention(q, k, v, sparsity=0.7, routing="adaptive", token_perm=perm, backend="reference",
                                return_stats=True)
     assert len(log) == api.PERM_HEAD_GROUPS
-    kt = topk_count(0.7, 7)
-    for _, sel, _ in log:
-        assert int(sel.tile_count.sum()) == kt * sel.tile_count.numel()
+    for _, sel, _ in log:  # 0.3 x 7 = 2.1 blocks a tile, rounded once per group of 2 x 2 heads x 4 tiles
+        assert int(sel.tile_count.sum()) == round(2.1 * sel.tile_count.numel())
     parts = [sel.tile_count.view(2, 2, -1) for _, sel, _ in log]
     assert torch.equal(st.tile_counts, torch.cat(parts, dim=1).view(16, -1))
+    assert abs(st.exact_mean - float(st.tile_counts.double().mean())) < 1e-12
 
 
 # ---- the Triton kernel (interpreter on CPU) against the reference -------------------------------------
