@@ -323,7 +323,11 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
         token_perm: processing order: ``token_perm[i]`` is the input position of the i-th token.  Blocks
             are runs of this order (see :mod:`pisa_kernels.tiling`); the output is in input order.
         routing: ``"topk"`` (pooled score) or ``"cov"`` (pooled score + ``log ||H_j||_F``: blocks whose
-            first-order residual is large are computed exactly).
+            first-order residual is large are computed exactly): the same count in every tile; or
+            ``"adaptive"``: ``(1 - sparsity) x NB`` exact blocks per tile *on average* over the call,
+            shared between tiles and heads by their estimated mass (pooled logit, block length and,
+            with ``tail="lognormal"``, its mass correction), each tile between ``k // 4`` and ``4 k``
+            (``k`` = the top-k count); the stats give the per-tile counts (routing.adaptive_route).
         tail: ``"plain"`` (the paper's tail: block ``j`` weighs ``n_j exp(s q . kbar_j)``) or
             ``"lognormal"`` (times ``exp(c_ij)``, ``c_ij = s^2/2 E_i[q^2] . Var_j[k]``: the mass the
             spread of the logits inside a block adds, which RoPE makes large in compact 2-D / 3-D
