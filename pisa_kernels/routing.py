@@ -265,7 +265,7 @@ def adaptive_budget(k: int, k_mean: float | None, tiles: int, n_blocks: int, n_f
     or ``round(k_mean x tiles)`` (the widget's density ``(1 - sparsity) x NB`` per tile, not rounded
     down per tile), between ``floor`` and ``cap`` per tile (:func:`adaptive_limits`)."""
     floor, cap = adaptive_limits(k, n_blocks, n_forced)
-    total = k * tiles if k_mean is None else int(math.floor(k_mean * tiles + 0.5 + 1e-9))
+    total = k * tiles if k_mean is None else math.floor(k_mean * tiles + 0.5 + 1e-9)
     return max(floor * tiles, min(cap * tiles, total))
 
 

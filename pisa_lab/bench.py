@@ -146,11 +146,12 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
             add(f"pisa-o{order}" + ("+ln" if tail == "lognormal" else ""), sp, time_ms(fn), out, ref, **extra)
         for routing in (r for r in routings if r != "topk"):
             for tail in dict.fromkeys(("plain",) + tuple(tails)):
-                fn = lambda: pisa_attention(q, k, v, sparsity=sp, order=1, layout="BNHD", block_size=block,
-                                            tail=tail, routing=routing, backend="triton")
+                fn = lambda sp=sp, tail=tail, routing=routing: pisa_attention(
+                    q, k, v, sparsity=sp, order=1, layout="BNHD", block_size=block, tail=tail, routing=routing,
+                    backend="triton")
                 out = fn()
                 label = "pisa-o1" + ("+ln" if tail == "lognormal" else "") + f"@{routing}"
-                extra = dict(extra_mem_mb=_peak_extra_mb(fn)) if sp == 0.875 else {}
+                extra = {"extra_mem_mb": _peak_extra_mb(fn)} if sp == 0.875 else {}
                 add(label, sp, time_ms(fn), out, ref, **extra)
                 if routing == "adaptive":
                     from pisa_kernels import triton_kernels as tk

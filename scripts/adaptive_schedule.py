@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tail", default="lognormal", choices=["plain", "lognormal"])
     ap.add_argument("--slots", type=int, default=132, help="SMs x resident forward programs (H100 / H200: 132 x 1)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     print("| set | tiles | NB | top-k count | adaptive mean / std / min / max | makespan top-k | adaptive, "
           "tile order | adaptive, heaviest first | ideal |")
     print("|---|---|---|---|---|---|---|---|---|")

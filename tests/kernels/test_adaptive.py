@@ -112,7 +112,7 @@ def test_budget_moves_to_the_tiles_that_need_it():
     qbar[0, 0, 3] = 40.0  # tile 0: block 3 holds all its mass
     st = PooledStats(qbar=qbar, kbar=kbar, vsum=None, blen=torch.full((1, nb), 64.0), hsum=None, covnorm=None)
     sel = R.adaptive_route(st, scale=1.0, k=4, heads=1)
-    floor, cap = R.adaptive_limits(4, nb)
+    floor, _ = R.adaptive_limits(4, nb)
     assert sel.tile_count.tolist() == [[floor, 8 - floor]] and bool(sel.mask[0, 0, 3])
 
 
@@ -225,9 +225,9 @@ def test_api_stats_density_and_tile_order(monkeypatch):
     assert "adaptive" in ROUTINGS
     with pytest.raises(ValueError, match="routing"):
         pisa_attention(q, k, v, routing="threshold")
-    out_t, st_t = pisa_attention(q, k, v, sparsity=0.75, backend="reference", return_stats=True)
+    _, st_t = pisa_attention(q, k, v, sparsity=0.75, backend="reference", return_stats=True)
     with capture_routing() as log:
-        out_a, st_a = pisa_attention(q, k, v, sparsity=0.75, routing="adaptive", backend="reference",
+        _, st_a = pisa_attention(q, k, v, sparsity=0.75, routing="adaptive", backend="reference",
                                      tail="lognormal", return_stats=True)
     sel = selection_of(log)
     nb, nq = 11, 6
@@ -322,7 +322,7 @@ def test_triton_node_paths(dtype, case, triton_device):
     their own programs (numbered first, the regular tiles reordered after them), token orders."""
     n, b = 300, 2
     q, k, v = rand_qkv(b, 2, n, 64, dtype=dtype, seed=21, v_shift=0.5)
-    kw = dict(sparsity=0.7, order=1, tail="lognormal")
+    kw = {"sparsity": 0.7, "order": 1, "tail": "lognormal"}
     if case == "padding_sinks_dense":
         valid = torch.ones(b, n, dtype=torch.bool)
         valid[:, 64:128] = False
@@ -348,7 +348,7 @@ def test_triton_tile_order_off_gives_the_same(monkeypatch, triton_device):
 
     q, k, v = rand_qkv(1, 2, 500, 32, dtype=torch.float32, seed=31)
     q, k, v = (t.to(triton_device) * 2 for t in (q, k, v))
-    kw = dict(sparsity=0.7, routing="adaptive", backend="triton", cuda_graph=False, dense_q=[(0, 20)])
+    kw = {"sparsity": 0.7, "routing": "adaptive", "backend": "triton", "cuda_graph": False, "dense_q": [(0, 20)]}
     a = pisa_attention(q, k, v, **kw)
     monkeypatch.setattr(tk, "TILE_REORDER", False)
     b = pisa_attention(q, k, v, **kw)

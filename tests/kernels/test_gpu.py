@@ -152,7 +152,7 @@ def test_adaptive_routing(dtype, tail, case):
     orders; the call's mean count is the budget's exactly.  The budget's one threshold over
     the call may break a near-tie differently on the two pre-scans, so the selections must agree
     on most tiles and the outputs are compared on the reference's (replayed)."""
-    kw = dict(sparsity=0.875, order=1, routing="adaptive", tail=tail)
+    kw = {"sparsity": 0.875, "order": 1, "routing": "adaptive", "tail": tail}
     if case.startswith("video_perm"):  # the lab's DiT-like heads (local ... flat: counts spread), BNHD
         from pisa_lab import workloads
 
@@ -191,8 +191,8 @@ def test_adaptive_tile_order_only_reorders():
     from pisa_kernels import triton_kernels as tk
 
     q, k, v = structured_qkv(1, 8, (48, 64), 128, dtype=torch.bfloat16, seed=10, n_extra=128, device=DEV)
-    kw = dict(sparsity=0.875, routing="adaptive", tail="lognormal", backend="triton", cuda_graph=False,
-              token_perm=joint_permutation(q.shape[2], (48, 64), 128), sink_kv=[(0, 128)], dense_q=[(0, 128)])
+    kw = {"sparsity": 0.875, "routing": "adaptive", "tail": "lognormal", "backend": "triton", "cuda_graph": False,
+          "token_perm": joint_permutation(q.shape[2], (48, 64), 128), "sink_kv": [(0, 128)], "dense_q": [(0, 128)]}
     a = pisa_attention(q, k, v, **kw)
     old = tk.TILE_REORDER
     tk.TILE_REORDER = False
