@@ -353,3 +353,20 @@ def test_triton_tile_order_off_gives_the_same(monkeypatch, triton_device):
     monkeypatch.setattr(tk, "TILE_REORDER", False)
     b = pisa_attention(q, k, v, **kw)
     assert max_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("what", ["q_nan", "k_nan", "k_inf"])
+def test_nonfinite_inputs_keep_the_budget(what):
+    """A NaN / Inf query or key poisons its tile's (or every tile's) shares; the selection must still
+    spend the budget exactly, keep the sinks and not crash; the output is NaN where dense's is."""
+    q, k, v = rand_qkv(1, 2, 500, 32, dtype=torch.float32, seed=41)
+    t = q if what == "q_nan" else k
+    t[0, 1, 130] = float("nan") if what.endswith("nan") else float("inf")
+    with capture_routing() as log:
+        out, st = pisa_attention(q, k, v, sparsity=0.7, routing="adaptive", tail="lognormal", sink_kv=[(0, 64)],
+                                 backend="reference", return_stats=True)
+    sel = selection_of(log)
+    assert abs(float(sel.tile_count.double().mean()) - st.exact_mean) < 1e-12
+    assert bool((sel.tile_count <= sel.count).all()) and bool((sel.tile_count >= 2).all())
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(torch.isnan(out).any(-1), torch.isnan(dense).any(-1))
