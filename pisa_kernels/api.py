@@ -17,11 +17,12 @@ from typing import Sequence, Union
 import torch
 
 from . import reference
+from . import routing as routing_mod
 from .backend import resolve_backend
 from .errors import KernelDoesNotFit
-from .limits import BLOCK_SIZES, SUPPORTED_DTYPES, TAILS, TRITON_MAX_HEAD_DIM, check_sparsity
-from .routing import (QUERY_TILE, block_kinds, exact_order, forced_blocks_from_tokens, num_blocks, route,
-                      routing_chunk_bytes, top_blocks, topk_count)
+from .limits import BLOCK_SIZES, ROUTINGS, SUPPORTED_DTYPES, TAILS, TRITON_MAX_HEAD_DIM, check_sparsity
+from .routing import (QUERY_TILE, adaptive_budget, block_kinds, exact_order, forced_blocks_from_tokens, num_blocks,
+                      route, routing_chunk_bytes, top_blocks, topk_count)
 
 Ranges = Union[Sequence[Sequence[int]], torch.Tensor, None]
 
@@ -32,10 +33,22 @@ class PisaStats:
 
     backend: str
     blocks: int  # key blocks per head
-    exact_blocks: int  # key blocks computed exactly per query tile (top-k + forced)
-    density: float  # exact_blocks / blocks
+    exact_blocks: int  # key blocks computed exactly per query tile (top-k + forced; adaptive: see exact_mean)
+    density: float  # exact blocks / blocks (adaptive routing: exact_mean / blocks, the call's mean, exactly)
     order: int
     dense_rows: int  # query rows that attended every key exactly (dense_q)
+    #: Adaptive routing, eager calls: the exact blocks of every query tile, ``[B*H, NQ]`` int32 on the
+    #: call's device (its spread costs the caller a synchronisation: see :meth:`density_spread`).
+    tile_counts: torch.Tensor | None = None
+    #: Exact blocks per query tile, the mean over the call (forced included; host-side, exact).
+    exact_mean: float = 0.0
+
+    def density_spread(self) -> tuple[float, float, float, float] | None:
+        """``(mean, std, min, max)`` of the per-tile density (adaptive routing; synchronises), or None."""
+        if self.tile_counts is None:
+            return None
+        d = self.tile_counts.double() / self.blocks
+        return float(d.mean()), float(d.std(unbiased=False)), float(d.min()), float(d.max())
 
 
 def _norm_order(order) -> int:
@@ -173,10 +186,15 @@ class _Plan:
     block: int
     order: int
     cov: bool
+    adaptive: bool  # routing "adaptive": the budget shared between tiles (routing.adaptive_route)
     lognormal: bool  # the log-normal tail (only with a tail: order 0 or 1)
+    #: the pre-scan's second moments (q2, kvar): for the log-normal tail, and for adaptive routing's
+    #: mass estimate with tail="lognormal" whatever the order (drop then selects order 1's blocks)
+    moments: bool
     scale: float
     blocks: int
     k_top: int
+    k_mean: float  # (1 - sparsity) * blocks: adaptive routing's mean budget per tile (routing.adaptive_budget)
     n_forced: int
     forced: torch.Tensor | None  # [NB] bool on the device, processing order
     perm: torch.Tensor | None  # [N] int64 on the device
@@ -214,8 +232,8 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES} (an int), got {block_size!r}")
     order_i = _norm_order(order)
-    if routing not in ("topk", "cov"):
-        raise ValueError(f"routing must be 'topk' or 'cov', got {routing!r}")
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
@@ -271,8 +289,10 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
         dense_idx = dense_rows.nonzero().squeeze(1).to(dev)
         dense_flags = (dense_rows[perms[1]] if perms is not None else dense_rows).to(dev, torch.int8)
     return _Plan(layout=layout, heads=h, tokens=n, backend=be, block=block_size, order=order,
-                 cov=routing == "cov", lognormal=tail == "lognormal" and order >= 0, scale=scale, blocks=nb,
-                 k_top=topk_count(sparsity, nb),
+                 cov=routing == "cov", adaptive=routing == "adaptive",
+                 lognormal=tail == "lognormal" and order >= 0,
+                 moments=tail == "lognormal" and (order >= 0 or routing == "adaptive"), scale=scale, blocks=nb,
+                 k_top=topk_count(sparsity, nb), k_mean=(1.0 - sparsity) * nb,
                  n_forced=int(forced.sum()) if forced is not None else 0,
                  forced=forced.to(dev) if forced is not None else None,
                  perm=perms[0] if perms is not None else None, dense_idx=dense_idx, dense_flags=dense_flags)
@@ -303,7 +323,11 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
         token_perm: processing order: ``token_perm[i]`` is the input position of the i-th token.  Blocks
             are runs of this order (see :mod:`pisa_kernels.tiling`); the output is in input order.
         routing: ``"topk"`` (pooled score) or ``"cov"`` (pooled score + ``log ||H_j||_F``: blocks whose
-            first-order residual is large are computed exactly).
+            first-order residual is large are computed exactly): the same count in every tile; or
+            ``"adaptive"``: ``(1 - sparsity) x NB`` exact blocks per tile *on average* over the call,
+            shared between tiles and heads by their estimated mass (pooled logit, block length and,
+            with ``tail="lognormal"``, its mass correction), each tile between ``k // 4`` and ``4 k``
+            (``k`` = the top-k count); the stats give the per-tile counts (routing.adaptive_route).
         tail: ``"plain"`` (the paper's tail: block ``j`` weighs ``n_j exp(s q . kbar_j)``) or
             ``"lognormal"`` (times ``exp(c_ij)``, ``c_ij = s^2/2 E_i[q^2] . Var_j[k]``: the mass the
             spread of the logits inside a block adds, which RoPE makes large in compact 2-D / 3-D
@@ -326,29 +350,57 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
                     sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm, routing=routing, tail=tail)
     plan = _plan(q, backend=backend, **settings)
     valid = _valid_mask(kv_valid, q.shape[0], plan.tokens, q.device)
+    tiles = [] if return_stats else None
     try:
-        out = _run(plan, q, k, v, valid, cuda_graph)
+        out = _run(plan, q, k, v, valid, cuda_graph, tiles)
     except KernelDoesNotFit as exc:
         if backend != "auto":
             raise
         warnings.warn(f"{exc}; PISA uses the PyTorch reference for such calls", RuntimeWarning, stacklevel=2)
         plan = _plan(q, backend="reference", **settings)
-        out = _run(plan, q, k, v, valid, cuda_graph)
+        tiles = [] if return_stats else None
+        out = _run(plan, q, k, v, valid, cuda_graph, tiles)
     if not return_stats:
         return out
+    tile_counts = None
+    if tiles:  # [B*H', NQ] per head group -> [B*H, NQ] (batch-major)
+        b = q.shape[0]
+        tile_counts = torch.cat([t.view(b, -1, t.shape[-1]) for t in tiles], dim=1).view(-1, tiles[0].shape[-1])
+    mean = _exact_mean(plan, q)
     stats = PisaStats(backend=plan.backend, blocks=plan.blocks, exact_blocks=plan.exact_blocks,
-                      density=plan.exact_blocks / plan.blocks, order=plan.order,
-                      dense_rows=int(plan.dense_idx.numel()) if plan.dense_idx is not None else 0)
+                      density=mean / plan.blocks, order=plan.order,
+                      dense_rows=int(plan.dense_idx.numel()) if plan.dense_idx is not None else 0,
+                      tile_counts=tile_counts, exact_mean=mean)
     return out, stats
 
 
-def _run(plan: _Plan, q, k, v, valid, cuda_graph) -> torch.Tensor:
-    """The call on its plan's backend, as a CUDA-graph replay where that pays (short Triton calls)."""
+def _exact_mean(plan: _Plan, q) -> float:
+    """Exact blocks per query tile, the call's mean, from host integers: the top-k routing's count,
+    or adaptive routing's budget over each routing scope (routing.adaptive_budget)."""
+    if not plan.adaptive or plan.exact_blocks == plan.blocks:
+        return float(plan.exact_blocks)
+    b, nq = q.shape[0], num_blocks(plan.tokens, QUERY_TILE)
+    k_mean = plan.k_mean if routing_mod.ADAPTIVE_BUDGET == "widget" else None
+    step = _head_step(plan, q)
+    chosen = tiles = 0
+    for h0 in range(0, plan.heads, step):
+        rows = b * min(step, plan.heads - h0)
+        if routing_mod.ADAPTIVE_SCOPE == "head":
+            chosen += rows * adaptive_budget(plan.k_top, k_mean, nq, plan.blocks, plan.n_forced)
+        else:
+            chosen += adaptive_budget(plan.k_top, k_mean, rows * nq, plan.blocks, plan.n_forced)
+        tiles += rows * nq
+    return chosen / tiles + plan.n_forced
+
+
+def _run(plan: _Plan, q, k, v, valid, cuda_graph, tiles: list | None = None) -> torch.Tensor:
+    """The call on its plan's backend, as a CUDA-graph replay where that pays (short Triton calls).
+    ``tiles``: where eager adaptive calls append each head group's per-tile counts."""
     from . import graphs
 
     if valid is None and graphs.wanted(cuda_graph, plan, q):
         return graphs.replay(_execute, plan, q, k, v)
-    return _execute(plan, q, k, v, valid)
+    return _execute(plan, q, k, v, valid, tiles)
 
 
 #: With a token order, the Triton backend writes k and v in the processing order during its
@@ -362,7 +414,14 @@ PERM_HEAD_GROUPS = 4
 PERM_GROUP_MIN_BYTES = 256 << 20
 
 
-def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
+def _head_step(plan: _Plan, q) -> int:
+    """Heads per group of :func:`_execute` (all, or a ``PERM_HEAD_GROUPS``-th with a long token order)."""
+    groups = PERM_HEAD_GROUPS if plan.perm is not None and 3 * q.numel() * q.element_size() >= PERM_GROUP_MIN_BYTES \
+        else 1
+    return -(-plan.heads // groups)
+
+
+def _execute(plan: _Plan, q, k, v, valid, tiles: list | None = None) -> torch.Tensor:
     """The device work of one call: pure tensor operations, no host synchronisation (capturable)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # caller's layout and order
 
@@ -370,12 +429,12 @@ def _execute(plan: _Plan, q, k, v, valid) -> torch.Tensor:
         return [t if plan.layout == "BHND" else t.transpose(1, 2) for t in (q, k, v, out)]
 
     valid_p = valid.index_select(1, plan.perm) if valid is not None and plan.perm is not None else valid
-    groups = PERM_HEAD_GROUPS if plan.perm is not None and 3 * q.numel() * q.element_size() >= PERM_GROUP_MIN_BYTES \
-        else 1
-    step = -(-plan.heads // groups)
+    step = _head_step(plan, q)
     attend_heads = _attend_heads_triton if plan.backend == "triton" else _attend_heads_reference
     for h0 in range(0, plan.heads, step):
-        attend_heads(plan, *(t.narrow(1, h0, min(step, plan.heads - h0)) for t in views()), valid_p)
+        sel = attend_heads(plan, *(t.narrow(1, h0, min(step, plan.heads - h0)) for t in views()), valid_p)
+        if tiles is not None and sel.tile_count is not None:
+            tiles.append(sel.tile_count)
     if plan.dense_idx is not None and plan.backend != "triton":  # (the Triton kernel computes them itself)
         _dense_rows_inplace(*views(), plan.dense_idx, valid, plan.scale)
     return out
@@ -393,14 +452,16 @@ def _route(plan: _Plan, stats, kinds, heads: int, chunk: int, select):
     # computes it per tile from the pooled second moments.
     return route(stats, scale=plan.scale, k=plan.k_top, heads=heads, kinds=kinds, n_forced=plan.n_forced,
                  cov=plan.cov, tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk,
-                 select=select)
+                 select=select, adaptive=plan.adaptive,
+                 k_mean=plan.k_mean if routing_mod.ADAPTIVE_BUDGET == "widget" else None)
 
 
-def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
+def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid):
     """PISA on ``[B, H', N, D]`` views in the input order (all heads or a group), into ``out_h``;
     ``valid`` in the processing order.  The token order is applied inside the kernels: the
     pre-scan reads k and v through it and writes their processing-order copies (the exact loop's
-    tiles must be contiguous rows), q is read and the output written through it."""
+    tiles must be contiguous rows), q is read and the output written through it.  Returns the
+    selection."""
     from . import triton_kernels as tk
 
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
@@ -408,7 +469,7 @@ def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
     kv = (torch.empty(kh.shape, dtype=kh.dtype, device=kh.device),
           torch.empty(vh.shape, dtype=vh.dtype, device=vh.device)) if plan.perm is not None else (kh, vh)
     stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov,
-                    lognormal=plan.lognormal, perm=plan.perm, kv_out=kv if plan.perm is not None else None)
+                    lognormal=plan.moments, perm=plan.perm, kv_out=kv if plan.perm is not None else None)
     kinds = _kinds(plan, stats, valid)
     sel = _route(plan, stats, kinds, qh.shape[1], routing_chunk_bytes(3 * qh.numel() * qh.element_size()),
                  tk.top_blocks)
@@ -418,24 +479,30 @@ def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
         dense = tk.DenseRows(plan.dense_idx, plan.dense_flags, *exact_order(every))
     tk.attend(qh, *kv, out_h, valid=valid8, stats=stats, sel=sel, scale=plan.scale, block=plan.block,
               order=plan.order, perm=plan.perm, dense=dense)
+    return sel
 
 
-def _attend_heads_reference(plan: _Plan, qh, kh, vh, out_h, valid) -> None:
+def _attend_heads_reference(plan: _Plan, qh, kh, vh, out_h, valid):
     """The reference on ``[B, H', N, D]`` views: gathered into the processing order, the output
-    scattered back; ``valid`` in the processing order."""
+    scattered back; ``valid`` in the processing order.  Returns the selection."""
     perm = plan.perm
     qp, kp, vp = (t if perm is None else t.index_select(2, perm) for t in (qh, kh, vh))
     chunk = routing_chunk_bytes(3 * qh.numel() * qh.element_size())
 
+    chosen = []
+
     def route_fn(stats):
-        return _route(plan, stats, _kinds(plan, stats, valid), qh.shape[1], chunk, top_blocks)
+        chosen.append(_route(plan, stats, _kinds(plan, stats, valid), qh.shape[1], chunk, top_blocks))
+        return chosen[-1]
 
     res = reference.reference_forward(qp, kp, vp, valid, scale=plan.scale, block=plan.block, order=plan.order,
-                                      cov=plan.cov, route_fn=route_fn, lognormal=plan.lognormal)
+                                      cov=plan.cov, route_fn=route_fn, lognormal=plan.lognormal,
+                                      moments=plan.moments)
     if perm is None:
         out_h.copy_(res)
     else:
         out_h.index_copy_(2, perm, res.to(out_h.dtype))
+    return chosen[0]
 
 
 def _dense_rows_inplace(qh, kh, vh, out_h, idx: torch.Tensor, valid, scale: float) -> None:

@@ -14,6 +14,10 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Key block sizes (tokens).  Query tiles are always ``routing.QUERY_TILE`` tokens.
 BLOCK_SIZES = (64, 128)
+#: Routings (``pisa_attention(routing=...)``): ``topk`` the same number of blocks per query tile by
+#: pooled score, ``cov`` that score + ``log ||H_j||_F``, ``adaptive`` the same mean number, shared
+#: between tiles by their estimated mass (routing.adaptive_route).
+ROUTINGS = ("topk", "cov", "adaptive")
 #: How the tail weighs an unselected block: ``plain`` ``n_j exp(s q . kbar_j)`` (the paper's zeroth
 #: order), ``lognormal`` times ``exp(c_ij)``, its second-order mass term (routing.mass_bias).
 TAILS = ("plain", "lognormal")

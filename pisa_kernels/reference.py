@@ -139,8 +139,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
 
 def reference_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                       *, scale: float, block: int, order: int, cov: bool, route_fn,
-                      lognormal: bool = False) -> torch.Tensor:
-    """Pool, route (``route_fn(stats) -> Selection``) and attend, all in PyTorch."""
-    stats = pool(q, k, v, valid, block, first_order=order == 1, cov=cov, lognormal=lognormal and order >= 0)
+                      lognormal: bool = False, moments: bool | None = None) -> torch.Tensor:
+    """Pool, route (``route_fn(stats) -> Selection``) and attend, all in PyTorch.  ``moments``: pool
+    the log-normal second moments (default: for the log-normal tail, so with order 0 or 1)."""
+    moments = lognormal and order >= 0 if moments is None else moments
+    stats = pool(q, k, v, valid, block, first_order=order == 1, cov=cov, lognormal=moments)
     sel = route_fn(stats)
     return attend(q, k, v, valid, stats, sel, scale=scale, block=block, order=order)

@@ -33,6 +33,20 @@ EMPTY = 2
 #: FORCED: a sink block, selected in every query tile on top of the top-k budget.
 FORCED = 4
 
+#: Adaptive routing (``routing="adaptive"``): every query tile gets at least
+#: ``max(1, k // ADAPTIVE_FLOOR_DIV)`` and at most ``ADAPTIVE_CAP_MUL * k`` blocks of the budget
+#: (``k`` = :func:`topk_count`), forced blocks on top.
+ADAPTIVE_FLOOR_DIV = 4
+ADAPTIVE_CAP_MUL = 4
+#: Over which tiles adaptive routing shares its budget: ``"call"`` (every tile of every head routed
+#: together: a flat head can take blocks a concentrated one does not need) or ``"head"`` (each
+#: (batch, head) keeps ``k x NQ``).  Both keep the mean count of the call at ``k`` exactly.
+ADAPTIVE_SCOPE = "call"
+#: The adaptive budget: ``"widget"`` (``(1 - sparsity) x NB`` blocks per tile on average, rounded
+#: once per scope: the density the widget asks for, also where ``NB`` is small) or ``"matched"``
+#: (the top-k routing's ``topk_count`` per tile: comparisons at the same number of exact blocks).
+ADAPTIVE_BUDGET = "widget"
+
 
 @dataclass
 class PooledStats:
@@ -87,7 +101,9 @@ class Selection:
 
     idx: torch.Tensor  # [BH, NQ, KT] int32, in no particular order (but see ``counts``)
     mask: torch.Tensor  # [BH, NQ, NB] int8, 1 where selected
-    count: int  # KT, the same for every query tile (load balance)
+    #: KT: the blocks of every query tile (top-k routing), or, with ``tile_count``, the width of
+    #: ``idx`` (the most any tile may take; a tile's own blocks are the first ``tile_count`` entries)
+    count: int
     #: [BH, NQ, NB]: ``c_ij`` (natural-log units) of every unselected block, ``-inf`` at the
     #: selected ones, for the reference's log-normal tail (the Triton kernel computes ``c_ij``
     #: itself from ``q2`` and ``kvar``: O(N) memory instead of O(N^2)).  See :func:`mass_bias`.
@@ -96,10 +112,13 @@ class Selection:
     #: first, then its PARTIAL ones, then its EMPTY ones; ``counts[..., 0]`` is the number of full
     #: blocks and ``counts[..., 1]`` that of the non-empty ones (:func:`exact_order`).
     counts: torch.Tensor | None = None
+    #: [BH, NQ] int32, adaptive routing only: the exact blocks of each tile (forced ones included;
+    #: ``counts`` is then always set, also without block kinds).  None: every tile has ``count``.
+    tile_count: torch.Tensor | None = None
 
     @property
     def all_blocks(self) -> bool:
-        return self.count == self.mask.shape[-1]
+        return self.tile_count is None and self.count == self.mask.shape[-1]
 
 
 def block_kinds(blen: torch.Tensor, tokens: int, block: int, forced: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,7 +177,7 @@ def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tens
 
 def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
           n_forced: int = 0, cov: bool = False, tail_bias: bool = False, chunk_bytes: int = ROUTING_CHUNK_BYTES,
-          select=top_blocks) -> Selection:
+          select=top_blocks, adaptive: bool = False, k_mean: float | None = None) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
@@ -173,7 +192,13 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.
     writes ``Selection.tail_bias`` through each chunk's score buffer.  ``chunk_bytes`` bounds that
     scratch (see :func:`routing_chunk_bytes`).  ``select`` takes each chunk's top ``k``
     (:func:`top_blocks`, or the Triton kernel with the same result).
+
+    ``adaptive``: the budget (``k`` blocks per tile, or ``k_mean`` on average) is shared between
+    tiles by need (:func:`adaptive_route`); ``cov`` and ``select`` do not apply.
     """
+    if adaptive and k + n_forced < stats.kbar.shape[1]:
+        return adaptive_route(stats, scale=scale, k=k, heads=heads, kinds=kinds, n_forced=n_forced,
+                              tail_bias=tail_bias, chunk_bytes=chunk_bytes, k_mean=k_mean)
     bh, nq, _ = stats.qbar.shape
     nb = stats.kbar.shape[1]
     kt = min(nb, k + n_forced)
@@ -210,6 +235,166 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.
             blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
             bias[s:e] = cap_mass_bias(c, blen_rows).masked_fill_(mask[s:e].bool(), -torch.inf)
     return Selection(idx, mask, kt, bias, counts)
+
+
+def adaptive_limits(k: int, n_blocks: int, n_forced: int = 0) -> tuple[int, int]:
+    """``(floor, cap)`` of adaptive routing: the fewest and the most blocks of the budget one query
+    tile takes (forced blocks on top), ``floor <= k <= cap``."""
+    cap = max(k, min(n_blocks - n_forced, ADAPTIVE_CAP_MUL * k))
+    return min(k, max(1, k // ADAPTIVE_FLOOR_DIV)), cap
+
+
+def block_log_mass(score: torch.Tensor, blen_rows: torch.Tensor, stats: PooledStats | None = None,
+                   scale: float = 1.0, rows: slice | None = None) -> torch.Tensor:
+    """In place on ``score [R, NQ, NB]`` (the pooled logits ``s qbar_i . kbar_j``): the log of each
+    block's share of its tile's estimated softmax mass, ``log(n_j e^{z_ij + c_ij} / sum_l n_l e^{z_il +
+    c_il})`` (``c``: the log-normal correction, capped as the tail caps it, where ``stats`` has the
+    second moments; else 0).  Blocks without a valid key get ``-inf``; a tile without any valid
+    block gets ``-inf`` everywhere."""
+    if stats is not None and stats.q2 is not None and stats.kvar is not None:
+        c = mass_bias(stats.q2[rows], stats.kvar[rows].float(), scale)
+        score.add_(cap_mass_bias(c, blen_rows))
+    score.add_(torch.log(blen_rows))  # log 0 = -inf: an empty block holds no mass
+    lse = torch.logsumexp(score, dim=-1, keepdim=True)
+    return score.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+
+
+def adaptive_budget(k: int, k_mean: float | None, tiles: int, n_blocks: int, n_forced: int = 0) -> int:
+    """Blocks of the budget (forced ones not counted) shared by ``tiles`` tiles: ``k`` per tile
+    (``k_mean`` None: the top-k routing's count, for comparisons at the same number of exact blocks),
+    or ``round(k_mean x tiles)`` (the widget's density ``(1 - sparsity) x NB`` per tile, not rounded
+    down per tile), between ``floor`` and ``cap`` per tile (:func:`adaptive_limits`)."""
+    floor, cap = adaptive_limits(k, n_blocks, n_forced)
+    total = k * tiles if k_mean is None else math.floor(k_mean * tiles + 0.5 + 1e-9)
+    return max(floor * tiles, min(cap * tiles, total))
+
+
+def _order_keys_(x: torch.Tensor) -> torch.Tensor:
+    """In place: float32 ``x`` as int32 keys in the same order (NaN above +inf, -0.0 = +0.0)."""
+    nan = torch.isnan(x)
+    x.add_(0.0)  # -0.0 + 0.0 = +0.0: the two zeros tie
+    i = x.view(torch.int32)
+    i.bitwise_xor_(torch.bitwise_and(i >> 31, 0x7FFFFFFF))
+    return i.masked_fill_(nan, 0x7FFFFFFF)
+
+
+def adaptive_counts(share: torch.Tensor, budget: int, floor: int, scope: str) -> torch.Tensor:
+    """Blocks of the budget per tile (``[R, NQ]`` int32, forced blocks not counted) from each tile's
+    block shares sorted in descending order, ranks ``floor .. cap - 1`` (``share [R, NQ, cap -
+    floor]`` float32, see :func:`adaptive_route`; overwritten: it is scratch): every tile takes
+    ``floor``, then the ``budget - floor x tiles`` largest shares of the scope (``"call"``: all
+    tiles; ``"head"``: each row's, ``budget`` per row) go to their tiles.  Ties go to the lower
+    rank, then to the lower (row, tile): one function of the shares, and every tile's blocks are a
+    prefix of its sorted list.  The sum over the scope is ``budget`` exactly.
+
+    No sort: the threshold (the ``take``-th largest share) comes from a bitwise binary search on
+    order-preserving integer keys, 32 counting passes (as the top-k kernel finds its k-th score),
+    so the scratch is a byte per candidate, not a sort's values and 8-byte indices."""
+    r, nq, width = share.shape
+    counts = torch.full((r, nq), floor, dtype=torch.int32, device=share.device)
+    groups = 1 if scope == "call" else r
+    tiles = r * nq // groups
+    take = budget - floor * tiles
+    if width == 0 or take <= 0:
+        return counts
+    keys = _order_keys_(share).view(groups, tiles, width)
+
+    def at_least(t):  # [G]: candidates of each group with key >= t
+        return (keys >= t.view(-1, 1, 1)).sum(dim=(1, 2))
+
+    # the largest t with #{key >= t} >= take: the sign first, then bits 30..0
+    zero = torch.zeros(groups, dtype=torch.int32, device=share.device)
+    kth = torch.where(at_least(zero) >= take, zero, torch.full_like(zero, -2147483648))
+    for bit in range(30, -1, -1):
+        cand = kth | (1 << bit)
+        kth = torch.where(at_least(cand) >= take, cand, kth)
+    t = kth.view(-1, 1, 1)
+    above = (keys > t).sum(-1, dtype=torch.int32)  # [G, tiles]
+    tie = keys == t  # [G, tiles, width]
+    need = take - above.sum(-1)  # [G]: ties to take, rank-major (lower rank, then lower tile)
+    per_rank = tie.sum(1)  # [G, width]
+    before = per_rank.cumsum(-1) - per_rank  # ties at lower ranks
+    full = before + per_rank <= need.view(-1, 1)  # ranks whose ties all go
+    cut = (before < need.view(-1, 1)) & ~full  # the one rank whose ties go in part (tile order)
+    taken = (tie & full.unsqueeze(1)).sum(-1, dtype=torch.int32)
+    rank = (cut * torch.arange(width, device=share.device)).sum(-1)  # [G] (0 where no rank is cut)
+    part = tie.gather(2, rank.view(-1, 1, 1).expand(-1, tiles, 1)).squeeze(2) & cut.any(-1, keepdim=True)
+    quota = (need - (per_rank * full).sum(-1)).view(-1, 1)
+    taken += (part & (part.cumsum(1) <= quota)).to(torch.int32)
+    return counts + (above + taken).view(r, nq)
+
+
+def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
+                   n_forced: int = 0, tail_bias: bool = False, chunk_bytes: int = ROUTING_CHUNK_BYTES,
+                   scope: str | None = None, k_mean: float | None = None) -> Selection:
+    """Adaptive routing: the call's budget of exact blocks, shared between tiles by need.
+
+    Each tile ranks its blocks by their estimated share of the tile's softmax mass
+    (:func:`block_log_mass`: pooled logit, block length and, with the log-normal tail, its mass
+    correction; forced blocks first, then ties to the lower index, as :func:`top_blocks`).  Every
+    tile takes its first ``floor`` blocks, at most ``cap`` (:func:`adaptive_limits`), and the rest of
+    the budget (:func:`adaptive_budget`: ``k`` per tile, or ``k_mean`` per tile rounded once over
+    the scope) goes to the largest shares of the scope (:data:`ADAPTIVE_SCOPE`,
+    :func:`adaptive_counts`): one threshold on the normalised mass, which leaves the least estimated
+    mass to the tail for the budget.  The mean count over the scope is the budget's exactly, forced
+    blocks on top.
+
+    The Selection has ``tile_count`` and always ``counts``; ``idx`` is ``cap + n_forced`` wide, each
+    tile's blocks first (ordered full, PARTIAL, EMPTY with ``kinds``).  No host synchronisation;
+    scratch: 8 bytes per (tile, candidate rank) besides the score chunks.
+    """
+    scope = ADAPTIVE_SCOPE if scope is None else scope
+    if scope not in ("call", "head"):
+        raise ValueError(f"adaptive scope must be 'call' or 'head', got {scope!r}")
+    bh, nq, _ = stats.qbar.shape
+    nb = stats.kbar.shape[1]
+    device = stats.qbar.device
+    floor, cap = adaptive_limits(k, nb, n_forced)
+    width = cap + n_forced
+    batch_of = torch.arange(bh, device=device) // heads
+    kinds_rows = kinds[batch_of].unsqueeze(1) if kinds is not None else None  # [BH, 1, NB]
+    share = torch.empty(bh, nq, cap - floor, dtype=torch.float32, device=device)  # the candidates
+    order = torch.empty(bh, nq, width, dtype=torch.int32, device=device)
+    rows = max(1, chunk_bytes // max(1, nq * nb * 4))
+    for s in range(0, bh, rows):
+        e = min(bh, s + rows)
+        score = torch.empty(e - s, nq, nb, dtype=stats.kbar.dtype, device=device)
+        score.baddbmm_(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
+        blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
+        block_log_mass(score, blen_rows, stats, scale, slice(s, e))
+        if kinds is not None:
+            score.masked_fill_((kinds_rows[s:e] & EMPTY) != 0, -torch.inf)
+            score.masked_fill_((kinds_rows[s:e] & FORCED) != 0, torch.inf)
+        top = torch.sort(score, dim=-1, descending=True, stable=True)
+        share[s:e] = top.values[..., n_forced + floor:width]
+        order[s:e] = top.indices[..., :width]
+        del score, top
+    budget = adaptive_budget(k, k_mean, nq if scope == "head" else bh * nq, nb, n_forced)
+    tile_count = adaptive_counts(share, budget, floor, scope) + n_forced
+    del share
+    mask = torch.empty(bh, nq, nb, dtype=torch.int8, device=device)
+    counts = torch.empty(bh, nq, 2, dtype=torch.int32, device=device)
+    idx = order
+    bias = torch.empty(bh, nq, nb, dtype=stats.kbar.dtype, device=device) if tail_bias else None
+    for s in range(0, bh, rows):
+        e = min(bh, s + rows)
+        own = order[s:e].long()
+        take = torch.arange(width, device=device) < tile_count[s:e].unsqueeze(-1)  # [rows, NQ, width]
+        mask[s:e].zero_().scatter_(-1, own, take.to(torch.int8))
+        if kinds is None:
+            counts[s:e, :, 0] = tile_count[s:e]
+            counts[s:e, :, 1] = tile_count[s:e]
+        else:
+            group = _group(kinds_rows[s:e]).expand(-1, nq, -1).gather(-1, own)
+            key = torch.where(take, group, 3)  # the tile's own blocks by kind, then the rest
+            idx[s:e] = own.gather(-1, torch.sort(key, dim=-1, stable=True).indices)
+            counts[s:e, :, 0] = (key == 0).sum(-1)
+            counts[s:e, :, 1] = (key <= 1).sum(-1)
+        if bias is not None:
+            c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale)
+            bias[s:e] = cap_mass_bias(c, stats.blen[batch_of[s:e]].unsqueeze(1)).masked_fill_(mask[s:e].bool(),
+                                                                                               -torch.inf)
+    return Selection(idx, mask, width, bias, counts, tile_count)
 
 
 def mass_bias(q2: torch.Tensor, kvar: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:

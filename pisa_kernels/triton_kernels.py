@@ -400,25 +400,35 @@ def _tail_phase(q, m_i, l_i, g_i, acc, SEL, KBAR, VMEAN, BLEN, Q2, KVAR, tile, b
 
 @triton.jit(do_not_specialize=["N", "NB", "NQ", "KT", "ND"])
 def _pisa_fwd_kernel(Q, KD, VD, K, V, O, VALID, IDX, CNT, SEL, KBAR, VMEAN, BLEN, HSUM, Q2, KVAR, TOTAL,
-                     PERM, DROWS, DFLAG, DIDX, DCNT,
+                     PERM, DROWS, DFLAG, DIDX, DCNT, TORD,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, s_valid_b,
                      N, NB, NQ, H, D, KT, ND, qk_scale, sm_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      GROUP: tl.constexpr, TAIL_STAGES: tl.constexpr, ORDER: tl.constexpr,
                      SPLIT: tl.constexpr, LOGNORMAL: tl.constexpr, KV_TMA: tl.constexpr,
-                     TAIL_TMA: tl.constexpr, HAS_PERM: tl.constexpr, HAS_DENSE: tl.constexpr):
+                     TAIL_TMA: tl.constexpr, HAS_PERM: tl.constexpr, HAS_DENSE: tl.constexpr,
+                     TILE_COUNTS: tl.constexpr, REORDER: tl.constexpr):
     # Programs: one per (query tile, batch x head); with dense query rows (HAS_DENSE) also one per
     # (tile of ND dense rows, batch x head), numbered FIRST: each runs over every key block, several
     # times a regular program's work, so it must start early and not trail the launch.
+    # TILE_COUNTS (adaptive routing): each tile's own number of exact blocks, from CNT.  REORDER:
+    # the regular programs take their tiles (bh * NQ + qt) from TORD, in the order of the launch
+    # (heaviest first, so no long tile starts in the last wave).
     if HAS_DENSE:
         n_dt = tl.cdiv(ND, BLOCK_M)
         n_dense = n_dt * tl.num_programs(1)
         lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         dense = lin < n_dense
         r = tl.where(dense, lin, lin - n_dense)
+        if REORDER:
+            r = tl.where(dense, r, tl.load(TORD + r, mask=lin >= n_dense, other=0))
         per = tl.where(dense, n_dt, NQ)
         bh = r // per
         qt = r % per
+    elif REORDER:
+        t = tl.load(TORD + tl.program_id(1) * NQ + tl.program_id(0))
+        bh = t // NQ
+        qt = t % NQ
     else:
         qt = tl.program_id(0)
         bh = tl.program_id(1)
@@ -465,6 +475,9 @@ def _pisa_fwd_kernel(Q, KD, VD, K, V, O, VALID, IDX, CNT, SEL, KBAR, VMEAN, BLEN
     if SPLIT:  # full blocks first, then the partial ones (routing.Selection.counts)
         n_full = tl.load(cnt_base)
         n_used = tl.load(cnt_base + 1)
+    elif TILE_COUNTS:  # this tile's own count (every block full here: no key is masked)
+        n_used = tl.load(cnt_base + 1)
+        n_full = n_used
     else:
         n_full = kt
         n_used = kt
@@ -624,6 +637,19 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
                        q2=q2 if lognormal else None, kvar=kvar if lognormal else None)
 
 
+#: Launch adaptive routing's tiles heaviest first (:func:`tile_order`); False: in tile order.
+TILE_REORDER = True
+
+
+def tile_order(sel: Selection) -> torch.Tensor:
+    """int32 ``[BH * NQ]``: the tiles (``bh * NQ + qt``) by descending count of visited exact blocks
+    (``sel.counts[..., 1]``; ties in tile order), the order in which the forward launch takes them:
+    a tile's cost is its exact blocks plus one tail scan the same for every tile, so the longest
+    start first and the last wave holds the shortest (longest-processing-time-first)."""
+    cost = sel.counts[..., 1].reshape(-1)
+    return torch.sort(cost, descending=True, stable=True).indices.to(torch.int32)
+
+
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
            order: int, perm: torch.Tensor | None = None, dense: DenseRows | None = None,
            tma: bool = True, return_kernel: bool = False):
@@ -666,16 +692,19 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     n_dense = dense.rows.numel() if dense is not None else 0
     grid = (nq + num_blocks(n_dense, QUERY_TILE), b * h)
     ph = stats.blen  # a placeholder for the pointers a configuration never reads
+    tile_counts = sel.tile_count is not None
+    tord = tile_order(sel) if tile_counts and TILE_REORDER else None
     compiled = _launch(
         _pisa_fwd_kernel, grid, key, _fallbacks(cfg),
         q, kk, vv, k, v, out, valid_t, sel.idx, sel.counts if sel.counts is not None else sel.idx, sel.mask,
         kbar_a, vmean_a, stats.blen, hsum, q2, kvar_a, total,
         perm if perm is not None else ph, *((dense.rows, dense.flags, dense.idx, dense.counts) if dense else (ph,) * 4),
+        tord if tord is not None else ph,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if valid is not None else 0,
         n, nb, nq, h, d, sel.count, n_dense, scale * LOG2E, scale,
         BLOCK_M=QUERY_TILE, BLOCK_N=block, BLOCK_D=_block_d(d), GROUP=TAIL_GROUP, ORDER=eff_order,
         SPLIT=split, LOGNORMAL=lognormal, KV_TMA=kv_tma, TAIL_TMA=tail_tma, HAS_PERM=perm is not None,
-        HAS_DENSE=dense is not None)
+        HAS_DENSE=dense is not None, TILE_COUNTS=tile_counts, REORDER=tord is not None)
     return compiled if return_kernel else out

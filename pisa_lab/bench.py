@@ -71,9 +71,12 @@ def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: boo
 
 
 def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 128, seed: int = 0,
-                sparsities=SPARSITIES, orders=ORDERS, block: int = 64, tails=("plain",)) -> list[dict]:
+                sparsities=SPARSITIES, orders=ORDERS, block: int = 64, tails=("plain",),
+                routings=("topk",)) -> list[dict]:
     """Dense SDPA, PISA (every order with the plain tail; order 1 with each other tail in ``tails``)
-    and Sol-Attn on one set of inputs."""
+    and Sol-Attn on one set of inputs.  Each routing of ``routings`` other than ``topk`` adds order 1
+    with every tail (``pisa-o1@adaptive``; for adaptive routing also without the heaviest-first tile
+    order, ``@adaptive-inorder``: the load balance's share of the time)."""
     from torch.nn.attention import SDPBackend
 
     dev = torch.device("cuda")
@@ -101,6 +104,23 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
                              extra_mem_mb=peak_extra_mb(fn),
                              qkv_mb=3 * q.numel() * q.element_size() / 2**20)
             add(f"pisa-o{order}" + ("+ln" if tail == "lognormal" else ""), sp, time_ms(fn), out, ref, **extra)
+        for routing in (r for r in routings if r != "topk"):
+            for tail in dict.fromkeys(("plain",) + tuple(tails)):
+                fn = lambda sp=sp, tail=tail, routing=routing: pisa_attention(
+                    q, k, v, sparsity=sp, order=1, layout="BNHD", block_size=block, tail=tail, routing=routing,
+                    backend="triton")
+                out = fn()
+                label = "pisa-o1" + ("+ln" if tail == "lognormal" else "") + f"@{routing}"
+                extra = {"extra_mem_mb": _peak_extra_mb(fn)} if sp == 0.875 else {}
+                add(label, sp, time_ms(fn), out, ref, **extra)
+                if routing == "adaptive":
+                    from pisa_kernels import triton_kernels as tk
+
+                    tk.TILE_REORDER = False
+                    try:
+                        add(label.replace("@adaptive", "@adaptive-inorder"), sp, time_ms(fn), fn(), ref)
+                    finally:
+                        tk.TILE_REORDER = True
     sol = _sol_attn()
     if sol is not None:
         for sp in sparsities:
@@ -136,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=64, choices=[64, 128])
     ap.add_argument("--tails", nargs="*", default=["plain"], choices=["plain", "lognormal"],
                     help="tails of order 1 (plain: the paper's; lognormal: the node's in tiled order)")
+    ap.add_argument("--routings", nargs="*", default=["topk"], choices=["topk", "cov", "adaptive"],
+                    help="routings of order 1 besides topk (adaptive also times its tiles in launch order)")
     ap.add_argument("--json", help="write rows and environment to this file")
     ap.add_argument("--md", help="write the table as markdown (with the environment) to this file")
     ap.add_argument("--extra-n", nargs="*", type=int, default=[],
@@ -158,7 +180,8 @@ def main(argv=None) -> int:
         for name in args.shapes:
             n, h = SHAPES[name]
             sps = tuple(args.sparsities) + ((0.85,) if name == "flux1024" and 0.85 not in args.sparsities else ())
-            rows += bench_shape(name, n, h, data=data, sparsities=sps, block=args.block_size, tails=tuple(args.tails))
+            rows += bench_shape(name, n, h, data=data, sparsities=sps, block=args.block_size, tails=tuple(args.tails),
+                                routings=tuple(args.routings))
             print(format_table([r for r in rows if r["shape"] == name and r["data"] == data]), flush=True)
     for n in args.extra_n:
         for data in args.data:

@@ -46,7 +46,9 @@ import torch
 
 from . import workloads
 from pisa_kernels import pisa_attention
+from pisa_kernels import routing as routing_mod
 from pisa_kernels.capture_format import read_capture
+from pisa_kernels.limits import ROUTINGS as ROUTINGS_API
 from pisa_kernels.routing import forced_blocks_from_tokens
 from pisa_kernels.tiling import joint_permutation
 
@@ -198,11 +200,29 @@ def method_name(order, tail: str = "plain") -> str:
     return base + ("+ln" if tail == "lognormal" and order != "drop" else "")
 
 
+#: Routings of the evaluation: the API's, and adaptive routing's variants ``adaptive:OPTS``
+#: (comma-separated): ``head`` shares the budget within each head instead of the call
+#: (routing.ADAPTIVE_SCOPE), ``matched`` spends the top-k routing's count per tile instead of the
+#: widget's density (routing.ADAPTIVE_BUDGET: the same number of exact blocks as ``topk``).
+ROUTINGS = ("auto",) + ROUTINGS_API + ("adaptive:matched", "adaptive:head", "adaptive:head,matched")
+
+
 def run_pisa(case: Case, *, order, sparsity: float, token_order: str, routing: str, backend: str,
-             tail: str = "plain") -> torch.Tensor:
-    return pisa_attention(case.q, case.k, case.v, sparsity=sparsity, order=order, layout="BNHD",
-                          sink_kv=case.exact or None, dense_q=case.exact or None, kv_valid=case.kv_valid,
-                          token_perm=case.perm(token_order), routing=routing, tail=tail, backend=backend)
+             tail: str = "plain", with_stats: bool = False):
+    """PISA as the node runs it; with ``with_stats`` also its :class:`PisaStats`."""
+    api_routing, _, opts = routing.partition(":")
+    opts = set(filter(None, opts.split(",")))
+    saved = routing_mod.ADAPTIVE_SCOPE, routing_mod.ADAPTIVE_BUDGET
+    routing_mod.ADAPTIVE_SCOPE = "head" if "head" in opts else "call"
+    routing_mod.ADAPTIVE_BUDGET = "matched" if "matched" in opts else "widget"
+    try:
+        out, st = pisa_attention(case.q, case.k, case.v, sparsity=sparsity, order=order, layout="BNHD",
+                                 sink_kv=case.exact or None, dense_q=case.exact or None, kv_valid=case.kv_valid,
+                                 token_perm=case.perm(token_order), routing=api_routing, tail=tail, backend=backend,
+                                 return_stats=True)
+    finally:
+        routing_mod.ADAPTIVE_SCOPE, routing_mod.ADAPTIVE_BUDGET = saved
+    return (out, st) if with_stats else out
 
 
 def sol_peer(device: torch.device):
@@ -281,10 +301,20 @@ def evaluate_case(case: Case, cfg: Config, sol=None, log=print) -> list[dict]:
     t0 = time.time()
     ref = dense_reference(case)
 
-    def add(method, token_order, routing, sparsity, out):
+    ref2 = ref.double().pow(2).sum(dim=(0, 1, 3))  # [H]
+
+    def add(method, token_order, routing, sparsity, out, st=None):
         rel, cos = metrics(out, ref)
-        rows.append(dict(case=case.name, method=method, token_order=token_order, routing=routing,
-                         sparsity=sparsity, rel_l2=rel, cos=cos))
+        row = {"case": case.name, "method": method, "token_order": token_order, "routing": routing,
+               "sparsity": sparsity, "rel_l2": rel, "cos": cos,
+               "head_err2": [float(x) for x in (out.float() - ref).double().pow(2).sum(dim=(0, 1, 3))],
+               "head_ref2": [float(x) for x in ref2]}
+        if st is not None:
+            row["density"] = st.density
+            spread = st.density_spread()
+            if spread is not None:
+                row["density_std"], row["density_min"], row["density_max"] = spread[1:]
+        rows.append(row)
 
     for token_order in cfg.token_orders:
         if not case.has_order(token_order):
@@ -295,8 +325,8 @@ def evaluate_case(case: Case, cfg: Config, sol=None, log=print) -> list[dict]:
                 for order in cfg.orders:
                     for tail in tails if order != "drop" else tails[:1]:
                         add(method_name(order, tail), token_order, routing, sp,
-                            run_pisa(case, order=order, sparsity=sp, token_order=token_order, routing=routing,
-                                     backend=cfg.backend, tail=tail))
+                            *run_pisa(case, order=order, sparsity=sp, token_order=token_order, routing=routing,
+                                      backend=cfg.backend, tail=tail, with_stats=True))
         if sol is not None and case.q.shape[-1] == 128:
             try:
                 for sp in cfg.sparsities:
@@ -375,6 +405,95 @@ def bars(rows: list[dict], cases: list[Case]) -> list[dict]:
     return checks
 
 
+# ---- concentration levels ------------------------------------------------------------------------
+
+#: Heads by their top-12.5 % block mass in the token order evaluated: (name, lower, upper bound).
+#: The issue's flat / mid / concentrated sets had 0.25 / 0.65 / 0.90.
+LEVELS = (("flat", 0.0, 0.45), ("mid", 0.45, 0.8), ("concentrated", 0.8, 1.01))
+
+
+def levels(rows: list[dict], conc: dict, sparsity: float = BAR_SPARSITY) -> list[dict]:
+    """Errors pooled over the heads of each concentration level (all cases together): relative L2
+    ``sqrt(sum err^2 / sum ref^2)`` over those heads, per (token order, routing, method)."""
+    out = {}
+    for r in rows:
+        if r["sparsity"] != sparsity or "head_err2" not in r or r["token_order"] not in conc.get(r["case"], {}):
+            continue
+        mass = conc[r["case"]][r["token_order"]]
+        for name, lo, hi in LEVELS:
+            heads = [i for i, m in enumerate(mass) if lo <= m < hi]
+            if not heads:
+                continue
+            key = (name, r["token_order"], r["routing"], r["method"])
+            acc = out.setdefault(key, {"err2": 0.0, "ref2": 0.0, "heads": 0, "mass": 0.0})
+            acc["err2"] += sum(r["head_err2"][i] for i in heads)
+            acc["ref2"] += sum(r["head_ref2"][i] for i in heads)
+            acc["heads"] += len(heads)
+            acc["mass"] += sum(mass[i] for i in heads)
+    return [{"level": k[0], "token_order": k[1], "routing": k[2], "method": k[3], "heads": v["heads"],
+             "mass": v["mass"] / v["heads"], "rel_l2": math.sqrt(v["err2"] / max(v["ref2"], 1e-300))}
+            for k, v in out.items()]
+
+
+def level_bars(lv: list[dict]) -> list[dict]:
+    """The issue's graded bar per level: order 1 <= 0.5 x drop where the level's mean top-12.5 %
+    mass is below 0.9, <= 0.7 x drop above; order 1 <= order 0."""
+    checks = []
+    get = {(x["level"], x["token_order"], x["routing"], x["method"]): x for x in lv}
+    for (level, token_order, routing, method), x in sorted(get.items()):
+        if not method.startswith("pisa-o1"):
+            continue
+        drop = get.get((level, token_order, routing, "pisa-drop"))
+        o0 = get.get((level, token_order, routing, method.replace("o1", "o0")))
+        ratio = 0.5 if x["mass"] < 0.9 else 0.7
+        for name, peer, limit in ((f"{method} <= {ratio} x drop (level)", drop, ratio),
+                                  (f"{method} <= {method.replace('o1', 'o0')} (level)", o0, 1.0)):
+            if peer is not None:
+                checks.append({"bar": name, "case": f"level {level}", "token_order": token_order, "routing": routing,
+                               "value": x["rel_l2"], "limit": limit * peer["rel_l2"],
+                               "ok": bool(x["rel_l2"] <= limit * peer["rel_l2"])})
+    return checks
+
+
+def level_markdown(lv: list[dict]) -> list[str]:
+    if not lv:
+        return []
+    methods = list(dict.fromkeys(x["method"] for x in lv))
+    lines = [f"## By concentration level (sparsity {BAR_SPARSITY}, heads of every case pooled)", "",
+             "Heads binned by their top-12.5 % block mass in the token order: "
+             + ", ".join(f"{n} [{lo:g}, {min(hi, 1):g})" for n, lo, hi in LEVELS) + ".", "",
+             "| level (heads, mean mass) | token order | routing | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    get = {(x["level"], x["token_order"], x["routing"], x["method"]): x for x in lv}
+    rank = {name: i for i, (name, _, _) in enumerate(LEVELS)}
+    keys = list(dict.fromkeys((x["level"], x["token_order"], x["routing"]) for x in lv))
+    for key in sorted(keys, key=lambda kk: (rank[kk[0]], keys.index(kk))):
+        first = next(x for x in lv if (x["level"], x["token_order"], x["routing"]) == key)
+        cells = [f"{get[key + (m,)]['rel_l2']:.4f}" if key + (m,) in get else "" for m in methods]
+        lines.append(f"| {key[0]} ({first['heads']}, {first['mass']:.2f}) | {key[1]} | {key[2]} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def density_markdown(rows: list[dict]) -> list[str]:
+    """Achieved density per (case, routing, sparsity): the mean over the call's tiles and, for
+    adaptive routing, the spread over tiles."""
+    seen = {}
+    for r in rows:
+        if "density" in r:
+            seen.setdefault((r["case"], r["token_order"], r["routing"], r["sparsity"]), r)
+    if not seen:
+        return []
+    lines = ["## Achieved density (exact blocks / blocks, forced included)", "",
+             "| case | token order | routing | sparsity | target 1 - sparsity | mean | std over tiles | min | max |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (case, token_order, routing, sp), r in seen.items():
+        extra = (f"{r['density_std']:.4f} | {r['density_min']:.4f} | {r['density_max']:.4f}"
+                 if "density_std" in r else "- | - | -")
+        lines.append(f"| {case} | {token_order} | {routing} | {sp:g} | {1 - sp:.4f} | {r['density']:.4f} | {extra} |")
+    return lines + [""]
+
+
 # ---- reports -------------------------------------------------------------------------------------
 
 def _fmt_sp(sp) -> str:
@@ -414,6 +533,7 @@ def markdown(rows: list[dict], conc: dict, checks: list[dict], env: dict, cases:
                 cells.append(f"{hit[0]['rel_l2']:.4f} ({hit[0]['cos']:.4f})" if hit else "")
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += level_markdown(levels(rows, conc)) + density_markdown(rows)
     if checks:
         lines += [f"## Bars (sparsity {BAR_SPARSITY})", "", "| bar | case | token order | routing | value | limit | holds |",
                   "|---|---|---|---|---|---|---|"]
@@ -447,7 +567,7 @@ def plot(rows: list[dict], cases: list[Case], path: str) -> None:
             label = f"{method} {token_order}{'' if routing == '-' else ' ' + routing}"
             (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], color=_COLORS[method],
                               linestyle={"tiled": "-", "raster": "--"}.get(token_order, ":"),
-                              marker={"cov": "x", "-": "s"}.get(routing, "o"), markersize=4, label=label)
+                              marker={"cov": "x", "-": "s"}.get(routing, "^" if routing.startswith("adaptive") else "o"), markersize=4, label=label)
             handles.setdefault(label, line)
         ax.set_title(name)
         ax.set_xlabel("sparsity")
@@ -481,8 +601,10 @@ def main(argv=None) -> int:
     ap.add_argument("--orders", nargs="*", default=["1", "0", "drop"], choices=["1", "0", "drop"])
     ap.add_argument("--token-orders", nargs="*", default=list(TOKEN_ORDERS),
                     help="raster, tiled (the node's order) and/or tile:FxHxW (another tile shape)")
-    ap.add_argument("--routings", nargs="*", default=None, choices=["auto", "topk", "cov"],
-                    help="default: auto on CPU (fast), topk and cov on CUDA")
+    ap.add_argument("--routings", nargs="*", default=None, choices=list(ROUTINGS),
+                    help="default: auto on CPU (fast), topk and cov on CUDA; adaptive (the widget's density "
+                         "shared over the call's tiles), adaptive:matched (the top-k count per tile), "
+                         "adaptive:head (shared within each head)")
     ap.add_argument("--tails", nargs="*", default=list(TAILS), choices=["auto", "plain", "lognormal"],
                     help="PISA tails (auto: the node's, log-normal)")
     ap.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])
@@ -515,7 +637,7 @@ def main(argv=None) -> int:
         print(f"[eval] {case.name}: {case.describe}; top-12.5% block mass "
               + ", ".join(f"{k} {v:.3f}" for k, v in mean.items()), file=sys.stderr)
         rows += evaluate_case(case, cfg, sol, log=lambda s: print(s, file=sys.stderr))
-    checks = bars(rows, cases)
+    checks = bars(rows, cases) + level_bars(levels(rows, conc))
     env = environment(device, cfg.backend, args.seed, sol_note)
     os.makedirs(args.out, exist_ok=True)
     report = markdown(rows, conc, checks, env, cases)

@@ -50,7 +50,8 @@ def signature(dtype: str, lognormal: bool, tma: bool, block: int, d: int) -> dic
     lp = t  # centroids and value means come in the input dtype (fp32 stays fp32)
     ptr = {"Q": t, "KD": t, "VD": t, "K": t, "V": t, "O": t, "VALID": "i8", "IDX": "i32", "CNT": "i32", "SEL": "i8",
            "KBAR": lp, "VMEAN": lp, "BLEN": "fp32", "HSUM": "fp32", "Q2": "fp32", "KVAR": lp if lognormal else "fp32",
-           "TOTAL": "fp32", "PERM": "i64", "DROWS": "i64", "DFLAG": "i8", "DIDX": "i32", "DCNT": "i32"}
+           "TOTAL": "fp32", "PERM": "i64", "DROWS": "i64", "DFLAG": "i8", "DIDX": "i32", "DCNT": "i32",
+           "TORD": "i32"}
     sig = {}
     for name in tk._pisa_fwd_kernel.arg_names:
         if name in ptr:
@@ -69,7 +70,8 @@ def signature(dtype: str, lognormal: bool, tma: bool, block: int, d: int) -> dic
 def first_fit(cap, dtype, block, d, order, lognormal, valid, tma, node) -> dict:
     bd = tk._block_d(d)
     meta = dict(BLOCK_M=tk.QUERY_TILE, BLOCK_N=block, BLOCK_D=bd, GROUP=tk.TAIL_GROUP, ORDER=order,
-                SPLIT=valid, LOGNORMAL=lognormal, KV_TMA=tma, TAIL_TMA=tma, HAS_PERM=node, HAS_DENSE=node)
+                SPLIT=valid, LOGNORMAL=lognormal, KV_TMA=tma, TAIL_TMA=tma, HAS_PERM=node, HAS_DENSE=node,
+                TILE_COUNTS=node, REORDER=node)  # (adaptive routing's per-tile counts: two loads, no shared memory)
     tried = []
     for cfg in tk._fallbacks(tk._launch_config(block, bd, torch.device("cuda"), getattr(torch, dtype))):
         consts = dict(meta, TAIL_STAGES=cfg["TAIL_STAGES"])

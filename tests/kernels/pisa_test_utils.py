@@ -162,7 +162,8 @@ def capture_routing(replay: Selection | None = None):
             if sel.tail_bias is not None:  # this backend's own mass correction on the replayed blocks
                 bias = mass_bias(stats.q2, stats.kvar, kw["scale"]).masked_fill(chosen.bool(), -torch.inf)
             sel = Selection(replay.idx.to(dev), chosen, replay.count, bias,
-                            replay.counts.to(dev) if replay.counts is not None else None)
+                            replay.counts.to(dev) if replay.counts is not None else None,
+                            replay.tile_count.to(dev) if replay.tile_count is not None else None)
         log.append((stats, sel, kw))
         return sel
 

@@ -143,6 +143,66 @@ def test_node_calls(dtype, name):
     compare_on_gpu(call.q, call.k, call.v, **kw)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tail", ["plain", "lognormal"])
+@pytest.mark.parametrize("case", ["video_perm", "video_perm_padded", "joint_masks_sinks_dense", "block128"])
+def test_adaptive_routing(dtype, tail, case):
+    """Adaptive routing (issue 17) in the compiled kernel: each tile's own exact count, the
+    heaviest-first tile order (also behind the dense-row programs), key padding, sinks, token
+    orders; the call's mean count is the budget's exactly.  The budget's one threshold over
+    the call may break a near-tie differently on the two pre-scans, so the selections must agree
+    on most tiles and the outputs are compared on the reference's (replayed)."""
+    kw = {"sparsity": 0.875, "order": 1, "routing": "adaptive", "tail": tail}
+    if case.startswith("video_perm"):  # the lab's DiT-like heads (local ... flat: counts spread), BNHD
+        from pisa_lab import workloads
+
+        grid = (5, 20, 36)
+        n = 5 * 20 * 36
+        w = workloads.generate(workloads.SetSpec("adaptive", "wan", grid, heads=6), seed=7, device=DEV, dtype=dtype)
+        q, k, v = w.q, w.k, w.v
+        kw.update(token_perm=tile_permutation(grid), layout="BNHD")
+        if case == "video_perm_padded":
+            kw.update(kv_valid=torch.tensor([n - 300]))
+    elif case == "joint_masks_sinks_dense":
+        grid, n_text = (48, 64), 256
+        q, k, v = structured_qkv(2, 4, grid, 128, dtype=dtype, seed=8, n_extra=n_text, device=DEV)
+        n = q.shape[2]
+        valid = torch.ones(2, n, dtype=torch.bool)
+        valid[1, 200:n_text] = False
+        kw.update(sparsity=0.85, token_perm=joint_permutation(n, grid, n_text), kv_valid=valid,
+                  sink_kv=[(0, n_text)], dense_q=[(0, n_text)])
+    else:
+        q, k, v = rand_qkv(2, 4, 3001, 64, dtype=dtype, seed=9, v_shift=0.5, device=DEV)
+        q = q * 3  # sharper attention: the counts spread
+        kw.update(block_size=128, order=0)
+    compare_on_gpu(q, k, v, max_disagree=0.1, **kw)
+    _, st = pisa_attention(q.to(DEV), k.to(DEV), v.to(DEV), backend="triton", return_stats=True, cuda_graph=False,
+                           **_dev(kw))
+    tiles = st.tile_counts
+    assert tiles is not None and abs(float(tiles.double().mean()) - st.exact_mean) < 1e-9
+    assert int(tiles.max()) > int(tiles.min())
+    if "kv_valid" not in kw:
+        assert_graph_path_is_eager(q.to(DEV), k.to(DEV), v.to(DEV), 2e-2 if dtype == torch.bfloat16 else 2e-3,
+                                   **_dev(kw))
+
+
+def test_adaptive_tile_order_only_reorders():
+    """The heaviest-first launch order changes which program takes which tile, not the result."""
+    from pisa_kernels import triton_kernels as tk
+
+    q, k, v = structured_qkv(1, 8, (48, 64), 128, dtype=torch.bfloat16, seed=10, n_extra=128, device=DEV)
+    kw = {"sparsity": 0.875, "routing": "adaptive", "tail": "lognormal", "backend": "triton", "cuda_graph": False,
+          "token_perm": joint_permutation(q.shape[2], (48, 64), 128), "sink_kv": [(0, 128)], "dense_q": [(0, 128)]}
+    a = pisa_attention(q, k, v, **kw)
+    old = tk.TILE_REORDER
+    tk.TILE_REORDER = False
+    try:
+        b = pisa_attention(q, k, v, **kw)
+    finally:
+        tk.TILE_REORDER = old
+    assert max_err(a, b) <= 1e-2  # (the first-order moments meet through fp32 atomics in any order)
+
+
 def test_fp32_and_large_head_dim_fallback():
     q, k, v = rand_qkv(1, 2, 2000, 64, dtype=torch.float32, seed=3, device=DEV)
     compare_on_gpu(q, k, v, sparsity=0.75, order=1)
@@ -353,7 +413,7 @@ def test_no_recompilation_for_new_lengths_and_sparsities(flags):
 # --- memory ---
 
 
-@pytest.mark.parametrize("case", ["plain", "kv_valid", "token_perm", "cov_routing", "lognormal"])
+@pytest.mark.parametrize("case", ["plain", "kv_valid", "token_perm", "cov_routing", "lognormal", "adaptive"])
 def test_extra_memory_is_small(case):
     """Extra GPU memory during a call (peak minus inputs minus the output) <= 10% of q+k+v bytes
     at a medium shape, and nothing accumulates from call to call.  A token order adds the pre-scan's
@@ -375,6 +435,8 @@ def test_extra_memory_is_small(case):
         kw["routing"] = "cov"
     elif case == "lognormal":
         kw["tail"] = "lognormal"
+    elif case == "adaptive":
+        kw.update(routing="adaptive", tail="lognormal")
     qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
     out = pisa_attention(q, k, v, **kw)  # warm-up: compilation, cached permutation checks
     del out

@@ -38,3 +38,24 @@ def test_dense_reference_matches_sdpa_in_float64():
     exact = torch.nn.functional.scaled_dot_product_attention(
         *(t.double().transpose(1, 2) for t in (case.q, case.k, case.v))).transpose(1, 2)
     assert E.metrics(ref, exact.float())[0] < 1e-5
+
+
+def test_adaptive_routings_levels_and_density(tmp_path):
+    """Adaptive routing in the eval (issue 17): its variants run, the achieved density is recorded
+    (the matched budget: the top-k routing's; the widget's: 1 - sparsity of the chosen blocks), the
+    report has the concentration levels and the density table, and the level bars."""
+    argv = ["--sets", "wan-video:tiny", "--sparsities", "0.875", "--orders", "1", "0", "drop", "--token-orders",
+            "tiled", "--routings", "topk", "adaptive", "adaptive:matched", "--no-sol", "--out", str(tmp_path / "r"),
+            "--json", str(tmp_path / "r.json")]
+    assert E.main(argv) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = {(r["routing"], r["method"]): r for r in report["rows"]}
+    assert set(rows) == {(ro, m) for ro in ("topk", "adaptive", "adaptive:matched")
+                         for m in ("pisa-o1+ln", "pisa-o0+ln", "pisa-drop")}
+    topk, matched, widget = (rows[(ro, "pisa-o1+ln")] for ro in ("topk", "adaptive:matched", "adaptive"))
+    assert matched["density"] == topk["density"] and "density_std" in matched and "density_std" not in topk
+    assert abs(widget["density"] - 0.125) < 1e-9 and topk["density"] == 1 / 12  # 720 tokens: 12 blocks
+    assert len(topk["head_err2"]) == len(topk["head_ref2"]) == 6
+    md = (tmp_path / "r" / "fidelity.md").read_text()
+    assert "## By concentration level" in md and "## Achieved density" in md
+    assert any(b["bar"].endswith("(level)") and b["routing"] == "adaptive" for b in report["bars"])
