@@ -637,10 +637,6 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
                        q2=q2 if lognormal else None, kvar=kvar if lognormal else None)
 
 
-#: Launch adaptive routing's tiles heaviest first (:func:`tile_order`); False: in tile order.
-TILE_REORDER = True
-
-
 def tile_order(sel: Selection) -> torch.Tensor:
     """int32 ``[BH * NQ]``: the tiles (``bh * NQ + qt``) by descending count of visited exact blocks
     (``sel.counts[..., 1]``; ties in tile order), the order in which the forward launch takes them:
@@ -652,14 +648,16 @@ def tile_order(sel: Selection) -> torch.Tensor:
 
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int,
            order: int, perm: torch.Tensor | None = None, dense: DenseRows | None = None,
-           tma: bool = True, return_kernel: bool = False):
+           tma: bool = True, reorder: bool = True, return_kernel: bool = False):
     """Run the fused forward kernel, writing into ``out``.  ``k``, ``v``: ``[B, H, N, D]`` views in
     the processing order (with a token order: :func:`pool`'s copies); ``q`` and ``out`` the same,
     or, with ``perm``, in the input order (rows read and written through it).  ``valid``: int8
     ``[B, N]`` in the processing order, or None; with it ``sel.counts`` splits each tile's blocks
     into unmasked and masked ones.  ``dense``: query rows computed exactly over every key by
     programs of their own.  ``tma=False`` reads every tile through pointers even where tensor
-    descriptors would do (for A/B timing; the library keeps the default).  With ``return_kernel`` it returns Triton's compiled kernel (register
+    descriptors would do, and ``reorder=False`` launches an adaptive selection's tiles in tile order
+    instead of heaviest first (:func:`tile_order`); both for A/B timing, the library keeps the
+    defaults.  With ``return_kernel`` it returns Triton's compiled kernel (register
     and spill counts) instead.  ``stats.kvar`` (the log-normal tail) comes from :func:`pool` with
     ``lognormal=True``."""
     b, h, n, d = q.shape
@@ -693,7 +691,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     grid = (nq + num_blocks(n_dense, QUERY_TILE), b * h)
     ph = stats.blen  # a placeholder for the pointers a configuration never reads
     tile_counts = sel.tile_count is not None
-    tord = tile_order(sel) if tile_counts and TILE_REORDER else None
+    tord = tile_order(sel) if tile_counts and reorder else None
     compiled = _launch(
         _pisa_fwd_kernel, grid, key, _fallbacks(cfg),
         q, kk, vv, k, v, out, valid_t, sel.idx, sel.counts if sel.counts is not None else sel.idx, sel.mask,

@@ -111,16 +111,8 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
                     backend="triton")
                 out = fn()
                 label = "pisa-o1" + ("+ln" if tail == "lognormal" else "") + f"@{routing}"
-                extra = {"extra_mem_mb": _peak_extra_mb(fn)} if sp == 0.875 else {}
+                extra = {"extra_mem_mb": peak_extra_mb(fn)} if sp == 0.875 else {}
                 add(label, sp, time_ms(fn), out, ref, **extra)
-                if routing == "adaptive":
-                    from pisa_kernels import triton_kernels as tk
-
-                    tk.TILE_REORDER = False
-                    try:
-                        add(label.replace("@adaptive", "@adaptive-inorder"), sp, time_ms(fn), fn(), ref)
-                    finally:
-                        tk.TILE_REORDER = True
     sol = _sol_attn()
     if sol is not None:
         for sp in sparsities:
