@@ -64,7 +64,9 @@ class PISAPatch:
                     "default": "auto",
                     "tooltip": "How each query tile picks its exact blocks. topk: highest pooled attention "
                                "score. covariance: also favour blocks the Taylor approximation fits worst "
-                               "(a little more pre-processing). auto: covariance for images (FLUX), topk "
+                               "(a little more pre-processing). adaptive: the same number of exact blocks "
+                               "on average, shared between query tiles and heads by need (flat heads get "
+                               "more, concentrated ones fewer). auto: covariance for images (FLUX), topk "
                                "for video."}),
                 "verbose": ("BOOLEAN", {
                     "default": False,

@@ -17,7 +17,7 @@ from .library import check_sparsity
 BLOCK_SIZES = tuple(str(b) for b in _KERNEL_BLOCK_SIZES)
 TAYLOR_ORDERS = ("1", "0", "drop")
 TOKEN_ORDERS = ("auto", "raster")
-ROUTINGS = ("auto", "topk", "covariance")
+ROUTINGS = ("auto", "topk", "covariance", "adaptive")
 
 #: The node's tail, not a widget: every approximated block also weighs the spread of its keys'
 #: logits, which RoPE makes large.  Measured 32-47 % less error at real sizes on every generated
@@ -62,7 +62,7 @@ class PisaSettings:
     dense_blocks: frozenset[int] = frozenset({0})
     min_tokens: int = 8192
     tile_tokens: bool = True  # token_order "auto": compact space-time tiles where the layout is known
-    routing: str = "auto"  # "auto" (covariance for images, top-k for video), "topk" or "cov"
+    routing: str = "auto"  # "auto" (covariance for images, top-k for video), "topk", "cov" or "adaptive"
     verbose: bool = False
     #: pisa_kernels backend; not a widget.  ``PISA_BACKEND=reference`` (environment) makes the node
     #: run the PyTorch reference where Triton cannot run: slower than dense, for tests and debugging.

@@ -380,15 +380,11 @@ def _exact_mean(plan: _Plan, q) -> float:
     if not plan.adaptive or plan.exact_blocks == plan.blocks:
         return float(plan.exact_blocks)
     b, nq = q.shape[0], num_blocks(plan.tokens, QUERY_TILE)
-    k_mean = plan.k_mean if routing_mod.ADAPTIVE_BUDGET == "widget" else None
     step = _head_step(plan, q)
     chosen = tiles = 0
     for h0 in range(0, plan.heads, step):
         rows = b * min(step, plan.heads - h0)
-        if routing_mod.ADAPTIVE_SCOPE == "head":
-            chosen += rows * adaptive_budget(plan.k_top, k_mean, nq, plan.blocks, plan.n_forced)
-        else:
-            chosen += adaptive_budget(plan.k_top, k_mean, rows * nq, plan.blocks, plan.n_forced)
+        chosen += adaptive_budget(plan.k_top, plan.k_mean, rows * nq, plan.blocks, plan.n_forced)
         tiles += rows * nq
     return chosen / tiles + plan.n_forced
 
@@ -452,8 +448,7 @@ def _route(plan: _Plan, stats, kinds, heads: int, chunk: int, select):
     # computes it per tile from the pooled second moments.
     return route(stats, scale=plan.scale, k=plan.k_top, heads=heads, kinds=kinds, n_forced=plan.n_forced,
                  cov=plan.cov, tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk,
-                 select=select, adaptive=plan.adaptive,
-                 k_mean=plan.k_mean if routing_mod.ADAPTIVE_BUDGET == "widget" else None)
+                 select=select, adaptive=plan.adaptive, k_mean=plan.k_mean)
 
 
 def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid):

@@ -38,14 +38,10 @@ FORCED = 4
 #: (``k`` = :func:`topk_count`), forced blocks on top.
 ADAPTIVE_FLOOR_DIV = 4
 ADAPTIVE_CAP_MUL = 4
-#: Over which tiles adaptive routing shares its budget: ``"call"`` (every tile of every head routed
-#: together: a flat head can take blocks a concentrated one does not need) or ``"head"`` (each
-#: (batch, head) keeps ``k x NQ``).  Both keep the mean count of the call at ``k`` exactly.
-ADAPTIVE_SCOPE = "call"
-#: The adaptive budget: ``"widget"`` (``(1 - sparsity) x NB`` blocks per tile on average, rounded
-#: once per scope: the density the widget asks for, also where ``NB`` is small) or ``"matched"``
-#: (the top-k routing's ``topk_count`` per tile: comparisons at the same number of exact blocks).
-ADAPTIVE_BUDGET = "widget"
+#: Adaptive routing shares its budget over every tile of the call (every head routed together: a
+#: flat head takes blocks a concentrated one does not need; sharing within each head gained nothing,
+#: docs/fidelity.md), and the budget is the widget's density, ``(1 - sparsity) x NB`` blocks per
+#: tile on average, rounded once per call (``k_mean``; also where ``NB`` is small).
 
 
 @dataclass
@@ -278,7 +274,7 @@ def _order_keys_(x: torch.Tensor) -> torch.Tensor:
     return i.masked_fill_(nan, 0x7FFFFFFF)
 
 
-def adaptive_counts(share: torch.Tensor, budget: int, floor: int, scope: str) -> torch.Tensor:
+def adaptive_counts(share: torch.Tensor, budget: int, floor: int, scope: str = "call") -> torch.Tensor:
     """Blocks of the budget per tile (``[R, NQ]`` int32, forced blocks not counted) from each tile's
     block shares sorted in descending order, ranks ``floor .. cap - 1`` (``share [R, NQ, cap -
     floor]`` float32, see :func:`adaptive_route`; overwritten: it is scratch): every tile takes
@@ -326,7 +322,7 @@ def adaptive_counts(share: torch.Tensor, budget: int, floor: int, scope: str) ->
 
 def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
                    n_forced: int = 0, tail_bias: bool = False, chunk_bytes: int = ROUTING_CHUNK_BYTES,
-                   scope: str | None = None, k_mean: float | None = None) -> Selection:
+                   scope: str = "call", k_mean: float | None = None) -> Selection:
     """Adaptive routing: the call's budget of exact blocks, shared between tiles by need.
 
     Each tile ranks its blocks by their estimated share of the tile's softmax mass
@@ -334,8 +330,8 @@ def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kind
     correction; forced blocks first, then ties to the lower index, as :func:`top_blocks`).  Every
     tile takes its first ``floor`` blocks, at most ``cap`` (:func:`adaptive_limits`), and the rest of
     the budget (:func:`adaptive_budget`: ``k`` per tile, or ``k_mean`` per tile rounded once over
-    the scope) goes to the largest shares of the scope (:data:`ADAPTIVE_SCOPE`,
-    :func:`adaptive_counts`): one threshold on the normalised mass, which leaves the least estimated
+    the scope) goes to the largest shares of the scope (``"call"``: every tile; ``"head"``: each
+    (batch, head) keeps its own, :func:`adaptive_counts`): one threshold on the normalised mass, which leaves the least estimated
     mass to the tail for the budget.  The mean count over the scope is the budget's exactly, forced
     blocks on top.
 
@@ -343,7 +339,6 @@ def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kind
     tile's blocks first (ordered full, PARTIAL, EMPTY with ``kinds``).  No host synchronisation;
     scratch: 8 bytes per (tile, candidate rank) besides the score chunks.
     """
-    scope = ADAPTIVE_SCOPE if scope is None else scope
     if scope not in ("call", "head"):
         raise ValueError(f"adaptive scope must be 'call' or 'head', got {scope!r}")
     bh, nq, _ = stats.qbar.shape

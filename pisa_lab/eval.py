@@ -200,28 +200,17 @@ def method_name(order, tail: str = "plain") -> str:
     return base + ("+ln" if tail == "lognormal" and order != "drop" else "")
 
 
-#: Routings of the evaluation: the API's, and adaptive routing's variants ``adaptive:OPTS``
-#: (comma-separated): ``head`` shares the budget within each head instead of the call
-#: (routing.ADAPTIVE_SCOPE), ``matched`` spends the top-k routing's count per tile instead of the
-#: widget's density (routing.ADAPTIVE_BUDGET: the same number of exact blocks as ``topk``).
-ROUTINGS = ("auto",) + ROUTINGS_API + ("adaptive:matched", "adaptive:head", "adaptive:head,matched")
+#: Routings of the evaluation: the API's, and ``auto`` (the node's choice per set).
+ROUTINGS = ("auto",) + ROUTINGS_API
 
 
 def run_pisa(case: Case, *, order, sparsity: float, token_order: str, routing: str, backend: str,
              tail: str = "plain", with_stats: bool = False):
     """PISA as the node runs it; with ``with_stats`` also its :class:`PisaStats`."""
-    api_routing, _, opts = routing.partition(":")
-    opts = set(filter(None, opts.split(",")))
-    saved = routing_mod.ADAPTIVE_SCOPE, routing_mod.ADAPTIVE_BUDGET
-    routing_mod.ADAPTIVE_SCOPE = "head" if "head" in opts else "call"
-    routing_mod.ADAPTIVE_BUDGET = "matched" if "matched" in opts else "widget"
-    try:
-        out, st = pisa_attention(case.q, case.k, case.v, sparsity=sparsity, order=order, layout="BNHD",
-                                 sink_kv=case.exact or None, dense_q=case.exact or None, kv_valid=case.kv_valid,
-                                 token_perm=case.perm(token_order), routing=api_routing, tail=tail, backend=backend,
-                                 return_stats=True)
-    finally:
-        routing_mod.ADAPTIVE_SCOPE, routing_mod.ADAPTIVE_BUDGET = saved
+    out, st = pisa_attention(case.q, case.k, case.v, sparsity=sparsity, order=order, layout="BNHD",
+                             sink_kv=case.exact or None, dense_q=case.exact or None, kv_valid=case.kv_valid,
+                             token_perm=case.perm(token_order), routing=routing, tail=tail, backend=backend,
+                             return_stats=True)
     return (out, st) if with_stats else out
 
 
@@ -602,9 +591,8 @@ def main(argv=None) -> int:
     ap.add_argument("--token-orders", nargs="*", default=list(TOKEN_ORDERS),
                     help="raster, tiled (the node's order) and/or tile:FxHxW (another tile shape)")
     ap.add_argument("--routings", nargs="*", default=None, choices=list(ROUTINGS),
-                    help="default: auto on CPU (fast), topk and cov on CUDA; adaptive (the widget's density "
-                         "shared over the call's tiles), adaptive:matched (the top-k count per tile), "
-                         "adaptive:head (shared within each head)")
+                    help="default: auto on CPU (fast), topk and cov on CUDA; adaptive: the widget's density "
+                         "shared over the call's tiles by need")
     ap.add_argument("--tails", nargs="*", default=list(TAILS), choices=["auto", "plain", "lognormal"],
                     help="PISA tails (auto: the node's, log-normal)")
     ap.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"])

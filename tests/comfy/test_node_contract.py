@@ -13,7 +13,7 @@ CONTRACT = [  # (name, type or combo, default)
     ("dense_blocks", "STRING", "0"),
     ("min_tokens", "INT", 8192),
     ("token_order", ["auto", "raster"], "auto"),
-    ("routing", ["auto", "topk", "covariance"], "auto"),
+    ("routing", ["auto", "topk", "covariance", "adaptive"], "auto"),
     ("verbose", "BOOLEAN", False),
 ]
 

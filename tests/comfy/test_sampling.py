@@ -173,3 +173,18 @@ def test_a_second_pisa_patch_replaces_the_first(tiny, sample, patch):
     sample(tm, second, steps=2)
     assert second_state.last_summary["pisa_calls"] == 2 * tm.blocks
     assert first_state.last_summary is None
+
+
+def test_adaptive_routing_from_the_widget(tiny, sample, patch, call_log):
+    """routing = adaptive (issue 17): the node passes it on, and a run's effective density is the
+    top-k routing's within the rounding of the budget (the same number of exact blocks on average)."""
+    density = {}
+    for routing in ("topk", "adaptive"):
+        tm = tiny("wan")
+        patched, state = patch(call_log.install(tm.patcher), sparsity=0.5, routing=routing, **EVERYTHING_SPARSE)
+        sample(tm, patched, steps=2)
+        assert call_log.kernel_kwargs[-1]["routing"] == routing
+        stats = state.last_summary
+        assert stats["pisa_calls"] > 0, stats["text"]
+        density[routing] = stats["density"]
+    assert density["adaptive"] < 1.0 and abs(density["adaptive"] - density["topk"]) < 0.1, density

@@ -203,3 +203,21 @@ def same_selection_on_nonempty(mask_a: torch.Tensor, mask_b: torch.Tensor, blen:
     a, b = mask_a.cpu().bool(), mask_b.cpu().bool()
     nonempty = (blen.cpu() > 0).repeat_interleave(heads, dim=0)[:, None, :]  # [BH, 1, NB]
     return bool(((a == b) | ~nonempty).all())
+
+
+def adaptive_forward(q, k, v, *, sparsity: float, reorder: bool, lognormal: bool = False):
+    """The Triton path of an adaptive call by hand (pre-scan, adaptive routing at the widget's
+    budget, forward), so that the forward's launch order can be chosen (``attend(reorder=...)``);
+    ``[B, H, N, D]`` inputs, no mask, token order or sinks.  Returns ``(out, selection)``."""
+    from pisa_kernels import triton_kernels as tk
+    from pisa_kernels.routing import num_blocks, route, topk_count
+
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    b, h, n, d = q.shape
+    nb = num_blocks(n, 64)
+    stats = tk.pool(q, k, v, valid=None, block=64, first_order=True, cov=False, lognormal=lognormal)
+    sel = route(stats, scale=d ** -0.5, k=topk_count(sparsity, nb), heads=h, select=tk.top_blocks, adaptive=True,
+                k_mean=(1.0 - sparsity) * nb)
+    out = torch.empty_like(q)
+    tk.attend(q, k, v, out, valid=None, stats=stats, sel=sel, scale=d ** -0.5, block=64, order=1, reorder=reorder)
+    return out, sel

@@ -27,7 +27,7 @@ PISA_CONTRACT = {
         "dense_blocks": ["STRING", {"default": "0"}],
         "min_tokens": ["INT", {"default": 8192, "min": 0, "max": 1000000, "step": 256}],
         "token_order": [["auto", "raster"], {"default": "auto"}],
-        "routing": [["auto", "topk", "covariance"], {"default": "auto"}],
+        "routing": [["auto", "topk", "covariance", "adaptive"], {"default": "auto"}],
         "verbose": ["BOOLEAN", {"default": False}],
     }},
     "output": ["MODEL"],
