@@ -17,7 +17,6 @@ from typing import Sequence, Union
 import torch
 
 from . import reference
-from . import routing as routing_mod
 from .backend import resolve_backend
 from .errors import KernelDoesNotFit
 from .limits import BLOCK_SIZES, ROUTINGS, SUPPORTED_DTYPES, TAILS, TRITON_MAX_HEAD_DIM, check_sparsity

@@ -46,7 +46,6 @@ import torch
 
 from . import workloads
 from pisa_kernels import pisa_attention
-from pisa_kernels import routing as routing_mod
 from pisa_kernels.capture_format import read_capture
 from pisa_kernels.limits import ROUTINGS as ROUTINGS_API
 from pisa_kernels.routing import forced_blocks_from_tokens

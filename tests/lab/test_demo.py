@@ -5,7 +5,6 @@ errors, and the plot and JSON are written."""
 import json
 import math
 
-import torch
 
 from pisa_lab import demo
 
