@@ -6,7 +6,8 @@
 #     the GPU suite (scripts/gpu_tests.py: tests/kernels/test_gpu.py and the 2,000-case GPU fuzz),
 #     the real-size soak (python -m pisa_lab.e2e.soak, 20 runs), the fidelity eval at real sizes
 #   phase 2, alone on the GPU: the kernel benchmark (python -m pisa_lab.bench), dense and PISA
-#     and Sol-Attn (when comfy-kitchen is carried in .comfy/kitchen) in one process.
+#     and Sol-Attn (when comfy-kitchen is carried in .comfy/kitchen) in one process, on random
+#     inputs (the presets' sparsities, both tails, top-k and adaptive routing) and on DiT-like ones.
 #
 # Carry [".comfy"] (scripts/prepare_comfy_for_device.sh; comfy-kitchen via
 # ../shared/tools/comfy-kitchen-for-device.sh .comfy/kitchen).  PISA_COMMIT names the commit.
@@ -20,22 +21,29 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "commit ${PISA_COMMIT:-unknown}; $(date -u +%FT%TZ)"
 
 t0=$(date +%s)
-python3 scripts/gpu_tests.py --from 0 --jobs "${GPU_JOBS:-14}" --budget "${GPU_TESTS_BUDGET:-300}" \
+python3 scripts/gpu_tests.py --from 0 --jobs "${GPU_JOBS:-14}" --budget "${GPU_TESTS_BUDGET:-330}" \
   > "$OUT/gpu_tests.log" 2>&1 &
 tests=$!
 COMFYUI_PATH=.comfy/ComfyUI timeout 240 python3 -m pisa_lab.e2e.soak --runs 20 --json "$OUT/soak.json" \
   > "$OUT/soak.log" 2>&1 &
 soak=$!
-timeout 240 python3 -m pisa_lab.eval --sets full --sparsities 0.75 0.875 0.94 --tails lognormal \
-  --json "$OUT/eval.json" --out "$OUT/eval" ${EVAL_ARGS:-} > "$OUT/eval.log" 2>&1 &
+PYTHONPATH=.comfy/kitchen${PYTHONPATH:+:$PYTHONPATH} timeout 300 python3 -m pisa_lab.eval --sets full \
+  --sparsities 0.75 0.875 0.94 --tails lognormal --routings topk cov adaptive \
+  --json "$OUT/eval.json" --out "$OUT/eval" > "$OUT/eval.log" 2>&1 &
 eval_pid=$!
-wait $tests; echo "gpu_tests rc $?"; grep -E "^(group|summary|not run|all|FAIL|PASS)|passed|failed" "$OUT/gpu_tests.log" | tail -20
-wait $soak; echo "soak rc $?"; tail -1 "$OUT/soak.log" | cut -c1-1200
-wait $eval_pid; echo "eval rc $?"; tail -4 "$OUT/eval.log"
+wait $tests; echo "gpu_tests rc $?"; tail -18 "$OUT/gpu_tests.log"
+wait $soak; echo "soak rc $?"; tail -1 "$OUT/soak.log" | cut -c1-1500
+wait $eval_pid; echo "eval rc $?"; tail -3 "$OUT/eval.log"
 echo "phase 1: $(( $(date +%s) - t0 )) s"
 
-PYTHONPATH=.comfy/kitchen${PYTHONPATH:+:$PYTHONPATH} timeout "${BENCH_TIMEOUT:-240}" python3 -m pisa_lab.bench \
-  --sparsities 0.875 0.94 --tails plain lognormal ${BENCH_ARGS:-} --json "$OUT/bench.json" --md "$OUT/bench.md" \
-  > "$OUT/bench.log" 2>&1
-echo "bench rc $?"; tail -40 "$OUT/bench.log"
+# phase 2, one benchmark at a time (each writes its JSON when it ends)
+bench() {  # name, timeout, args...
+  local name=$1 limit=$2; shift 2
+  PYTHONPATH=.comfy/kitchen${PYTHONPATH:+:$PYTHONPATH} timeout "$limit" python3 -m pisa_lab.bench "$@" \
+    --json "$OUT/$name.json" --md "$OUT/$name.md" > "$OUT/$name.log" 2>&1
+  echo "$name rc $?: $(( $(date +%s) - t0 )) s"; tail -45 "$OUT/$name.log" | cut -c1-160
+}
+bench bench_random "${BENCH_TIMEOUT:-170}" --sparsities 0.75 0.875 0.94 --tails plain lognormal --routings topk adaptive
+bench bench_dit "${BENCH_DIT_TIMEOUT:-110}" --data dit --shapes wan720 hunyuan720 --sparsities 0.875 \
+  --tails lognormal --routings topk adaptive
 echo "total: $(( $(date +%s) - t0 )) s"
