@@ -350,7 +350,9 @@ def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kind
     kinds_rows = kinds[batch_of].unsqueeze(1) if kinds is not None else None  # [BH, 1, NB]
     share = torch.empty(bh, nq, cap - floor, dtype=torch.float32, device=device)  # the candidates
     order = torch.empty(bh, nq, width, dtype=torch.int32, device=device)
-    rows = max(1, chunk_bytes // max(1, nq * nb * 4))
+    # per (tile, block) of a chunk: its fp32 score and the sort's values (4 B) and int64 indices
+    # (8 B), so a chunk of the same byte budget holds a quarter of the rows the top-k path does
+    rows = max(1, chunk_bytes // max(1, nq * nb * 16))
     for s in range(0, bh, rows):
         e = min(bh, s + rows)
         score = torch.empty(e - s, nq, nb, dtype=stats.kbar.dtype, device=device)
