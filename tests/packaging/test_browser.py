@@ -261,7 +261,7 @@ def test_bundled_workflows_in_headless_chromium(root, tmp_path):
         assert "preset" in tips["preset"] and "last run" in tips["pisa_stats"], tips
         assert tips["stats_title"] in (None, tips["pisa_stats"]), tips  # a text box only where STRING is a DOM widget
         assert pisa["stats"] == "PISA 360/400 attention calls sparse", pisa["stats"]
-        assert pisa["after"]["sparsity"] == pytest.approx(0.94) and pisa["after"]["block_size"] == "128"
+        assert pisa["after"]["sparsity"] == pytest.approx(0.94) and pisa["after"]["block_size"] == "64"
         assert len(pisa["values"]) == 9 and not {"preset", "pisa_stats"} & set(pisa["apiInputs"]), pisa
     assert Path(artifacts / f"{WORKFLOWS[0].stem}.png").stat().st_size > 10_000
 
