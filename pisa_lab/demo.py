@@ -67,7 +67,9 @@ def _timer(device: torch.device):
     return once
 
 
-def run(set_name: str, size: str, device: torch.device, sparsities=SPARSITIES) -> dict:
+def run(set_name: str, size: str, device: torch.device, sparsities=SPARSITIES, sol=None) -> dict:
+    """The table's rows on one workload.  ``sol``: ``(fn, description)`` of the Sol-Attn peer; by
+    default the compiled kernel where comfy_kitchen has one for this GPU, none on the CPU."""
     case = pisa_eval.cases_from_sets([f"{set_name}:{size}"], seed=0, device=device)[0]
     ref = pisa_eval.dense_reference(case)
     timer = _timer(device)
@@ -75,7 +77,9 @@ def run(set_name: str, size: str, device: torch.device, sparsities=SPARSITIES) -
     dense_ms = timer(lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh))
     backend = "triton" if device.type == "cuda" else "reference"
     # Sol-Attn only where its compiled kernel runs (its CPU fallback is another method: eager, fp32)
-    sol, sol_note = pisa_eval.sol_peer(device) if device.type == "cuda" else (None, "GPU only")
+    if sol is None:
+        sol = pisa_eval.sol_peer(device) if device.type == "cuda" else (None, "GPU only")
+    sol, sol_note = sol
     methods = [m for m in METHODS if case.has_order(m.token_order)] + ([SOL] if sol is not None else [])
     rows = []
     for m in methods:

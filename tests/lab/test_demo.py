@@ -5,6 +5,9 @@ errors, and the plot and JSON are written."""
 import json
 import math
 
+import pytest
+import torch
+
 
 from pisa_lab import demo
 
@@ -28,3 +31,20 @@ def test_demo_lines_name_what_they_run(tmp_path):
     assert result["timed"] is False and result["backend"] == "reference"
 
 
+
+
+def test_the_sol_line_where_a_peer_runs():
+    """Where Sol-Attn runs (a GPU with comfy_kitchen), its line comes last, at every sparsity, called
+    with the tiled order and the density of that sparsity (a stand-in peer with its signature)."""
+    calls = []
+
+    def peer(q, k, v, topk_ratio=None, **kwargs):
+        calls.append(topk_ratio)
+        return torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2).float() for t in (q, k, v))).transpose(1, 2)
+
+    result = demo.run("wan-video", "tiny", torch.device("cpu"), sparsities=(0.75, 0.875), sol=(peer, "stand-in"))
+    labels = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    assert labels[-1] == demo.SOL.label and labels[0] == demo.METHODS[0].label
+    assert calls[::2] == pytest.approx([0.25, 0.125], abs=1e-9) and result["sol"] == "stand-in"
+    assert all(r["rel_l2"] < 1e-3 for r in result["rows"] if r["method"] == demo.SOL.label)  # dense stand-in
