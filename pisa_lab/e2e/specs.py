@@ -104,8 +104,9 @@ DEPTH_KEYS = {"wan": ("num_layers",), "flux": ("depth", "depth_single_blocks"),
 COMPILE_TOY_SPECS = {s.family: s for s in TOY_SPECS.values()}
 
 
-#: Rough H100 seconds of each case's essential passes with --quick (for --budget-s only).
-ESTIMATE_S = {"wan2.1-14b-720p": 130, "hunyuan-video-720p": 130, "hunyuan-video-720p-nomask": 100,
+#: Rough H100/H200 seconds of each case's essential passes with --quick (for --budget-s only; the
+#: 720p cases measured 143 s and 156 s on an H200 with the full-size sparse warm-up, --profile on).
+ESTIMATE_S = {"wan2.1-14b-720p": 150, "hunyuan-video-720p": 160, "hunyuan-video-720p-nomask": 130,
               "wan2.1-1.3b-480p": 25, "flux1-dev-1024": 15, "flux1-dev-2048": 25, "compile": 90}
 
 
