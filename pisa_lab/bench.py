@@ -75,8 +75,7 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
                 routings=("topk",)) -> list[dict]:
     """Dense SDPA, PISA (every order with the plain tail; order 1 with each other tail in ``tails``)
     and Sol-Attn on one set of inputs.  Each routing of ``routings`` other than ``topk`` adds order 1
-    with every tail (``pisa-o1@adaptive``; for adaptive routing also without the heaviest-first tile
-    order, ``@adaptive-inorder``: the load balance's share of the time)."""
+    with every tail (``pisa-o1@adaptive``)."""
     from torch.nn.attention import SDPBackend
 
     dev = torch.device("cuda")

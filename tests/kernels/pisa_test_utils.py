@@ -221,3 +221,18 @@ def adaptive_forward(q, k, v, *, sparsity: float, reorder: bool, lognormal: bool
     out = torch.empty_like(q)
     tk.attend(q, k, v, out, valid=None, stats=stats, sel=sel, scale=d ** -0.5, block=64, order=1, reorder=reorder)
     return out, sel
+
+
+def joint_text_case(b: int, dtype, seed: int):
+    """The node's HunyuanVideo-like call at test size: ``[text | grid]`` with 40 text tokens (the
+    last 15 padding), a 13 x 20 grid, the text exact as keys and rows, the joint token order.
+    Returns ``(q, k, v, keyword arguments)``."""
+    from pisa_kernels.tiling import joint_permutation
+
+    grid, n_text = (13, 20), 40
+    n = n_text + grid[0] * grid[1]
+    q, k, v = rand_qkv(b, 2, n, 64, dtype=dtype, seed=seed, v_shift=0.5)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[:, 25:n_text] = False
+    return q, k, v, {"kv_valid": valid, "sink_kv": [(0, n_text)], "dense_q": [(0, n_text)],
+                     "token_perm": joint_permutation(n, grid, n_text)}

@@ -20,8 +20,7 @@ from pisa_kernels import pisa_attention
 from pisa_kernels import routing as R
 from pisa_kernels.limits import ROUTINGS
 from pisa_kernels.routing import EMPTY, FORCED, PARTIAL, PooledStats, block_kinds, route, topk_count
-from pisa_kernels.tiling import joint_permutation
-from pisa_test_utils import adaptive_forward, capture_routing, max_err, rand_qkv, selection_of
+from pisa_test_utils import adaptive_forward, capture_routing, joint_text_case, max_err, rand_qkv, selection_of
 
 
 def make_stats(bh=4, nq=5, nb=16, d=8, b=1, seed=0, blen=None, tied=False, second=False):
@@ -323,13 +322,8 @@ def test_triton_node_paths(dtype, case, triton_device):
         valid[1, 200:230] = False
         kw.update(kv_valid=valid, sink_kv=[(0, 128)], dense_q=[(0, 128)])
     elif case == "joint_perm":
-        grid, n_text = (13, 20), 40
-        n = n_text + grid[0] * grid[1]
-        q, k, v = rand_qkv(b, 2, n, 64, dtype=dtype, seed=22, v_shift=0.5)
-        valid = torch.ones(b, n, dtype=torch.bool)
-        valid[:, 25:n_text] = False
-        kw.update(kv_valid=valid, sink_kv=[(0, n_text)], dense_q=[(0, n_text)],
-                  token_perm=joint_permutation(n, grid, n_text))
+        q, k, v, joint = joint_text_case(b, dtype, seed=22)
+        kw.update(joint)
     else:
         q, k, v = rand_qkv(b, 2, 900, 64, dtype=dtype, seed=23, v_shift=0.5)
         kw.update(block_size=128, kv_valid=torch.tensor([900, 611]), order=0, sparsity=0.6)

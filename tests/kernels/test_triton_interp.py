@@ -21,7 +21,7 @@ from pisa_kernels import pisa_attention
 from pisa_kernels import reference as ref_mod
 from pisa_kernels import routing
 from pisa_kernels.tiling import joint_permutation, tile_permutation
-from pisa_test_utils import (capture_routing, max_err, rand_qkv, same_selection_on_nonempty, selection_of,
+from pisa_test_utils import (capture_routing, joint_text_case, max_err, rand_qkv, same_selection_on_nonempty, selection_of,
                              strided_variant, structured_qkv)
 
 
@@ -307,13 +307,8 @@ def test_masked_blocks_sinks_and_dense_rows(dtype, case, triton_device):
         q, k, v = (torch.cat([t, t[:1].flip(2)]) for t in (q, k, v))  # B = 3
         kw.update(kv_valid=torch.tensor([n, 137, 64]), sink_kv=[(280, n)], dense_q=[(280, n)])
     else:  # [text | grid], text padded at its end, joint token order (the node's HunyuanVideo call)
-        grid, n_text = (13, 20), 40
-        n = n_text + grid[0] * grid[1]
-        q, k, v = rand_qkv(b, 2, n, 64, dtype=dtype, seed=47, v_shift=0.5)
-        valid = torch.ones(b, n, dtype=torch.bool)
-        valid[:, 25:n_text] = False
-        kw.update(kv_valid=valid, sink_kv=[(0, n_text)], dense_q=[(0, n_text)],
-                  token_perm=joint_permutation(n, grid, n_text))
+        q, k, v, joint = joint_text_case(b, dtype, seed=47)
+        kw.update(joint)
     compare(q, k, v, triton_device, **kw)
 
 
