@@ -17,7 +17,7 @@ from typing import Sequence, Union
 import torch
 
 from . import reference
-from .backend import resolve_backend
+from .backend import hopper_unavailable_reason, resolve_backend
 from .errors import KernelDoesNotFit
 from .limits import BLOCK_SIZES, ROUTINGS, SUPPORTED_DTYPES, TAILS, TRITON_MAX_HEAD_DIM, check_sparsity
 from .routing import (QUERY_TILE, adaptive_budget, block_kinds, exact_order, forced_blocks_from_tokens, num_blocks,
@@ -182,6 +182,9 @@ class _Plan:
     heads: int
     tokens: int
     backend: str
+    #: the Triton backend's forward kernel: "gluon" (pisa_kernels.hopper_kernel, sm90; raises where it
+    #: cannot run), "triton" (the portable one) or "auto" (gluon where it can run the call, else triton)
+    forward: str
     block: int
     order: int
     cov: bool
@@ -274,8 +277,9 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
     dense_rows = _token_mask(dense_q, n, "dense_q")
     perms = _check_perm(token_perm, n, dev)
     be = resolve_backend(backend, dev)
+    forward = backend if backend in ("triton", "gluon") else "auto"
     if be == "triton" and (d > TRITON_MAX_HEAD_DIM or q.dtype == torch.float64):
-        if backend == "triton":
+        if backend in ("triton", "gluon"):
             raise ValueError(f"backend='triton' supports head dim <= {TRITON_MAX_HEAD_DIM} and "
                              f"bf16/fp16/fp32; got D={d}, {q.dtype}")
         be = "reference"
@@ -287,7 +291,7 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
     if dense_rows is not None:
         dense_idx = dense_rows.nonzero().squeeze(1).to(dev)
         dense_flags = (dense_rows[perms[1]] if perms is not None else dense_rows).to(dev, torch.int8)
-    return _Plan(layout=layout, heads=h, tokens=n, backend=be, block=block_size, order=order,
+    return _Plan(layout=layout, heads=h, tokens=n, backend=be, forward=forward, block=block_size, order=order,
                  cov=routing == "cov", adaptive=routing == "adaptive",
                  lognormal=tail == "lognormal" and order >= 0,
                  moments=tail == "lognormal" and (order >= 0 or routing == "adaptive"), scale=scale, blocks=nb,
@@ -332,7 +336,10 @@ def pisa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sparsit
             spread of the logits inside a block adds, which RoPE makes large in compact 2-D / 3-D
             tiles).  The node's choice: 32-47 % less error at real sizes, 5-10 % more kernel time at
             a fixed sparsity (docs/fidelity.md).
-        backend: ``"triton"``, ``"reference"`` or ``"auto"`` (Triton where it runs, else reference;
+        backend: ``"triton"``, ``"gluon"``, ``"reference"`` or ``"auto"`` (Triton where it runs, else
+            reference, and on sm90 the Gluon forward kernel (:mod:`pisa_kernels.hopper_kernel`) for the
+            calls it covers, the Triton one for the rest or where it fails, with a warning;
+            ``"triton"`` always the portable Triton kernel, ``"gluon"`` always the Hopper one;
             also the reference, with a warning, where no kernel configuration fits the GPU's shared
             memory for this call, e.g. fp32 of head dim 128 on sm86/89; ``"triton"`` then raises
             :class:`pisa_kernels.backend.KernelDoesNotFit`).
@@ -471,9 +478,45 @@ def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid):
     if plan.dense_idx is not None:
         every = kinds if kinds is not None else torch.zeros_like(stats.blen, dtype=torch.int8)
         dense = tk.DenseRows(plan.dense_idx, plan.dense_flags, *exact_order(every))
-    tk.attend(qh, *kv, out_h, valid=valid8, stats=stats, sel=sel, scale=plan.scale, block=plan.block,
-              order=plan.order, perm=plan.perm, dense=dense)
+    if not _hopper_attend(plan, qh, kv, out_h, valid8, stats, sel, dense):
+        tk.attend(qh, *kv, out_h, valid=valid8, stats=stats, sel=sel, scale=plan.scale, block=plan.block,
+                  order=plan.order, perm=plan.perm, dense=dense)
     return sel
+
+
+#: (device, dtype, head dim, order, tail) of calls whose Hopper kernel failed to compile or launch:
+#: they keep the Triton kernel for the rest of the process (warned once).
+_HOPPER_FAILED: set = set()
+
+
+def _hopper_attend(plan: _Plan, qh, kv, out_h, valid8, stats, sel, dense) -> bool:
+    """The forward pass with the Gluon Hopper kernel where the plan and the call allow it; False
+    where the Triton kernel must run instead (another GPU, a call it does not cover, or a failure,
+    warned once; ``backend="gluon"`` raises instead)."""
+    if plan.forward == "triton" or (plan.forward == "auto" and hopper_unavailable_reason(qh.device) is not None):
+        return False
+    from . import hopper_kernel as hk
+    from . import triton_kernels as tk
+
+    why = hk.unsupported_reason(qh, *kv, valid=valid8, dense=dense, block=plan.block, stats=stats)
+    if why is not None:
+        if plan.forward == "gluon":
+            raise ValueError(f"backend='gluon' does not cover this call: {why}")
+        return False
+    key = (qh.device, qh.dtype, qh.shape[-1], plan.order, stats.kvar is not None)
+    if key in _HOPPER_FAILED and plan.forward == "auto":
+        return False
+    try:
+        hk.attend(qh, *kv, out_h, stats=stats, sel=sel, scale=plan.scale, block=plan.block, order=plan.order,
+                  perm=plan.perm, tile_order=tk.tile_order(sel) if sel.tile_count is not None else None)
+    except Exception as exc:  # a Gluon that compiles this kernel differently: the portable kernel runs
+        if plan.forward == "gluon":
+            raise
+        _HOPPER_FAILED.add(key)
+        warnings.warn(f"PISA's Hopper kernel failed ({type(exc).__name__}: {exc}); the Triton kernel runs such "
+                      "calls instead", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _attend_heads_reference(plan: _Plan, qh, kh, vh, out_h, valid):

@@ -13,6 +13,11 @@ import os
 import torch
 
 MIN_CAPABILITY = (8, 0)
+#: The Gluon forward kernel (pisa_kernels.hopper_kernel) is for sm90 only (its wgmma and register
+#: reallocation are Hopper's), and Gluon's API still changes between Triton releases: it runs with
+#: the releases it was validated with on a GPU (docs/kernels.md); elsewhere the Triton kernel runs.
+HOPPER_CAPABILITY = (9, 0)
+HOPPER_TRITON_VERSIONS = ("3.6.",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,6 +32,34 @@ def triton_import_error() -> str | None:
     except Exception as exc:  # ImportError, or an old Triton lacking what the kernels use
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_import_error() -> str | None:
+    try:
+        from . import hopper_kernel  # noqa: F401
+    except Exception as exc:  # no Gluon in this Triton, or a Gluon without what the kernel uses
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def hopper_unavailable_reason(device: torch.device) -> str | None:
+    """``None`` if the Gluon Hopper forward kernel can run on ``device``, else why not."""
+    reason = triton_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    if device.type != "cuda":
+        return "the Hopper kernel runs on CUDA GPUs only"
+    cap = torch.cuda.get_device_capability(device.index if device.index is not None else torch.cuda.current_device())
+    if cap != HOPPER_CAPABILITY:
+        return f"GPU capability sm{cap[0]}{cap[1]} is not Hopper's sm90"
+    import triton
+
+    if not triton.__version__.startswith(HOPPER_TRITON_VERSIONS):
+        tested = ", ".join(v.rstrip(".") for v in HOPPER_TRITON_VERSIONS)
+        return f"Triton {triton.__version__}: the Hopper kernel is validated with Triton {tested}"
+    err = _hopper_import_error()
+    return f"Gluon is not usable ({err})" if err is not None else None
 
 
 def interpreter_enabled() -> bool:
@@ -56,11 +89,18 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
-    """Map ``"auto"`` to ``"triton"`` or ``"reference"``; refuse ``"triton"`` where it cannot run."""
-    if requested not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {requested!r}")
+    """Map ``"auto"`` to ``"triton"`` or ``"reference"``; refuse ``"triton"`` where it cannot run.
+    ``"gluon"`` (the Triton backend with the Hopper forward kernel) is ``"triton"`` here and
+    refused where :func:`hopper_unavailable_reason` says so."""
+    if requested not in ("auto", "triton", "gluon", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'gluon' or 'reference', got {requested!r}")
     if requested == "reference":
         return "reference"
+    if requested == "gluon":
+        reason = hopper_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend='gluon' cannot run here: {reason}")
+        return "triton"
     reason = triton_unavailable_reason(device)
     if reason is None:
         # On CPU the interpreter is a test vehicle, not a speed path: auto keeps the reference.
@@ -78,5 +118,6 @@ def describe(device: torch.device | str | None = None) -> str:
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     reason = triton_unavailable_reason(device)
     if reason is None and device.type == "cuda":
-        return f"PISA runs the Triton kernels on {torch.cuda.get_device_name(device)}"
+        kernel = "its Hopper forward kernel" if hopper_unavailable_reason(device) is None else "the Triton kernels"
+        return f"PISA runs {kernel} on {torch.cuda.get_device_name(device)}"
     return f"PISA runs the PyTorch reference on {device.type} ({reason or 'Triton interpreter only'})"

@@ -72,10 +72,12 @@ def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: boo
 
 def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 128, seed: int = 0,
                 sparsities=SPARSITIES, orders=ORDERS, block: int = 64, tails=("plain",),
-                routings=("topk",)) -> list[dict]:
+                routings=("topk",), kernels=("triton",)) -> list[dict]:
     """Dense SDPA, PISA (every order with the plain tail; order 1 with each other tail in ``tails``)
     and Sol-Attn on one set of inputs.  Each routing of ``routings`` other than ``topk`` adds order 1
-    with every tail (``pisa-o1@adaptive``)."""
+    with every tail (``pisa-o1@adaptive``).  Each PISA row runs with every forward kernel of
+    ``kernels`` (``pisa_attention``'s backend ``triton`` or ``gluon``; rows of the Hopper kernel
+    are labelled ``/gluon``); the pre-scan, the routing and the memory are measured with the first."""
     from torch.nn.attention import SDPBackend
 
     dev = torch.device("cuda")
@@ -93,25 +95,29 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
     add("dense-flash", 0.0, time_ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)), out, ref)
     runs = [(order, "plain") for order in orders] + [(1, t) for t in tails if t != "plain" and 1 in orders]
     for sp in sparsities:
-        for order, tail in runs:
-            fn = lambda: pisa_attention(q, k, v, sparsity=sp, order=order, layout="BNHD", block_size=block,
-                                        tail=tail, backend="triton")
-            out = fn()
-            extra = {}
-            if order == 1 and sp == 0.875:
-                extra = dict(prescan_routing_ms=prescan_routing_ms(q, k, v, sp, block, tail == "lognormal"),
-                             extra_mem_mb=peak_extra_mb(fn),
-                             qkv_mb=3 * q.numel() * q.element_size() / 2**20)
-            add(f"pisa-o{order}" + ("+ln" if tail == "lognormal" else ""), sp, time_ms(fn), out, ref, **extra)
-        for routing in (r for r in routings if r != "topk"):
-            for tail in dict.fromkeys(("plain",) + tuple(tails)):
-                fn = lambda sp=sp, tail=tail, routing=routing: pisa_attention(
-                    q, k, v, sparsity=sp, order=1, layout="BNHD", block_size=block, tail=tail, routing=routing,
-                    backend="triton")
+        for kernel in kernels:
+            suffix = "" if kernel == "triton" else f"/{kernel}"
+            first = kernel == kernels[0]
+            for order, tail in runs:
+                fn = lambda sp=sp, order=order, tail=tail, kernel=kernel: pisa_attention(
+                    q, k, v, sparsity=sp, order=order, layout="BNHD", block_size=block, tail=tail, backend=kernel)
                 out = fn()
-                label = "pisa-o1" + ("+ln" if tail == "lognormal" else "") + f"@{routing}"
-                extra = {"extra_mem_mb": peak_extra_mb(fn)} if sp == 0.875 else {}
-                add(label, sp, time_ms(fn), out, ref, **extra)
+                extra = {}
+                if first and order == 1 and sp == 0.875:
+                    extra = dict(prescan_routing_ms=prescan_routing_ms(q, k, v, sp, block, tail == "lognormal"),
+                                 extra_mem_mb=peak_extra_mb(fn),
+                                 qkv_mb=3 * q.numel() * q.element_size() / 2**20)
+                add(f"pisa-o{order}" + ("+ln" if tail == "lognormal" else "") + suffix, sp, time_ms(fn), out, ref,
+                    **extra)
+            for routing in (r for r in routings if r != "topk"):
+                for tail in dict.fromkeys(("plain",) + tuple(tails)):
+                    fn = lambda sp=sp, tail=tail, routing=routing, kernel=kernel: pisa_attention(
+                        q, k, v, sparsity=sp, order=1, layout="BNHD", block_size=block, tail=tail, routing=routing,
+                        backend=kernel)
+                    out = fn()
+                    label = "pisa-o1" + ("+ln" if tail == "lognormal" else "") + f"@{routing}" + suffix
+                    extra = {"extra_mem_mb": peak_extra_mb(fn)} if first and sp == 0.875 else {}
+                    add(label, sp, time_ms(fn), out, ref, **extra)
     sol = _sol_attn()
     if sol is not None:
         for sp in sparsities:
@@ -149,6 +155,8 @@ def main(argv=None) -> int:
                     help="tails of order 1 (plain: the paper's; lognormal: the node's in tiled order)")
     ap.add_argument("--routings", nargs="*", default=["topk"], choices=["topk", "cov", "adaptive"],
                     help="routings of order 1 besides topk (adaptive also times its tiles in launch order)")
+    ap.add_argument("--kernels", nargs="*", default=["triton"], choices=["triton", "gluon"],
+                    help="forward kernels of the PISA rows (gluon: the Hopper kernel, sm90)")
     ap.add_argument("--json", help="write rows and environment to this file")
     ap.add_argument("--md", help="write the table as markdown (with the environment) to this file")
     ap.add_argument("--extra-n", nargs="*", type=int, default=[],
@@ -172,12 +180,12 @@ def main(argv=None) -> int:
             n, h = SHAPES[name]
             sps = tuple(args.sparsities) + ((0.85,) if name == "flux1024" and 0.85 not in args.sparsities else ())
             rows += bench_shape(name, n, h, data=data, sparsities=sps, block=args.block_size, tails=tuple(args.tails),
-                                routings=tuple(args.routings))
+                                routings=tuple(args.routings), kernels=tuple(args.kernels))
             print(format_table([r for r in rows if r["shape"] == name and r["data"] == data]), flush=True)
     for n in args.extra_n:
         for data in args.data:
             rows += bench_shape(f"N{n}", n, 24, data=data, sparsities=(0.75, 0.875), orders=(1,),
-                                block=args.block_size, tails=tuple(args.tails))
+                                block=args.block_size, tails=tuple(args.tails), kernels=tuple(args.kernels))
             print(format_table([r for r in rows if r["shape"] == f"N{n}" and r["data"] == data]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
