@@ -34,7 +34,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                               warpgroup_mma_init, warpgroup_mma_wait)
+                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
@@ -94,8 +94,14 @@ def _box(buf, BLOCK_N: gl.constexpr, D: gl.constexpr, desc_layout: gl.constexpr)
 
 
 @gluon.jit
+def _load_first_order(hm_desc, hbuf, hm_bar, bh, D: gl.constexpr):
+    mbarrier.expect(hm_bar, hm_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], hm_bar, hbuf)
+
+
+@gluon.jit
 def _loader(k_desc, v_desc, kb_desc, vm_desc, kv_desc, hm_desc, IDX, CNT, TORD, kbuf, vbuf, cbuf, hbuf,
-            ready, empty, hm_bar, NQ, NB, KT,
+            ready, empty, hm_bar, tail_done, NQ, NB, KT,
             BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
             LOGNORMAL: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr):
     """The producer warp: every stage's TMA copies, in the consumers' order."""
@@ -103,9 +109,8 @@ def _loader(k_desc, v_desc, kb_desc, vm_desc, kv_desc, hm_desc, IDX, CNT, TORD, 
     tile = bh.to(gl.int64) * NQ + qt
     n_exact = _exact_count(CNT, tile, KT, TILE_COUNTS)
     box: gl.constexpr = k_desc.layout
-    if ORDER == 1:
-        mbarrier.expect(hm_bar, hm_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], hm_bar, hbuf)
+    if ORDER == 1 and not LOGNORMAL:
+        _load_first_order(hm_desc, hbuf, hm_bar, bh, D)
     for i in range(n_exact):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # (a new barrier passes phase 1)
@@ -128,6 +133,9 @@ def _loader(k_desc, v_desc, kb_desc, vm_desc, kv_desc, hm_desc, IDX, CNT, TORD, 
                 mbarrier.expect(bar, 2 * kb_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(kb_desc, [bh, g * BLOCK_N, 0], bar, _box(kbuf.index(s), BLOCK_N, D, box))
             tma.async_copy_global_to_shared(vm_desc, [bh, g * BLOCK_N, 0], bar, _box(vbuf.index(s), BLOCK_N, D, box))
+        if ORDER == 1 and LOGNORMAL:  # its buffer held the tail's E[q^2] rows until both consumers are done
+            mbarrier.wait(tail_done, 0)
+            _load_first_order(hm_desc, hbuf, hm_bar, bh, D)
 
 
 @gluon.jit
@@ -146,7 +154,8 @@ def _exact_softmax(sc, j, cols, N, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr, dt
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf,
-              ready, empty, hm_bar, sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
+              ready, empty, hm_bar, tail_done, sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale,
+              c_scale,
               BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
               LOGNORMAL: gl.constexpr, HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr,
               REORDER: gl.constexpr):
@@ -189,41 +198,32 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
     zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
     cols = gl.arange(0, BLOCK_N, layout=col_s)
 
-    # Phase 1: the exact blocks, software-pipelined inside the warpgroup as in FlashAttention-3:
-    # block i+1's QK^T runs on the tensor cores while block i's softmax runs, block i's PV while
-    # block i+1's softmax runs (the last block, with nothing after it, is peeled off the loop).
-    if n_exact > 0:
-        run = warpgroup_mma_init(acc)  # (the accumulator while its PV may be in flight)
-        mbarrier.wait(ready.index(0), 0)
-        sc = warpgroup_mma(qs, kbuf.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    # Phase 1: the exact blocks.  Each wgmma is waited for at once: the two warpgroups interleave
+    # on their own (one's softmax while the other's products run).  Pipelining inside the
+    # warpgroup as FlashAttention-3 does (block i+1's QK^T during block i's softmax) measured
+    # slower here (Wan 720p keep-or-drop 35.2 vs 33.5 ms, H200, docs/kernels.md): it holds a stage
+    # longer, so the loader runs one block less ahead.
+    for i in range(n_exact):
+        s = i % STAGES
+        j = gl.load(IDX + tile * KT + i)
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        sc = warpgroup_mma(qs, kbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-        j = gl.load(IDX + tile * KT)
-        for i in range(n_exact - 1):
-            s1 = (i + 1) % STAGES
-            mbarrier.wait(ready.index(s1), ((i + 1) // STAGES) & 1)
-            nxt = warpgroup_mma(qs, kbuf.index(s1).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            j_nxt = gl.load(IDX + tile * KT + i + 1)
-            m_i, l_i, p, alpha = _exact_softmax(sc, j, cols, N, m_i, l_i, qk_scale, BLOCK_N, dtype, p_layout, row_o)
-            # block i-1's PV done (wgmma groups complete in order: block i+1's QK^T may be pending)
-            run = warpgroup_mma_wait(num_outstanding=1, deps=(run, ))
-            if i > 0:
-                mbarrier.arrive(empty.index((i - 1) % STAGES), count=1)
-            run = warpgroup_mma(p, vbuf.index(i % STAGES), run * alpha[:, None], is_async=True)
-            sc = warpgroup_mma_wait(num_outstanding=1, deps=(nxt, ))  # block i+1's QK^T done
-            j = j_nxt
-        last = n_exact - 1
         m_i, l_i, p, alpha = _exact_softmax(sc, j, cols, N, m_i, l_i, qk_scale, BLOCK_N, dtype, p_layout, row_o)
-        run = warpgroup_mma_wait(num_outstanding=0, deps=(run, ))
-        if last > 0:
-            mbarrier.arrive(empty.index((last - 1) % STAGES), count=1)
-        run = warpgroup_mma(p, vbuf.index(last % STAGES), run * alpha[:, None], is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(run, ))
-        mbarrier.arrive(empty.index(last % STAGES), count=1)
+        acc = warpgroup_mma(p, vbuf.index(s), acc * alpha[:, None], is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty.index(s), count=1)
 
     # Phase 2: the tail, every unselected block with a valid key, in the same online softmax.
     if ORDER >= 0:
         if LOGNORMAL:
-            q2 = gl.load(Q2 + tile * D + dcol) * c_scale  # the tile's mean q^2, times s^2/2 log2(e)
+            # The log-normal correction c_ij = s^2/2 E_i[q^2] . Var_j[k] is the same for every row
+            # of the tile: one more product per group, (rows of s^2/2 log2(e) E[q^2]) @ Var^T, gives
+            # it in the logits' own layout, instead of a reduction and a layout conversion.
+            q2 = gl.load(Q2 + tile * D + dcol) * c_scale
+            q2s = hbuf.slice(0, HALF)
+            q2s.store(gl.zeros([HALF, D], dtype, layout=io_layout) + q2[None, :].to(dtype))
+            fence_async_shared()
         for g in range(gl.cdiv(NB, BLOCK_N)):
             i = n_exact + g
             s = i % STAGES
@@ -235,13 +235,12 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             z = warpgroup_mma(qs, kbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             if LOGNORMAL:
-                kv = cbuf.index(s).load(io_layout).to(gl.float32)
-                c = gl.convert_layout(gl.sum(kv * q2[None, :], axis=1), col_s)
+                c = warpgroup_mma(q2s, cbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                z, c = warpgroup_mma_wait(num_outstanding=0, deps=(z, c))
                 # Samuelson's bound (routing.cap_mass_bias), base-2 units: c <= sqrt(2 c (n - 1))
-                c = gl.minimum(c, gl.sqrt(c * gl.maximum(nj - 1.0, 0.0) * _TWO_LOG2E))
-                bias = gl.where(ok, gl.log2(gl.maximum(nj, 1.0)) + c, float("-inf"))
-                z = warpgroup_mma_wait(num_outstanding=0, deps=(z, ))
-                zc = z * qk_scale + bias[None, :]
+                c = gl.minimum(c, gl.sqrt(c * gl.maximum(nj - 1.0, 0.0)[None, :] * _TWO_LOG2E))
+                bias = gl.where(ok, gl.log2(gl.maximum(nj, 1.0)), float("-inf"))
+                zc = z * qk_scale + c + bias[None, :]
             else:
                 z = warpgroup_mma_wait(num_outstanding=0, deps=(z, ))
                 zc = gl.where(ok[None, :], z * qk_scale, float("-inf"))
@@ -257,9 +256,9 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
             acc = warpgroup_mma(gl.convert_layout(wn.to(dtype), p_layout), vbuf.index(s), acc, is_async=True)
             g_i = g_i + gl.sum(wn, axis=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            if LOGNORMAL:
-                fence_async_shared()  # the variances were read by the generic proxy; TMA refills next
             mbarrier.arrive(empty.index(s), count=1)
+        if ORDER == 1 and LOGNORMAL:
+            mbarrier.arrive(tail_done, count=1)  # the loader may now fill the first-order matrix
 
     den = l_i + g_i
     safe = gl.where(den > 0, den, 1.0)
@@ -278,20 +277,24 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
 
 @gluon.jit
 def _consumer0(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
+               tail_done,
                sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
                BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
                LOGNORMAL: gl.constexpr, HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr):
     _consumer(0, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
+              tail_done,
               sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
               BLOCK_N, D, STAGES, ORDER, LOGNORMAL, HAS_PERM, TILE_COUNTS, REORDER)
 
 
 @gluon.jit
 def _consumer1(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
+               tail_done,
                sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
                BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
                LOGNORMAL: gl.constexpr, HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr):
     _consumer(1, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
+              tail_done,
               sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
               BLOCK_N, D, STAGES, ORDER, LOGNORMAL, HAS_PERM, TILE_COUNTS, REORDER)
 
@@ -311,8 +314,11 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, k_desc, v_desc, 
         cbuf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], tile_layout)
     else:
         cbuf = kbuf
+    # the first-order matrix; with the log-normal tail it first holds the tail's E[q^2] rows
     if ORDER == 1:
         hbuf = gl.allocate_shared_memory(dtype, [D, D], gl.NVMMASharedLayout.get_default_for([D, D], dtype))
+    elif LOGNORMAL:
+        hbuf = gl.allocate_shared_memory(dtype, [64, D], gl.NVMMASharedLayout.get_default_for([64, D], dtype))
     else:
         hbuf = qbuf.index(0)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -322,24 +328,31 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, k_desc, v_desc, 
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
     mbarrier.init(hm_bar, count=1)
+    tail_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(tail_done, count=2)
     # (the argument tuples are written out in the call: a tuple assigned to a name first turns its
     # constexprs into tensors)
     gl.warp_specialize([
         (_consumer0, (Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
+                      tail_done,
                       sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
                       BLOCK_N, D, STAGES, ORDER, LOGNORMAL, HAS_PERM, TILE_COUNTS, REORDER)),
         (_consumer1, (Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
+                      tail_done,
                       sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
                       BLOCK_N, D, STAGES, ORDER, LOGNORMAL, HAS_PERM, TILE_COUNTS, REORDER)),
         (_loader, (k_desc, v_desc, kb_desc, vm_desc, kv_desc, hm_desc, IDX, CNT, TORD, kbuf, vbuf, cbuf, hbuf,
-                   ready, empty, hm_bar, NQ, NB, KT, BLOCK_N, D, STAGES, ORDER, LOGNORMAL, TILE_COUNTS, REORDER)),
+                   ready, empty, hm_bar, tail_done, NQ, NB, KT, BLOCK_N, D, STAGES, ORDER, LOGNORMAL, TILE_COUNTS,
+                   REORDER)),
     ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
 
 
 def stages(d: int, block: int, order: int, lognormal: bool) -> int:
     """Ring stages that fit: the two query halves, per stage a K and a V tile (the tail: centroids
-    and value means) and with the log-normal tail a key-variance tile, the first-order matrix."""
-    fixed = 2 * HALF_TILE * d * 2 + (d * d * 2 if order == 1 else 0) + SMEM_SCRATCH
+    and value means) and with the log-normal tail a key-variance tile, the first-order matrix (or,
+    without it, the log-normal tail's E[q^2] rows)."""
+    fixed = 2 * HALF_TILE * d * 2 + SMEM_SCRATCH
+    fixed += d * d * 2 if order == 1 else (HALF_TILE * d * 2 if lognormal else 0)
     per_stage = (3 if lognormal else 2) * block * d * 2
     return max(1, min(MAX_STAGES, (SMEM_BYTES - fixed) // per_stage))
 
