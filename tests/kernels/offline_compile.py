@@ -1,5 +1,8 @@
 """Compile the forward kernel for GPUs this machine does not have (no driver needed), and report the
-first launch configuration of the fallback chain whose shared memory fits each target.
+first launch configuration of the fallback chain whose shared memory fits each target.  With
+``--hopper``: compile the Gluon Hopper kernel (pisa_kernels.hopper_kernel) for sm90 in the
+configurations the node uses, and report its shared memory against what ``hopper_kernel.stages``
+planned for.
 
 Run as a script in its own process (``python offline_compile.py``): the tests' process runs Triton's
 interpreter, which replaces ``@triton.jit`` functions and cannot compile.  Prints one JSON list, or
@@ -100,6 +103,50 @@ def ptxas_missing() -> str | None:
     return None if os.path.exists(path) else f"no ptxas at {path}"
 
 
+#: (dtype, head dim, order, log-normal tail, token order, adaptive counts) of the Hopper kernel: the
+#: node's configuration (HunyuanVideo / Wan, FLUX), the plain tails, keep-or-drop, head dim 64, fp16.
+HOPPER_CASES = [("bfloat16", 128, 1, True, True, False), ("bfloat16", 128, 1, False, False, True),
+                ("float16", 128, 0, True, True, True), ("bfloat16", 128, -1, False, False, False),
+                ("bfloat16", 64, 1, True, True, False)]
+
+
+def hopper_compile(dtype: str, d: int, order: int, lognormal: bool, perm: bool, counts: bool) -> dict:
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from pisa_kernels import hopper_kernel as hk
+
+    block = hk.BLOCKS[0]
+    t = torch.zeros(1, block, d, dtype=getattr(torch, dtype))
+    box = hk._desc(t, [1, block, d], [block * d, d, 1], [1, block, d])
+    hm = hk._desc(torch.zeros(d, d, dtype=t.dtype), [d, d], [d, 1], [d, d]) if order == 1 else box
+    fn = hk._pisa_fwd_hopper
+    ptr = dict(Q=_TRITON_TYPE[dtype], O=_TRITON_TYPE[dtype], PERM="i64", IDX="i32", CNT="i32", SEL="i8",
+               BLEN="fp32", Q2="fp32", TORD="i32")
+    consts = dict(BLOCK_N=block, D=d, STAGES=hk.stages(d, block, order, lognormal), ORDER=order,
+                  LOGNORMAL=lognormal, HAS_PERM=perm, TILE_COUNTS=counts, REORDER=counts)
+    sig = {}
+    for name in fn.arg_names:
+        if name in ptr:
+            sig[name] = "*" + ptr[name]
+        elif name.endswith("_desc"):
+            sig[name] = mangle_type(hm if name == "hm_desc" else box)
+        elif name in ("qk_scale", "c_scale"):
+            sig[name] = "fp32"
+        elif name in consts:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "i32"
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=hk.MAX_REGS))
+    return dict(case=[dtype, d, order, lognormal, perm, counts], stages=consts["STAGES"],
+                shared=compiled.metadata.shared, limit=SMEM_LIMIT[90])
+
+
 if __name__ == "__main__":
     missing = ptxas_missing()
-    print(json.dumps({"skip": missing} if missing else [first_fit(*case) for case in CASES]))
+    if missing:
+        print(json.dumps({"skip": missing}))
+    elif "--hopper" in sys.argv:
+        print(json.dumps([hopper_compile(*case) for case in HOPPER_CASES]))
+    else:
+        print(json.dumps([first_fit(*case) for case in CASES]))
