@@ -7,7 +7,8 @@
 #     the real-size soak (python -m pisa_lab.e2e.soak, 20 runs), the fidelity eval at real sizes
 #   phase 2, alone on the GPU: the kernel benchmark (python -m pisa_lab.bench), dense and PISA
 #     and Sol-Attn (when comfy-kitchen is carried in .comfy/kitchen) in one process, on random
-#     inputs (the presets' sparsities, both tails, top-k and adaptive routing) and on DiT-like ones.
+#     inputs (sparsity 0.875, both tails, top-k and adaptive routing, the Triton and the Hopper
+#     forward kernels) and on DiT-like ones.
 #
 # Carry [".comfy"] (scripts/prepare_comfy_for_device.sh; comfy-kitchen via
 # ../shared/tools/comfy-kitchen-for-device.sh .comfy/kitchen).  PISA_COMMIT names the commit.
@@ -43,7 +44,8 @@ bench() {  # name, timeout, args...
     --json "$OUT/$name.json" --md "$OUT/$name.md" > "$OUT/$name.log" 2>&1
   echo "$name rc $?: $(( $(date +%s) - t0 )) s"; tail -45 "$OUT/$name.log" | cut -c1-160
 }
-bench bench_random "${BENCH_TIMEOUT:-170}" --sparsities 0.75 0.875 0.94 --tails plain lognormal --routings topk adaptive
+bench bench_random "${BENCH_TIMEOUT:-170}" --sparsities 0.875 --tails plain lognormal --routings topk adaptive \
+  --kernels triton gluon
 bench bench_dit "${BENCH_DIT_TIMEOUT:-110}" --data dit --shapes wan720 hunyuan720 --sparsities 0.875 \
-  --tails lognormal --routings topk adaptive
+  --tails lognormal --routings topk adaptive --kernels triton gluon
 echo "total: $(( $(date +%s) - t0 )) s"
