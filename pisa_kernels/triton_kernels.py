@@ -312,8 +312,9 @@ RADIX_PROGRAMS = 512
 #: The most programs of the per-tile tie count per scope (each recomputes the threshold from the
 #: histograms: 1,024 loads, so it takes many tiles).
 TIE_PROGRAMS = 1024
-#: Tiles per step of the one program per scope that places the cut among tied candidates.
-CUT_BLOCK = 1024
+#: Tiles per step of the one program per scope that places the cut among tied candidates (its
+#: scans over the tiles are sequential: few, wide steps).
+CUT_BLOCK = 4096
 _DIGIT, _BINS, _LEVELS = tl.constexpr(RADIX_BITS), tl.constexpr(1 << RADIX_BITS), tl.constexpr(RADIX_LEVELS)
 #: The key that marks a tile's first ``n_forced + floor`` ranks in the candidate keys: the largest
 #: int32 (a NaN's key), so the marks count as keys above every candidate and no count needs a rank.
