@@ -118,6 +118,6 @@ def describe(device: torch.device | str | None = None) -> str:
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     reason = triton_unavailable_reason(device)
     if reason is None and device.type == "cuda":
-        kernel = "its Hopper forward kernel" if hopper_unavailable_reason(device) is None else "the Triton kernels"
-        return f"PISA runs {kernel} on {torch.cuda.get_device_name(device)}"
+        hopper = " (forward pass: the Gluon Hopper kernel)" if hopper_unavailable_reason(device) is None else ""
+        return f"PISA runs the Triton kernels{hopper} on {torch.cuda.get_device_name(device)}"
     return f"PISA runs the PyTorch reference on {device.type} ({reason or 'Triton interpreter only'})"

@@ -22,8 +22,8 @@ NO_TRITON = "ModuleNotFoundError: No module named 'triton'"
 PLATFORMS = {
     "NVIDIA sm80–sm89 (A100, RTX 30/40) with Triton": [((8, 0), False, None), ((8, 6), False, None),
                                                        ((8, 9), False, None)],
-    "NVIDIA sm90+ (H100, B200, RTX 50) with Triton": [((9, 0), False, None), ((10, 0), False, None),
-                                                      ((12, 0), False, None)],
+    "NVIDIA sm90 (H100, H200) with Triton": [((9, 0), False, None)],
+    "NVIDIA sm100/sm120 (B200, RTX 50) with Triton": [((10, 0), False, None), ((12, 0), False, None)],
     "NVIDIA below sm80 (V100, T4, RTX 20)": [((7, 0), False, None), ((7, 5), False, None)],
     "AMD ROCm": [((9, 4), True, None)],
     "Apple MPS": [("mps", False, None)],
