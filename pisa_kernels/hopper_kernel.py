@@ -274,6 +274,10 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
              mask=rmask[:, None])
 
 
+# The two consumers as two wrappers of _consumer.  Passing the warpgroup index in the partitions'
+# argument tuples instead (one function, specialised twice) compiles too, but ptxas then schedules
+# the log-normal configurations differently (SASS compared offline): that build has not run on a
+# GPU, so the validated one stays until a GPU session checks the simpler form.
 @gluon.jit
 def _consumer0(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
                tail_done,
