@@ -119,6 +119,8 @@ def decide(state, call: AttentionCall) -> KernelCall | str:
     token_perm = None
     if settings.tile_tokens and placement is not None and placement.grids:
         token_perm = state.token_order(call.n, placement.grids, q.device)
+    if backend == "triton" and settings.backend == "auto":
+        backend = "auto"  # the Triton backend, and the library picks its forward kernel (Hopper's on sm90)
     routing = settings.routing
     if routing == "auto":
         routing = "cov" if layout is not None and layout.images_only else "topk"

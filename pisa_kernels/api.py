@@ -280,7 +280,7 @@ def _build_plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense
     forward = backend if backend in ("triton", "gluon") else "auto"
     if be == "triton" and (d > TRITON_MAX_HEAD_DIM or q.dtype == torch.float64):
         if backend in ("triton", "gluon"):
-            raise ValueError(f"backend='triton' supports head dim <= {TRITON_MAX_HEAD_DIM} and "
+            raise ValueError(f"backend={backend!r} supports head dim <= {TRITON_MAX_HEAD_DIM} and "
                              f"bf16/fp16/fp32; got D={d}, {q.dtype}")
         be = "reference"
     nb = num_blocks(n, block_size)
@@ -484,7 +484,7 @@ def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid):
     return sel
 
 
-#: (device, dtype, head dim, order, tail) of calls whose Hopper kernel failed to compile or launch:
+#: (device, dtype, head dim, order) of calls whose Hopper kernel failed to compile or launch:
 #: they keep the Triton kernel for the rest of the process (warned once).
 _HOPPER_FAILED: set = set()
 
@@ -498,17 +498,18 @@ def _hopper_attend(plan: _Plan, qh, kv, out_h, valid8, stats, sel, dense) -> boo
     from . import hopper_kernel as hk
     from . import triton_kernels as tk
 
-    why = hk.unsupported_reason(qh, *kv, valid=valid8, dense=dense, block=plan.block, stats=stats)
+    why = hk.unsupported_reason(qh, *kv, valid=valid8, block=plan.block, stats=stats, perm=plan.perm)
     if why is not None:
         if plan.forward == "gluon":
             raise ValueError(f"backend='gluon' does not cover this call: {why}")
         return False
-    key = (qh.device, qh.dtype, qh.shape[-1], plan.order, stats.kvar is not None)
+    key = (qh.device, qh.dtype, qh.shape[-1], plan.order)
     if key in _HOPPER_FAILED and plan.forward == "auto":
         return False
     try:
-        hk.attend(qh, *kv, out_h, stats=stats, sel=sel, scale=plan.scale, block=plan.block, order=plan.order,
-                  perm=plan.perm, tile_order=tk.tile_order(sel) if sel.tile_count is not None else None)
+        hk.attend(qh, *kv, out_h, valid=valid8, stats=stats, sel=sel, scale=plan.scale, block=plan.block,
+                  order=plan.order, perm=plan.perm, dense=dense,
+                  tile_order=tk.tile_order(sel) if sel.tile_count is not None else None)
     except Exception as exc:  # a Gluon that compiles this kernel differently: the portable kernel runs
         if plan.forward == "gluon":
             raise

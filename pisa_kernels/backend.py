@@ -44,13 +44,19 @@ def _hopper_import_error() -> str | None:
 
 
 def hopper_unavailable_reason(device: torch.device) -> str | None:
-    """``None`` if the Gluon Hopper forward kernel can run on ``device``, else why not."""
+    """``None`` if the Gluon Hopper forward kernel can run on ``device``, else why not (asked per
+    call: the CUDA part is cached per device)."""
     reason = triton_unavailable_reason(device)
     if reason is not None:
         return reason
     if device.type != "cuda":
         return "the Hopper kernel runs on CUDA GPUs only"
-    cap = torch.cuda.get_device_capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _hopper_cuda_reason(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_cuda_reason(index: int) -> str | None:
+    cap = torch.cuda.get_device_capability(index)
     if cap != HOPPER_CAPABILITY:
         return f"GPU capability sm{cap[0]}{cap[1]} is not Hopper's sm90"
     import triton

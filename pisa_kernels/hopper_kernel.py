@@ -36,10 +36,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .routing import QUERY_TILE, PooledStats, Selection, num_blocks
+from .routing import QUERY_TILE, PooledStats, Selection, num_blocks, routing_chunk_bytes
+from .triton_kernels import tail_bias
 
 LOG2E = 1.4426950408889634
-_TWO_LOG2E = gl.constexpr(2.0 * LOG2E)
 
 #: Rows of the query tile each consumer warpgroup owns (wgmma's M per warpgroup).
 HALF_TILE = QUERY_TILE // 2
@@ -69,20 +69,52 @@ def _io_layout(d):
 
 
 @gluon.jit
-def _tile_of(TORD, NQ, REORDER: gl.constexpr):
-    """(query tile, batch x head) of this program: the grid's own, or, for an adaptive selection,
-    the launch's heaviest-first order (``TORD``)."""
-    if REORDER:
+def _work(IDX, CNT, TORD, DIDX, DCNT, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, ORDER: gl.constexpr,
+          TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr, HAS_DENSE: gl.constexpr):
+    """What this program computes, the same in every partition: ``(qt, bh, dense, exact list, full
+    blocks, visited blocks, tail groups)``.  A regular program takes a query tile (the grid's, or
+    for an adaptive selection the launch's heaviest-first order ``TORD``) with its routed list
+    (``CNT``: the full and the non-empty blocks, with key padding or per-tile counts); with dense
+    query rows (``HAS_DENSE``) the first programs each take 128 of them (``qt`` counts those tiles)
+    over every block of their batch element (``DIDX``, ``DCNT``), without a tail."""
+    if HAS_DENSE:
+        n_dt = gl.cdiv(ND, _QUERY_TILE)
+        lin = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+        n_dense = n_dt * gl.num_programs(1)
+        dense = lin < n_dense
+        r = gl.maximum(lin - n_dense, 0)
+        if REORDER:
+            r = gl.load(TORD + r)
+        bh = gl.where(dense, lin // n_dt, r // NQ)
+        qt = gl.where(dense, lin % n_dt, r % NQ)
+    elif REORDER:
+        dense = False
         t = gl.load(TORD + gl.program_id(1) * NQ + gl.program_id(0))
-        return t % NQ, t // NQ
-    return gl.program_id(0), gl.program_id(1)
-
-
-@gluon.jit
-def _exact_count(CNT, tile, KT, TILE_COUNTS: gl.constexpr):
-    if TILE_COUNTS:
-        return gl.load(CNT + tile * 2 + 1)
-    return KT
+        bh = t // NQ
+        qt = t % NQ
+    else:
+        dense = False
+        bh = gl.program_id(1)
+        qt = gl.program_id(0)
+    tile = bh.to(gl.int64) * NQ + qt
+    exact = IDX + tile * KT
+    if TILE_COUNTS or HAS_VALID:
+        n_used = gl.load(CNT + tile * 2 + 1)
+    else:
+        n_used = KT
+    if HAS_VALID:
+        n_full = gl.load(CNT + tile * 2)
+    else:
+        n_full = n_used
+    n_groups = gl.cdiv(NB, BLOCK_N)  # (read where ORDER >= 0)
+    if HAS_DENSE:
+        b = bh // H
+        exact = gl.where(dense, DIDX + b.to(gl.int64) * NB, exact)
+        d_used = gl.load(DCNT + b * 2 + 1)
+        n_used = gl.where(dense, d_used, n_used)
+        n_full = gl.where(dense, gl.load(DCNT + b * 2) if HAS_VALID else d_used, n_full)
+        n_groups = gl.where(dense, 0, n_groups)
+    return qt, bh, dense, exact, n_full, n_used, n_groups
 
 
 @gluon.jit
@@ -93,57 +125,44 @@ def _box(buf, BLOCK_N: gl.constexpr, D: gl.constexpr, desc_layout: gl.constexpr)
 
 
 @gluon.jit
-def _load_first_order(hm_desc, hbuf, hm_bar, bh, D: gl.constexpr):
-    mbarrier.expect(hm_bar, hm_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], hm_bar, hbuf)
-
-
-@gluon.jit
-def _loader(k_desc, v_desc, kb_desc, vm_desc, kv_desc, hm_desc, IDX, CNT, TORD, kbuf, vbuf, cbuf, hbuf,
-            ready, empty, hm_bar, tail_done, NQ, NB, KT,
-            BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
-            LOGNORMAL: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr):
+def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, hbuf, ready, empty,
+            hm_bar, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+            ORDER: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
+            HAS_DENSE: gl.constexpr):
     """The producer warp: every stage's TMA copies, in the consumers' order."""
-    qt, bh = _tile_of(TORD, NQ, REORDER)
-    tile = bh.to(gl.int64) * NQ + qt
-    n_exact = _exact_count(CNT, tile, KT, TILE_COUNTS)
+    qt, bh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, NQ, NB, KT, ND, H, BLOCK_N,
+                                                           ORDER, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
     box: gl.constexpr = k_desc.layout
-    if ORDER == 1 and not LOGNORMAL:
-        _load_first_order(hm_desc, hbuf, hm_bar, bh, D)
-    for i in range(n_exact):
+    if ORDER == 1:
+        mbarrier.expect(hm_bar, hm_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], hm_bar, hbuf)
+    for i in range(n_used):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # (a new barrier passes phase 1)
-        j = gl.load(IDX + tile * KT + i)
+        j = gl.load(exact + i)
         bar = ready.index(s)
         mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [bh, j * BLOCK_N, 0], bar, _box(kbuf.index(s), BLOCK_N, D, box))
         tma.async_copy_global_to_shared(v_desc, [bh, j * BLOCK_N, 0], bar, _box(vbuf.index(s), BLOCK_N, D, box))
     if ORDER >= 0:
-        for g in range(gl.cdiv(NB, BLOCK_N)):
-            i = n_exact + g
+        for g in range(n_groups):
+            i = n_used + g
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             bar = ready.index(s)
-            if LOGNORMAL:
-                mbarrier.expect(bar, 3 * kb_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(kv_desc, [bh, g * BLOCK_N, 0], bar,
-                                                _box(cbuf.index(s), BLOCK_N, D, box))
-            else:
-                mbarrier.expect(bar, 2 * kb_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(kb_desc, [bh, g * BLOCK_N, 0], bar, _box(kbuf.index(s), BLOCK_N, D, box))
-            tma.async_copy_global_to_shared(vm_desc, [bh, g * BLOCK_N, 0], bar, _box(vbuf.index(s), BLOCK_N, D, box))
-        if ORDER == 1 and LOGNORMAL:  # its buffer held the tail's E[q^2] rows until both consumers are done
-            mbarrier.wait(tail_done, 0)
-            _load_first_order(hm_desc, hbuf, hm_bar, bh, D)
+            mbarrier.expect(bar, 2 * kb_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(kb_desc, [bh, g * BLOCK_N, 0], bar,
+                                            _box(kbuf.index(s), BLOCK_N, D, box))
+            tma.async_copy_global_to_shared(vm_desc, [bh, g * BLOCK_N, 0], bar,
+                                            _box(vbuf.index(s), BLOCK_N, D, box))
 
 
 @gluon.jit
-def _exact_softmax(sc, j, cols, N, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr, dtype: gl.constexpr,
-                   p_layout: gl.constexpr, row_o: gl.constexpr):
-    """Exact block ``j``'s logits ``sc`` into the online softmax (keys past N, in the last block,
-    read as zeros: masked): the new max and sum, the weights as the PV product's A operand, and the
-    accumulator's rescale factor (in its row layout)."""
-    sc = gl.where((j * BLOCK_N + cols < N)[None, :], sc, float("-inf"))
+def _exact_softmax(sc, kok, m_i, l_i, qk_scale, dtype: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+    """An exact block's logits ``sc`` into the online softmax (``kok``: its valid keys; the rest,
+    padding or past N, read as zeros, are masked): the new max and sum, the weights as the PV
+    product's A operand, and the accumulator's rescale factor (in its row layout)."""
+    sc = gl.where(kok[None, :], sc, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(sc * qk_scale - m_new[:, None])
@@ -152,12 +171,11 @@ def _exact_softmax(sc, j, cols, N, m_i, l_i, qk_scale, BLOCK_N: gl.constexpr, dt
 
 
 @gluon.jit
-def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf,
-              ready, empty, hm_bar, tail_done, sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale,
-              c_scale,
+def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf,
+              hbuf, ready, empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
               BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
-              LOGNORMAL: gl.constexpr, HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr,
-              REORDER: gl.constexpr):
+              HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
+              HAS_DENSE: gl.constexpr):
     """One consumer warpgroup: rows ``WG * 64 .. WG * 64 + 63`` of the query tile, through every
     stage the loader fills (the Triton kernel's phases 1-3, base-2 units)."""
     HALF: gl.constexpr = 64
@@ -171,12 +189,15 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = kbuf.dtype
 
-    qt, bh = _tile_of(TORD, NQ, REORDER)
+    qt, bh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, NQ, NB, KT, ND, H, BLOCK_N,
+                                                           ORDER, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
     b = bh // H
     h = bh % H
     tile = bh.to(gl.int64) * NQ + qt
-    n_exact = _exact_count(CNT, tile, KT, TILE_COUNTS)
 
+    # This warpgroup's rows: their positions in q and the output (the input order: a token order
+    # reads and writes through PERM), and which it writes (a regular tile leaves its dense rows to
+    # their own programs).
     rows = qt * _QUERY_TILE + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, io_layout))
     dcol = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
     rmask = rows < N
@@ -184,6 +205,12 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
         src = gl.load(PERM + rows, mask=rmask, other=0)
     else:
         src = rows.to(gl.int64)
+    store = rmask
+    if HAS_DENSE:
+        dmask = rows < ND
+        store = gl.where(dense, dmask, rmask & (gl.load(DFLAG + rows, mask=rmask, other=1) == 0))
+        src = gl.where(dense, gl.load(DROWS + rows, mask=dmask & dense, other=0), src)
+        rmask = gl.where(dense, dmask, rmask)
     q = gl.load(Q + b.to(gl.int64) * sqb + h.to(gl.int64) * sqh + src[:, None] * sqn + dcol[None, :],
                 mask=rmask[:, None], other=0.0)
     qs = qbuf.index(WG)
@@ -201,48 +228,38 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
     # on their own (one's softmax while the other's products run).  Pipelining inside the
     # warpgroup as FlashAttention-3 does (block i+1's QK^T during block i's softmax) measured
     # slower here (Wan 720p keep-or-drop 35.2 vs 33.5 ms, H200, docs/kernels.md): it holds a stage
-    # longer, so the loader runs one block less ahead.
-    for i in range(n_exact):
+    # longer, so the loader runs one block less ahead.  With key padding the list's full blocks come
+    # first; the rest (from n_full) read their keys' validity (their padded rows hold zeros: the
+    # token order's copies, unsupported_reason).
+    for i in range(n_used):
         s = i % STAGES
-        j = gl.load(IDX + tile * KT + i)
+        keys = gl.load(exact + i) * BLOCK_N + cols
+        kok = keys < N
+        if HAS_VALID:
+            kok = kok & (gl.load(VALID + b.to(gl.int64) * svb + keys, mask=kok & (i >= n_full), other=1) != 0)
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
         sc = warpgroup_mma(qs, kbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-        m_i, l_i, p, alpha = _exact_softmax(sc, j, cols, N, m_i, l_i, qk_scale, BLOCK_N, dtype, p_layout, row_o)
+        m_i, l_i, p, alpha = _exact_softmax(sc, kok, m_i, l_i, qk_scale, dtype, p_layout, row_o)
         acc = warpgroup_mma(p, vbuf.index(s), acc * alpha[:, None], is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(empty.index(s), count=1)
 
-    # Phase 2: the tail, every unselected block with a valid key, in the same online softmax.
+    # Phase 2: the tail, every unselected block with a valid key, in the same online softmax: each
+    # centroid's logit plus its tile's bias (triton_kernels.tail_bias: log2 n_j, the log-normal
+    # correction, -inf at the selected and empty blocks), loaded a group ahead.
     if ORDER >= 0:
-        if LOGNORMAL:
-            # The log-normal correction c_ij = s^2/2 E_i[q^2] . Var_j[k] is the same for every row
-            # of the tile: one more product per group, (rows of s^2/2 log2(e) E[q^2]) @ Var^T, gives
-            # it in the logits' own layout, instead of a reduction and a layout conversion.
-            q2 = gl.load(Q2 + tile * D + dcol) * c_scale
-            q2s = hbuf.slice(0, HALF)
-            q2s.store(gl.zeros([HALF, D], dtype, layout=io_layout) + q2[None, :].to(dtype))
-            fence_async_shared()
-        for g in range(gl.cdiv(NB, BLOCK_N)):
-            i = n_exact + g
+        tb = TB + tile * NB
+        bias = gl.load(tb + cols, mask=cols < NB, other=float("-inf")).to(gl.float32)
+        for g in range(n_groups):
+            i = n_used + g
             s = i % STAGES
-            # (the group's lengths and selection bytes load while its tiles arrive)
-            offs_j = g * BLOCK_N + cols
-            jm = offs_j < NB
-            nj = gl.load(BLEN + b.to(gl.int64) * NB + offs_j, mask=jm, other=0.0)
-            ok = (gl.load(SEL + tile * NB + offs_j, mask=jm, other=1) == 0) & (nj > 0)
+            offs_n = (g + 1) * BLOCK_N + cols
+            bias_next = gl.load(tb + offs_n, mask=offs_n < NB, other=float("-inf"))
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             z = warpgroup_mma(qs, kbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            if LOGNORMAL:
-                c = warpgroup_mma(q2s, cbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                z, c = warpgroup_mma_wait(num_outstanding=0, deps=(z, c))
-                # Samuelson's bound (routing.cap_mass_bias), base-2 units: c <= sqrt(2 c (n - 1))
-                c = gl.minimum(c, gl.sqrt(c * gl.maximum(nj - 1.0, 0.0)[None, :] * _TWO_LOG2E))
-                bias = gl.where(ok, gl.log2(gl.maximum(nj, 1.0)), float("-inf"))
-                zc = z * qk_scale + c + bias[None, :]
-            else:
-                z = warpgroup_mma_wait(num_outstanding=0, deps=(z, ))
-                zc = gl.where(ok[None, :], z * qk_scale, float("-inf"))
+            z = warpgroup_mma_wait(num_outstanding=0, deps=(z, ))
+            zc = z * qk_scale + bias[None, :]
             m_new = gl.maximum(m_i, gl.max(zc, axis=1))
             alpha = gl.exp2(m_i - m_new)
             l_i = l_i * alpha
@@ -250,19 +267,17 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
             m_i = m_new
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             wn = gl.exp2(zc - m_i[:, None])
-            if not LOGNORMAL:
-                wn = wn * nj[None, :]
             acc = warpgroup_mma(gl.convert_layout(wn.to(dtype), p_layout), vbuf.index(s), acc, is_async=True)
             g_i = g_i + gl.sum(wn, axis=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(s), count=1)
-        if ORDER == 1 and LOGNORMAL:
-            mbarrier.arrive(tail_done, count=1)  # the loader may now fill the first-order matrix
+            bias = bias_next.to(gl.float32)
 
     den = l_i + g_i
     safe = gl.where(den > 0, den, 1.0)
     out = acc / gl.convert_layout(safe, row_o)[:, None]
-    # Phase 3: the hybrid first order, (g / den) * q @ (s * HSUM / valid keys) (the host scaled it).
+    # Phase 3: the hybrid first order, (g / den) * q @ (s * HSUM / valid keys) (the host scaled it;
+    # g = 0 in a dense program: it adds nothing).
     if ORDER == 1:
         w = gl.convert_layout(g_i / safe, gl.SliceLayout(1, io_layout))
         qw = (qs.load(io_layout).to(gl.float32) * w[:, None]).to(dtype)
@@ -271,7 +286,7 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
         out = warpgroup_mma_wait(num_outstanding=0, deps=(out, ))
     out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
     gl.store(O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + src[:, None] * son + dcol[None, :], out,
-             mask=rmask[:, None])
+             mask=store[:, None])
 
 
 # The two consumers as two wrappers of _consumer.  Passing the warpgroup index in the partitions'
@@ -279,49 +294,41 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf,
 # the log-normal configurations differently (SASS compared offline): that build has not run on a
 # GPU, so the validated one stays until a GPU session checks the simpler form.
 @gluon.jit
-def _consumer0(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
-               tail_done,
-               sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
+def _consumer0(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
+               empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
                BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
-               LOGNORMAL: gl.constexpr, HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr):
-    _consumer(0, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
-              tail_done,
-              sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
-              BLOCK_N, D, STAGES, ORDER, LOGNORMAL, HAS_PERM, TILE_COUNTS, REORDER)
+               HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
+               HAS_DENSE: gl.constexpr):
+    _consumer(0, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
+              empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+              BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
 
 
 @gluon.jit
-def _consumer1(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
-               tail_done,
-               sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
+def _consumer1(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
+               empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
                BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
-               LOGNORMAL: gl.constexpr, HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr):
-    _consumer(1, Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
-              tail_done,
-              sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
-              BLOCK_N, D, STAGES, ORDER, LOGNORMAL, HAS_PERM, TILE_COUNTS, REORDER)
+               HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
+               HAS_DENSE: gl.constexpr):
+    _consumer(1, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
+              empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+              BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
 
 
-@gluon.jit(do_not_specialize=["N", "NB", "NQ", "KT"])
-def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, k_desc, v_desc, kb_desc, vm_desc, kv_desc, hm_desc,
-                     sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
+@gluon.jit(do_not_specialize=["N", "NB", "NQ", "KT", "ND"])
+def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT,
+                     k_desc, v_desc, kb_desc, vm_desc, hm_desc,
+                     sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
                      BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
-                     LOGNORMAL: gl.constexpr, HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr,
-                     REORDER: gl.constexpr):
+                     HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr,
+                     HAS_VALID: gl.constexpr, HAS_DENSE: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
     qbuf = gl.allocate_shared_memory(dtype, [2, 64, D], gl.NVMMASharedLayout.get_default_for([64, D], dtype))
     kbuf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], tile_layout)
     vbuf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], tile_layout)
-    if LOGNORMAL:
-        cbuf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], tile_layout)
-    else:
-        cbuf = kbuf
-    # the first-order matrix; with the log-normal tail it first holds the tail's E[q^2] rows
-    if ORDER == 1:
+    if ORDER == 1:  # the first-order matrix
         hbuf = gl.allocate_shared_memory(dtype, [D, D], gl.NVMMASharedLayout.get_default_for([D, D], dtype))
-    elif LOGNORMAL:
-        hbuf = gl.allocate_shared_memory(dtype, [64, D], gl.NVMMASharedLayout.get_default_for([64, D], dtype))
     else:
         hbuf = qbuf.index(0)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -331,33 +338,26 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, k_desc, v_desc, 
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
     mbarrier.init(hm_bar, count=1)
-    tail_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(tail_done, count=2)
     # (the argument tuples are written out in the call: a tuple assigned to a name first turns its
     # constexprs into tensors)
     gl.warp_specialize([
-        (_consumer0, (Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
-                      tail_done,
-                      sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
-                      BLOCK_N, D, STAGES, ORDER, LOGNORMAL, HAS_PERM, TILE_COUNTS, REORDER)),
-        (_consumer1, (Q, O, PERM, IDX, CNT, SEL, BLEN, Q2, TORD, qbuf, kbuf, vbuf, cbuf, hbuf, ready, empty, hm_bar,
-                      tail_done,
-                      sqb, sqh, sqn, sob, soh, son, N, NB, NQ, H, KT, qk_scale, c_scale,
-                      BLOCK_N, D, STAGES, ORDER, LOGNORMAL, HAS_PERM, TILE_COUNTS, REORDER)),
-        (_loader, (k_desc, v_desc, kb_desc, vm_desc, kv_desc, hm_desc, IDX, CNT, TORD, kbuf, vbuf, cbuf, hbuf,
-                   ready, empty, hm_bar, tail_done, NQ, NB, KT, BLOCK_N, D, STAGES, ORDER, LOGNORMAL, TILE_COUNTS,
-                   REORDER)),
+        (_consumer0, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
+                      empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+                      BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
+        (_consumer1, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
+                      empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+                      BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
+        (_loader, (k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, hbuf, ready,
+                   empty, hm_bar, NQ, NB, KT, ND, H, BLOCK_N, D, STAGES, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
+                   HAS_DENSE)),
     ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
 
 
-def stages(d: int, block: int, order: int, lognormal: bool) -> int:
-    """Ring stages that fit: the two query halves, per stage a K and a V tile (the tail: centroids
-    and value means) and with the log-normal tail a key-variance tile, the first-order matrix (or,
-    without it, the log-normal tail's E[q^2] rows)."""
-    fixed = 2 * HALF_TILE * d * 2 + SMEM_SCRATCH
-    fixed += d * d * 2 if order == 1 else (HALF_TILE * d * 2 if lognormal else 0)
-    per_stage = (3 if lognormal else 2) * block * d * 2
-    return max(1, min(MAX_STAGES, (SMEM_BYTES - fixed) // per_stage))
+def stages(d: int, block: int, order: int) -> int:
+    """Ring stages that fit: the two query halves and the first-order matrix, per stage a K and a V
+    tile (the tail: centroids and value means)."""
+    fixed = 2 * HALF_TILE * d * 2 + SMEM_SCRATCH + (d * d * 2 if order == 1 else 0)
+    return max(1, min(MAX_STAGES, (SMEM_BYTES - fixed) // (2 * block * d * 2)))
 
 
 def _kv_3d(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
@@ -373,16 +373,19 @@ def _aligned(t: torch.Tensor, strides) -> bool:
     return t.data_ptr() % 16 == 0 and all(s > 0 and (s * t.element_size()) % 16 == 0 for s in strides[:-1])
 
 
-def unsupported_reason(q, k, v, *, valid, dense, block: int, stats: PooledStats) -> str | None:
+def unsupported_reason(q, k, v, *, valid, block: int, stats: PooledStats, perm) -> str | None:
     """Why this kernel does not take the call (one phrase), or None where it does.  Checks only
-    what the call is; whether this GPU and this Triton can run it is the caller's business."""
+    what the call is; whether this GPU and this Triton can run it is the caller's business.  Key
+    padding needs a token order (``perm``): its K / V are then the pre-scan's copies, whose padded
+    rows are zeros, so a partial block can be copied whole (the Triton kernel never reads a padded
+    key: it may hold NaN)."""
     d = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (16-bit only)"
     if d not in HEAD_DIMS or block not in BLOCKS:
         return f"head dim {d} / block {block}"
-    if valid is not None or dense is not None:
-        return "key padding or dense query rows"
+    if valid is not None and perm is None:
+        return "key padding without a token order"
     if stats.kbar_lp is None or stats.vmean_lp is None:
         return "no 16-bit centroids"
     for t in (k, v):
@@ -398,38 +401,42 @@ def _desc(t: torch.Tensor, shape, strides, box) -> TensorDescriptor:
     return TensorDescriptor(t, list(shape), list(strides), list(box), layout)
 
 
-def attend(q, k, v, out, *, stats: PooledStats, sel: Selection, scale: float, block: int, order: int,
-           perm: torch.Tensor | None = None, reorder: bool = True, tile_order=None):
-    """:func:`pisa_kernels.triton_kernels.attend` for the calls :func:`unsupported_reason` accepts
-    (no ``valid``, no dense rows), on sm90.  ``tile_order``: the adaptive selection's launch order
-    (``triton_kernels.tile_order``)."""
+def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int, order: int,
+           perm: torch.Tensor | None = None, dense=None, reorder: bool = True, tile_order=None):
+    """:func:`pisa_kernels.triton_kernels.attend` (the same arguments) for the calls
+    :func:`unsupported_reason` accepts, on sm90.  ``tile_order``: the adaptive selection's launch
+    order (``triton_kernels.tile_order``)."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     eff_order = order if not sel.all_blocks else -1
-    lognormal = stats.kvar is not None and eff_order >= 0
     box = [1, block, d]
     (ks, kst), (vs, vst) = _kv_3d(k), _kv_3d(v)
     k_desc, v_desc = _desc(k, ks, kst, box), _desc(v, vs, vst, box)
     cshape, cstride = [b * h, nb, d], [nb * d, d, 1]
     kb_desc = _desc(stats.kbar_lp, cshape, cstride, box)
     vm_desc = _desc(stats.vmean_lp, cshape, cstride, box)
-    kv_desc = _desc(stats.kvar, cshape, cstride, box) if lognormal else kb_desc
     ph = stats.blen  # a placeholder for the pointers a configuration never reads
+    bias = tail_bias(stats, sel, scale, h, routing_chunk_bytes(3 * q.numel() * q.element_size())) \
+        if eff_order >= 0 else ph
     if eff_order == 1:
         total = stats.blen.sum(-1).clamp_min(1.0).repeat_interleave(h)  # valid keys of each row's batch element
         hm = (stats.hsum * (scale / total).view(-1, 1, 1)).to(q.dtype).reshape(b * h * d, d)
         hm_desc = _desc(hm, [b * h * d, d], [d, 1], [d, d])
     else:
         hm_desc = kb_desc
+    if valid is not None and sel.counts is None:
+        raise ValueError("a call with kv_valid needs the selection's counts (route with block kinds)")
     tile_counts = sel.tile_count is not None
     tord = tile_order if tile_counts and reorder else None
-    _pisa_fwd_hopper[(nq, b * h)](
+    n_dense = dense.rows.numel() if dense is not None else 0
+    _pisa_fwd_hopper[(nq + num_blocks(n_dense, QUERY_TILE), b * h)](
         q, out, perm if perm is not None else ph, sel.idx, sel.counts if sel.counts is not None else sel.idx,
-        sel.mask, stats.blen, stats.q2 if lognormal else ph, tord if tord is not None else ph,
-        k_desc, v_desc, kb_desc, vm_desc, kv_desc, hm_desc,
+        bias, tord if tord is not None else ph, valid if valid is not None else ph,
+        *((dense.rows, dense.flags, dense.idx, dense.counts) if dense is not None else (ph,) * 4),
+        k_desc, v_desc, kb_desc, vm_desc, hm_desc,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        n, nb, nq, h, sel.count, scale * LOG2E, 0.5 * scale * scale * LOG2E,
-        BLOCK_N=block, D=d, STAGES=stages(d, block, eff_order, lognormal), ORDER=eff_order, LOGNORMAL=lognormal,
-        HAS_PERM=perm is not None, TILE_COUNTS=tile_counts, REORDER=tord is not None,
+        valid.stride(0) if valid is not None else 0, n, nb, nq, h, sel.count, n_dense, scale * LOG2E,
+        BLOCK_N=block, D=d, STAGES=stages(d, block, eff_order), ORDER=eff_order, HAS_PERM=perm is not None,
+        TILE_COUNTS=tile_counts, REORDER=tord is not None, HAS_VALID=valid is not None, HAS_DENSE=dense is not None,
         num_warps=4, maxnreg=MAX_REGS)
     return out

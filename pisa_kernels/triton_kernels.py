@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .errors import KernelDoesNotFit
-from .routing import EMPTY, FORCED, PARTIAL, QUERY_TILE, PooledStats, Selection, num_blocks
+from .routing import EMPTY, FORCED, PARTIAL, QUERY_TILE, PooledStats, Selection, mass_bias, num_blocks
 from .routing import top_blocks as _sorted_top_blocks
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.3; without them every tile loads through pointers
@@ -271,6 +271,47 @@ def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tens
     _top_blocks_kernel[(r * nq,)](score, idx, mask, kinds if kinds is not None else mask,
                                   counts if counts is not None else idx, nb, kt, nq, BLOCK=block,
                                   HAS_KIND=kinds is not None, num_warps=max(1, block // TOP_BLOCKS_PER_WARP))
+
+
+@triton.jit(do_not_specialize=["NB", "NQ", "H", "row0"])
+def _tail_bias_kernel(C, MASK, BLEN, OUT, NB, NQ, H, row0, BLOCK: tl.constexpr, LOGNORMAL: tl.constexpr):
+    """A slice of one query tile's row of :func:`tail_bias` (``C``: the chunk's ``c_ij`` from
+    ``routing.mass_bias``, rows from ``row0``)."""
+    row = tl.program_id(0).to(tl.int64)
+    tile = row0 + row
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < NB
+    n = tl.load(BLEN + (tile // NQ // H) * NB + offs, mask=ok, other=0.0)
+    bias = tl.log2(tl.maximum(n, 1.0))
+    if LOGNORMAL:  # Samuelson's bound (routing.cap_mass_bias), then base 2
+        c = tl.load(C + row * NB + offs, mask=ok, other=0.0)
+        bias += tl.minimum(c, tl.sqrt(2.0 * c * tl.maximum(n - 1.0, 0.0))) * _LOG2E_IN_KERNEL
+    free = (tl.load(MASK + tile * NB + offs, mask=ok, other=1) == 0) & (n > 0)
+    tl.store(OUT + tile * NB + offs, tl.where(free, bias, float("-inf")).to(OUT.dtype.element_ty), mask=ok)
+
+
+#: Blocks per program of the tail-bias kernel.
+TAIL_BIAS_BLOCK = 1024
+
+
+def tail_bias(stats: PooledStats, sel: Selection, scale: float, heads: int, chunk_bytes: int) -> torch.Tensor:
+    """float16 ``[BH, NQ, NB]``: what the Hopper kernel's tail adds to each centroid's logit, in
+    base 2: ``log2 n_j`` (the block's valid keys) plus, with the log-normal tail (``stats.kvar``),
+    ``log2(e) c_ij`` capped as :func:`routing.cap_mass_bias` caps it; ``-inf`` at the selected and
+    the empty blocks.  One load per centroid in the kernel instead of the selection byte, the length
+    and the correction's product (which also took a shared-memory stage).  ``c`` is computed in
+    fp32 per chunk of ``chunk_bytes`` (:func:`routing.routing_chunk_bytes`)."""
+    bh, nq, nb = sel.mask.shape
+    out = torch.empty(bh, nq, nb, dtype=torch.float16, device=sel.mask.device)
+    lognormal = stats.kvar is not None and stats.q2 is not None
+    rows = max(1, chunk_bytes // max(1, nq * nb * 4)) if lognormal else bh
+    grid_y = triton.cdiv(nb, TAIL_BIAS_BLOCK)
+    for s in range(0, bh, rows):
+        e = min(bh, s + rows)
+        c = mass_bias(stats.q2[s:e], stats.kvar[s:e].float(), scale) if lognormal else out
+        _tail_bias_kernel[((e - s) * nq, grid_y)](c, sel.mask, stats.blen, out, nb, nq, heads, s * nq,
+                                                  BLOCK=TAIL_BIAS_BLOCK, LOGNORMAL=lognormal, num_warps=4)
+    return out
 
 
 @triton.jit

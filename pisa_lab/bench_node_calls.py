@@ -93,10 +93,11 @@ def comfy_attention_call(fam: Family, q, k, v, transformer_options: dict) -> tup
     return (qh, kh, vh, fam.heads), dict(skip_reshape=True, mask=mask, transformer_options=transformer_options)
 
 
-def node_call(fam: Family, q, k, v, *, backend: str = "triton", sparsity: float = 0.875) -> NodeCall:
+def node_call(fam: Family, q, k, v, *, backend: str = "auto", sparsity: float = 0.875) -> NodeCall:
     """The call as the node makes it: ComfyUI's attention call for ``[B, N, H, D]`` inputs, run
     through the node's decision (a PISA Patch with ``sparsity``, no dense steps or blocks), with
-    ``backend`` (the node's choice on a GPU is ``"triton"``)."""
+    ``backend`` (the node's on a GPU is ``"auto"``: the Triton backend with the library's choice of
+    forward kernel; ``"triton"`` / ``"gluon"`` force one)."""
     try:
         from pisa_comfy import dispatch
         from pisa_comfy.attention_call import AttentionCall
@@ -173,9 +174,10 @@ def order_copy_costs(call: NodeCall) -> dict:
 
 
 def bench_family(name: str, *, data: str = "random", seed: int = 0, sparsity: float = 0.875,
-                 log=print) -> list[dict]:
+                 kernels=("auto",), log=print) -> list[dict]:
     """Rows ``{family, case, ms, ...}``: dense SDPA, the bare call, each extra the node adds alone,
-    the node's configuration; a failing case is logged and skipped."""
+    the node's configuration, with each backend of ``kernels`` (``"auto"``: the node's; the
+    others' rows are labelled ``[triton]`` / ``[gluon]``); a failing case is logged and skipped."""
 
     fam = FAMILIES[name]
     dev = torch.device("cuda")
@@ -187,10 +189,11 @@ def bench_family(name: str, *, data: str = "random", seed: int = 0, sparsity: fl
         rows.append(dict(family=name, case="dense (SDPA)", ms=dense_ms(call)))
     except Exception as exc:  # noqa: BLE001 - a benchmark row, never the run
         log(f"[node-calls] {name} dense: {type(exc).__name__}: {exc}")
-    for case, extras in CASES:
+    for (case, extras), kernel in ((c, k) for k in kernels for c in CASES):
         if extras and case != "node" and all(call.kwargs.get(e) is None for e in extras):
             continue  # the node adds nothing of this kind for this family
-        kw = case_kwargs(call.kwargs, extras)
+        kw = dict(case_kwargs(call.kwargs, extras), backend=kernel)
+        case = case if kernel == "auto" else f"{case} [{kernel}]"
         try:
             fn = lambda: pisa_attention(call.q, call.k, call.v, **kw)
             fn()  # compiles outside the timing
@@ -220,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     ap.add_argument("--data", default="random", choices=["random", "dit"])
     ap.add_argument("--sparsity", type=float, default=0.875)
+    ap.add_argument("--kernels", nargs="*", default=["auto"], choices=["auto", "triton", "gluon"],
+                    help="pisa_attention backends to time each case with (auto: the node's)")
     ap.add_argument("--json", help="write rows and environment to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
     print(json.dumps(env))
     rows = []
     for name in args.families:
-        rows += bench_family(name, data=args.data, sparsity=args.sparsity)
+        rows += bench_family(name, data=args.data, sparsity=args.sparsity, kernels=args.kernels)
     print(format_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -144,3 +144,22 @@ def test_call_parsing_binds_like_python(pc):
     for args, kwargs in (((q, q, q), {}), ((q, q, q, 2), {"heads": 2}), ((q,) * 3 + (2,) * 6, {})):
         with pytest.raises(TypeError):
             parse(args, kwargs)
+
+
+# ---- the backend the node asks for -------------------------------------------------------------
+
+@pytest.mark.parametrize("setting,asked", [("auto", "auto"), ("triton", "triton")])
+def test_a_gpu_call_lets_the_library_pick_its_forward_kernel(pc, monkeypatch, setting, asked):
+    """Where the node resolved the Triton backend it asks pisa_attention for ``"auto"`` under the
+    default setting, so the library picks the forward kernel (the Hopper one on sm90; ``"triton"``
+    would pin the portable kernel); a pinned setting is passed as it is."""
+    state = pc.patch_state.PisaState(pc.settings.PisaSettings(sparsity=0.875, dense_steps=0, dense_blocks=frozenset(),
+                                                              min_tokens=0, backend=setting))
+    monkeypatch.setattr(state, "backend_for", lambda device: "triton")
+    layout = pc.token_layout.TokenLayout("wan", ((2, 4, 8),), pc.token_layout.END)
+    ctx = pc.forward_context.ForwardContext(layout, step=None, double_blocks=0, whole_forward=False)
+    q = torch.randn(1, 64, 2 * 64)
+    call = pc.attention_call.AttentionCall.parse((q, q, q), dict(heads=2, transformer_options={state.forward_key: ctx}))
+    plan = pc.dispatch.decide(state, call)
+    assert not isinstance(plan, str), plan
+    assert plan.kwargs["backend"] == asked

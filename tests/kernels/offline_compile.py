@@ -103,14 +103,15 @@ def ptxas_missing() -> str | None:
     return None if os.path.exists(path) else f"no ptxas at {path}"
 
 
-#: (dtype, head dim, order, log-normal tail, token order, adaptive counts) of the Hopper kernel: the
-#: node's configuration (HunyuanVideo / Wan, FLUX), the plain tails, keep-or-drop, head dim 64, fp16.
-HOPPER_CASES = [("bfloat16", 128, 1, True, True, False), ("bfloat16", 128, 1, False, False, True),
-                ("float16", 128, 0, True, True, True), ("bfloat16", 128, -1, False, False, False),
-                ("bfloat16", 64, 1, True, True, False)]
+#: (dtype, head dim, order, token order, adaptive counts, key padding and dense rows) of the Hopper
+#: kernel: the node's configurations (Wan; HunyuanVideo and FLUX with their text), adaptive
+#: routing, order 0 in fp16, keep-or-drop, head dim 64.
+HOPPER_CASES = [("bfloat16", 128, 1, True, False, False), ("bfloat16", 128, 1, True, False, True),
+                ("bfloat16", 128, 1, False, True, False), ("float16", 128, 0, True, True, True),
+                ("bfloat16", 128, -1, False, False, False), ("bfloat16", 64, 1, True, False, True)]
 
 
-def hopper_compile(dtype: str, d: int, order: int, lognormal: bool, perm: bool, counts: bool) -> dict:
+def hopper_compile(dtype: str, d: int, order: int, perm: bool, counts: bool, text: bool) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from pisa_kernels import hopper_kernel as hk
@@ -120,17 +121,17 @@ def hopper_compile(dtype: str, d: int, order: int, lognormal: bool, perm: bool, 
     box = hk._desc(t, [1, block, d], [block * d, d, 1], [1, block, d])
     hm = hk._desc(torch.zeros(d, d, dtype=t.dtype), [d, d], [d, 1], [d, d]) if order == 1 else box
     fn = hk._pisa_fwd_hopper
-    ptr = dict(Q=_TRITON_TYPE[dtype], O=_TRITON_TYPE[dtype], PERM="i64", IDX="i32", CNT="i32", SEL="i8",
-               BLEN="fp32", Q2="fp32", TORD="i32")
-    consts = dict(BLOCK_N=block, D=d, STAGES=hk.stages(d, block, order, lognormal), ORDER=order,
-                  LOGNORMAL=lognormal, HAS_PERM=perm, TILE_COUNTS=counts, REORDER=counts)
+    ptr = dict(Q=_TRITON_TYPE[dtype], O=_TRITON_TYPE[dtype], PERM="i64", IDX="i32", CNT="i32", TB="fp16", TORD="i32",
+               VALID="i8", DROWS="i64", DFLAG="i8", DIDX="i32", DCNT="i32")
+    consts = dict(BLOCK_N=block, D=d, STAGES=hk.stages(d, block, order), ORDER=order, HAS_PERM=perm,
+                  TILE_COUNTS=counts, REORDER=counts, HAS_VALID=text, HAS_DENSE=text)
     sig = {}
     for name in fn.arg_names:
         if name in ptr:
             sig[name] = "*" + ptr[name]
         elif name.endswith("_desc"):
             sig[name] = mangle_type(hm if name == "hm_desc" else box)
-        elif name in ("qk_scale", "c_scale"):
+        elif name == "qk_scale":
             sig[name] = "fp32"
         elif name in consts:
             sig[name] = "constexpr"
@@ -138,7 +139,7 @@ def hopper_compile(dtype: str, d: int, order: int, lognormal: bool, perm: bool, 
             sig[name] = "i32"
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=hk.MAX_REGS))
-    return dict(case=[dtype, d, order, lognormal, perm, counts], stages=consts["STAGES"],
+    return dict(case=[dtype, d, order, perm, counts, text], stages=consts["STAGES"],
                 shared=compiled.metadata.shared, limit=SMEM_LIMIT[90])
 
 

@@ -36,21 +36,23 @@ def _call(dtype=torch.bfloat16, d=64, layout="BHND", b=1):
 
 def test_covered_calls():
     q, k, v = _call()
-    assert hk.unsupported_reason(q, k, v, valid=None, dense=None, block=64, stats=_stats()) is None
+    assert hk.unsupported_reason(q, k, v, valid=None, block=64, stats=_stats(), perm=None) is None
     q, k, v = _call(layout="BNHD", b=1)  # [B, N, H, D] views of one batch element merge to [H, N, D]
-    assert hk.unsupported_reason(q, k, v, valid=None, dense=None, block=64, stats=_stats()) is None
+    assert hk.unsupported_reason(q, k, v, valid=None, block=64, stats=_stats(), perm=None) is None
+    # key padding with a token order: K / V are the pre-scan's copies (padded rows are zeros)
+    valid = torch.ones(1, 256, dtype=torch.int8)
+    assert hk.unsupported_reason(q, k, v, valid=valid, block=64, stats=_stats(), perm=torch.arange(256)) is None
 
 
 @pytest.mark.parametrize("case,why", [
     (dict(dtype=torch.float32), "dtype"), (dict(d=96), "head dim"), (dict(block=128), "block"),
-    (dict(valid=True), "key padding"), (dict(dense=True), "dense"), (dict(layout="BNHD", b=2), "strides"),
+    (dict(valid=True), "key padding without a token order"), (dict(layout="BNHD", b=2), "strides"),
     (dict(lp=False), "centroids")])
 def test_uncovered_calls_say_why(case, why):
     q, k, v = _call(dtype=case.get("dtype", torch.bfloat16), d=case.get("d", 64), layout=case.get("layout", "BHND"),
                     b=case.get("b", 1))
     reason = hk.unsupported_reason(q, k, v, valid=torch.ones(1, 256, dtype=torch.int8) if case.get("valid") else None,
-                                   dense=object() if case.get("dense") else None, block=case.get("block", 64),
-                                   stats=_stats(case.get("lp", True)))
+                                   block=case.get("block", 64), stats=_stats(case.get("lp", True)), perm=None)
     assert reason is not None and why in reason
 
 
@@ -65,12 +67,12 @@ def test_only_sm90_with_a_validated_triton():
 
 
 def test_every_configuration_has_a_ring():
-    """At least double buffering everywhere (the offline compile below checks that it fits), deeper
+    """At least three stages everywhere (the offline compile below checks that they fit), deeper
     where the shared memory allows."""
     for d in hk.HEAD_DIMS:
-        depths = {(order, ln): hk.stages(d, 64, order, ln) for order in (1, 0, -1) for ln in (True, False)}
-        assert all(2 <= n <= hk.MAX_STAGES for n in depths.values()), depths
-        assert depths[-1, False] >= depths[1, True]
+        depths = {order: hk.stages(d, 64, order) for order in (1, 0, -1)}
+        assert all(3 <= n <= hk.MAX_STAGES for n in depths.values()), depths
+        assert depths[-1] >= depths[0] >= depths[1]
 
 
 def test_the_hopper_kernel_compiles_for_sm90_offline():
@@ -84,6 +86,6 @@ def test_the_hopper_kernel_compiles_for_sm90_offline():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     if isinstance(results, dict):
         missing(results["skip"])
-    assert len(results) == 5
+    assert len(results) == 6
     for r in results:
         assert r["shared"] <= min(r["limit"], hk.SMEM_BYTES), r

@@ -131,6 +131,43 @@ def test_top_blocks_longer_rows_than_the_kernel_takes_sort(monkeypatch, triton_d
     assert int(mask.sum()) == 14
 
 
+@pytest.mark.parametrize("lognormal", [True, False])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
+def test_tail_bias_is_the_reference_tail_term_in_base_2(lognormal, chunk_bytes, triton_device):
+    """The Hopper kernel's per-(tile, block) tail term (triton_kernels.tail_bias) against the
+    reference's: ``log2 n_j + log2(e) c_ij`` (c from route(tail_bias=True): the log-normal mass
+    correction, capped), -inf at the selected and at the empty blocks, at fp16's rounding; two
+    batch elements with different lengths, a block whose cap binds, every chunking."""
+    from pisa_kernels import triton_kernels as tk
+
+    g = torch.Generator().manual_seed(3)
+    bh, heads, nq, nb, d = 4, 2, 3, 1100, 16  # (two programs per row: 1,100 > TAIL_BIAS_BLOCK)
+    blen = torch.randint(1, 65, (2, nb), generator=g).float()
+    blen[0, 5:9] = 0.0
+    blen[1, -1] = 1.0
+    st = routing.PooledStats(qbar=torch.randn(bh, nq, d, generator=g), kbar=torch.randn(bh, nb, d, generator=g),
+                             vsum=None, blen=blen, hsum=None, covnorm=None,
+                             q2=torch.rand(bh, nq, d, generator=g) * 3 if lognormal else None,
+                             kvar=torch.rand(bh, nb, d, generator=g) * 2 if lognormal else None)
+    if lognormal:
+        st.kvar[:, 11] = 4000.0  # its correction exceeds Samuelson's bound: capped
+    sel = routing.route(st, scale=0.25, k=40, heads=heads, tail_bias=lognormal)
+    log_n = torch.log2(blen).repeat_interleave(heads, 0).unsqueeze(1).expand(bh, nq, nb)
+    want = log_n + (sel.tail_bias * tk.LOG2E if lognormal else torch.zeros_like(log_n))
+    want = want.masked_fill(sel.mask.bool() | (log_n == -torch.inf), -torch.inf)
+    dev = lambda t: t.to(triton_device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    st_d = routing.PooledStats(**{f: dev(getattr(st, f)) for f in ("qbar", "kbar", "vsum", "blen", "hsum", "covnorm",
+                                                                   "q2", "kvar")})
+    sel_d = routing.Selection(dev(sel.idx), dev(sel.mask), sel.count)
+    got = tk.tail_bias(st_d, sel_d, 0.25, heads, chunk_bytes).cpu()
+    assert got.dtype == torch.float16 and got.shape == (bh, nq, nb)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
+    free = ~torch.isneginf(want)
+    assert bool(free.sum() > bh * nq * nb // 2)
+    assert bool((want[free] > 100).any()) == lognormal  # the capped block's term (log2 n_j <= 6)
+    torch.testing.assert_close(got[free].float(), want[free], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("order", [1, 0, "drop"])
 def test_orders(dtype, order, triton_device):
