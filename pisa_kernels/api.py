@@ -496,7 +496,6 @@ def _hopper_attend(plan: _Plan, qh, kv, out_h, valid8, stats, sel, dense) -> boo
     if plan.forward == "triton" or (plan.forward == "auto" and hopper_unavailable_reason(qh.device) is not None):
         return False
     from . import hopper_kernel as hk
-    from . import triton_kernels as tk
 
     why = hk.unsupported_reason(qh, *kv, valid=valid8, block=plan.block, stats=stats, perm=plan.perm)
     if why is not None:
@@ -508,8 +507,7 @@ def _hopper_attend(plan: _Plan, qh, kv, out_h, valid8, stats, sel, dense) -> boo
         return False
     try:
         hk.attend(qh, *kv, out_h, valid=valid8, stats=stats, sel=sel, scale=plan.scale, block=plan.block,
-                  order=plan.order, perm=plan.perm, dense=dense,
-                  tile_order=tk.tile_order(sel) if sel.tile_count is not None else None)
+                  order=plan.order, perm=plan.perm, dense=dense)
     except Exception as exc:  # a Gluon that compiles this kernel differently: the portable kernel runs
         if plan.forward == "gluon":
             raise

@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .routing import QUERY_TILE, PooledStats, Selection, num_blocks, routing_chunk_bytes
-from .triton_kernels import tail_bias
+from .triton_kernels import tail_bias, tile_order
 
 LOG2E = 1.4426950408889634
 
@@ -54,6 +54,9 @@ MAX_STAGES = 6
 MAX_REGS = 168
 LOADER_REGS = 24
 CONSUMER_REGS = 240
+#: The tail's bias of one launch takes at most this share of the bytes of q, k, v (more heads: more
+#: launches): with it the call's extra memory stays within 10 % of q + k + v at every length.
+TAIL_BIAS_SHARE = 32
 #: Head dims and key block sizes this kernel is built for.
 HEAD_DIMS = (64, 128)
 BLOCKS = (64,)
@@ -69,14 +72,15 @@ def _io_layout(d):
 
 
 @gluon.jit
-def _work(IDX, CNT, TORD, DIDX, DCNT, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, ORDER: gl.constexpr,
+def _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, ORDER: gl.constexpr,
           TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr, HAS_DENSE: gl.constexpr):
-    """What this program computes, the same in every partition: ``(qt, bh, dense, exact list, full
-    blocks, visited blocks, tail groups)``.  A regular program takes a query tile (the grid's, or
-    for an adaptive selection the launch's heaviest-first order ``TORD``) with its routed list
-    (``CNT``: the full and the non-empty blocks, with key padding or per-tile counts); with dense
-    query rows (``HAS_DENSE``) the first programs each take 128 of them (``qt`` counts those tiles)
-    over every block of their batch element (``DIDX``, ``DCNT``), without a tail."""
+    """What this program computes, the same in every partition: ``(qt, bh, its row in the launch's
+    heads, dense, exact list, full blocks, visited blocks, tail groups)``.  A launch takes the heads
+    ``BH0 ..`` (batch x head).  A regular program takes a query tile (the grid's, or for an
+    adaptive selection the launch's heaviest-first order ``TORD``) with its routed list (``CNT``:
+    the full and the non-empty blocks, with key padding or per-tile counts); with dense query rows
+    (``HAS_DENSE``) the first programs each take 128 of them (``qt`` counts those tiles) over every
+    block of their batch element (``DIDX``, ``DCNT``), without a tail."""
     if HAS_DENSE:
         n_dt = gl.cdiv(ND, _QUERY_TILE)
         lin = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
@@ -85,17 +89,18 @@ def _work(IDX, CNT, TORD, DIDX, DCNT, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, 
         r = gl.maximum(lin - n_dense, 0)
         if REORDER:
             r = gl.load(TORD + r)
-        bh = gl.where(dense, lin // n_dt, r // NQ)
+        lbh = gl.where(dense, lin // n_dt, r // NQ)
         qt = gl.where(dense, lin % n_dt, r % NQ)
     elif REORDER:
         dense = False
         t = gl.load(TORD + gl.program_id(1) * NQ + gl.program_id(0))
-        bh = t // NQ
+        lbh = t // NQ
         qt = t % NQ
     else:
         dense = False
-        bh = gl.program_id(1)
+        lbh = gl.program_id(1)
         qt = gl.program_id(0)
+    bh = BH0 + lbh
     tile = bh.to(gl.int64) * NQ + qt
     exact = IDX + tile * KT
     if TILE_COUNTS or HAS_VALID:
@@ -114,7 +119,7 @@ def _work(IDX, CNT, TORD, DIDX, DCNT, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, 
         n_used = gl.where(dense, d_used, n_used)
         n_full = gl.where(dense, gl.load(DCNT + b * 2) if HAS_VALID else d_used, n_full)
         n_groups = gl.where(dense, 0, n_groups)
-    return qt, bh, dense, exact, n_full, n_used, n_groups
+    return qt, bh, lbh, dense, exact, n_full, n_used, n_groups
 
 
 @gluon.jit
@@ -126,12 +131,13 @@ def _box(buf, BLOCK_N: gl.constexpr, D: gl.constexpr, desc_layout: gl.constexpr)
 
 @gluon.jit
 def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, hbuf, ready, empty,
-            hm_bar, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+            hm_bar, BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
             ORDER: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
             HAS_DENSE: gl.constexpr):
     """The producer warp: every stage's TMA copies, in the consumers' order."""
-    qt, bh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, NQ, NB, KT, ND, H, BLOCK_N,
-                                                           ORDER, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
+    qt, bh, lbh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H,
+                                                                BLOCK_N, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
+                                                                HAS_DENSE)
     box: gl.constexpr = k_desc.layout
     if ORDER == 1:
         mbarrier.expect(hm_bar, hm_desc.block_type.nbytes)
@@ -172,7 +178,7 @@ def _exact_softmax(sc, kok, m_i, l_i, qk_scale, dtype: gl.constexpr, p_layout: g
 
 @gluon.jit
 def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf,
-              hbuf, ready, empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+              hbuf, ready, empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
               BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
               HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
               HAS_DENSE: gl.constexpr):
@@ -189,11 +195,11 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     dtype: gl.constexpr = kbuf.dtype
 
-    qt, bh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, NQ, NB, KT, ND, H, BLOCK_N,
-                                                           ORDER, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
+    qt, bh, lbh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H,
+                                                                BLOCK_N, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
+                                                                HAS_DENSE)
     b = bh // H
     h = bh % H
-    tile = bh.to(gl.int64) * NQ + qt
 
     # This warpgroup's rows: their positions in q and the output (the input order: a token order
     # reads and writes through PERM), and which it writes (a regular tile leaves its dense rows to
@@ -249,7 +255,7 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
     # centroid's logit plus its tile's bias (triton_kernels.tail_bias: log2 n_j, the log-normal
     # correction, -inf at the selected and empty blocks), loaded a group ahead.
     if ORDER >= 0:
-        tb = TB + tile * NB
+        tb = TB + (lbh.to(gl.int64) * NQ + qt) * NB  # (the launch's rows of the bias)
         bias = gl.load(tb + cols, mask=cols < NB, other=float("-inf")).to(gl.float32)
         for g in range(n_groups):
             i = n_used + g
@@ -295,30 +301,30 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
 # GPU, so the validated one stays until a GPU session checks the simpler form.
 @gluon.jit
 def _consumer0(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-               empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+               empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
                HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
                HAS_DENSE: gl.constexpr):
     _consumer(0, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-              empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+              empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
               BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
 
 
 @gluon.jit
 def _consumer1(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-               empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+               empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
                HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
                HAS_DENSE: gl.constexpr):
     _consumer(1, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-              empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+              empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
               BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
 
 
-@gluon.jit(do_not_specialize=["N", "NB", "NQ", "KT", "ND"])
+@gluon.jit(do_not_specialize=["BH0", "N", "NB", "NQ", "KT", "ND"])
 def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT,
                      k_desc, v_desc, kb_desc, vm_desc, hm_desc,
-                     sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+                     sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                      BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
                      HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr,
                      HAS_VALID: gl.constexpr, HAS_DENSE: gl.constexpr):
@@ -342,13 +348,13 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, 
     # constexprs into tensors)
     gl.warp_specialize([
         (_consumer0, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-                      empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+                      empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                       BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
         (_consumer1, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-                      empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, N, NB, NQ, H, KT, ND, qk_scale,
+                      empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                       BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
         (_loader, (k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, hbuf, ready,
-                   empty, hm_bar, NQ, NB, KT, ND, H, BLOCK_N, D, STAGES, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
+                   empty, hm_bar, BH0, NQ, NB, KT, ND, H, BLOCK_N, D, STAGES, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
                    HAS_DENSE)),
     ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
 
@@ -402,13 +408,16 @@ def _desc(t: torch.Tensor, shape, strides, box) -> TensorDescriptor:
 
 
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int, order: int,
-           perm: torch.Tensor | None = None, dense=None, reorder: bool = True, tile_order=None):
+           perm: torch.Tensor | None = None, dense=None, reorder: bool = True):
     """:func:`pisa_kernels.triton_kernels.attend` (the same arguments) for the calls
-    :func:`unsupported_reason` accepts, on sm90.  ``tile_order``: the adaptive selection's launch
-    order (``triton_kernels.tile_order``)."""
+    :func:`unsupported_reason` accepts, on sm90.  The tail's bias (``triton_kernels.tail_bias``)
+    takes at most ``1 / TAIL_BIAS_SHARE`` of the bytes of q, k, v: where it would take more, the
+    heads run in several launches, each with its own."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     eff_order = order if not sel.all_blocks else -1
+    if valid is not None and sel.counts is None:
+        raise ValueError("a call with kv_valid needs the selection's counts (route with block kinds)")
     box = [1, block, d]
     (ks, kst), (vs, vst) = _kv_3d(k), _kv_3d(v)
     k_desc, v_desc = _desc(k, ks, kst, box), _desc(v, vs, vst, box)
@@ -416,27 +425,27 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     kb_desc = _desc(stats.kbar_lp, cshape, cstride, box)
     vm_desc = _desc(stats.vmean_lp, cshape, cstride, box)
     ph = stats.blen  # a placeholder for the pointers a configuration never reads
-    bias = tail_bias(stats, sel, scale, h, routing_chunk_bytes(3 * q.numel() * q.element_size())) \
-        if eff_order >= 0 else ph
     if eff_order == 1:
         total = stats.blen.sum(-1).clamp_min(1.0).repeat_interleave(h)  # valid keys of each row's batch element
         hm = (stats.hsum * (scale / total).view(-1, 1, 1)).to(q.dtype).reshape(b * h * d, d)
         hm_desc = _desc(hm, [b * h * d, d], [d, 1], [d, d])
     else:
         hm_desc = kb_desc
-    if valid is not None and sel.counts is None:
-        raise ValueError("a call with kv_valid needs the selection's counts (route with block kinds)")
-    tile_counts = sel.tile_count is not None
-    tord = tile_order if tile_counts and reorder else None
+    qkv_bytes = 3 * q.numel() * q.element_size()
+    step = max(1, qkv_bytes // TAIL_BIAS_SHARE // (nq * nb * 2)) if eff_order >= 0 else b * h
+    reorder = reorder and sel.tile_count is not None
     n_dense = dense.rows.numel() if dense is not None else 0
-    _pisa_fwd_hopper[(nq + num_blocks(n_dense, QUERY_TILE), b * h)](
-        q, out, perm if perm is not None else ph, sel.idx, sel.counts if sel.counts is not None else sel.idx,
-        bias, tord if tord is not None else ph, valid if valid is not None else ph,
-        *((dense.rows, dense.flags, dense.idx, dense.counts) if dense is not None else (ph,) * 4),
-        k_desc, v_desc, kb_desc, vm_desc, hm_desc,
-        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        valid.stride(0) if valid is not None else 0, n, nb, nq, h, sel.count, n_dense, scale * LOG2E,
-        BLOCK_N=block, D=d, STAGES=stages(d, block, eff_order), ORDER=eff_order, HAS_PERM=perm is not None,
-        TILE_COUNTS=tile_counts, REORDER=tord is not None, HAS_VALID=valid is not None, HAS_DENSE=dense is not None,
-        num_warps=4, maxnreg=MAX_REGS)
+    text = (dense.rows, dense.flags, dense.idx, dense.counts) if dense is not None else (ph,) * 4
+    for s in range(0, b * h, step):
+        e = min(b * h, s + step)
+        bias = tail_bias(stats, sel, scale, h, routing_chunk_bytes(qkv_bytes), (s, e)) if eff_order >= 0 else ph
+        tord = tile_order(sel, slice(s, e)) if reorder else ph
+        _pisa_fwd_hopper[(nq + num_blocks(n_dense, QUERY_TILE), e - s)](
+            q, out, perm if perm is not None else ph, sel.idx, sel.counts if sel.counts is not None else sel.idx,
+            bias, tord, valid if valid is not None else ph, *text, k_desc, v_desc, kb_desc, vm_desc, hm_desc,
+            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            valid.stride(0) if valid is not None else 0, s, n, nb, nq, h, sel.count, n_dense, scale * LOG2E,
+            BLOCK_N=block, D=d, STAGES=stages(d, block, eff_order), ORDER=eff_order, HAS_PERM=perm is not None,
+            TILE_COUNTS=sel.tile_count is not None, REORDER=reorder, HAS_VALID=valid is not None,
+            HAS_DENSE=dense is not None, num_warps=4, maxnreg=MAX_REGS)
     return out

@@ -273,10 +273,10 @@ def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tens
                                   HAS_KIND=kinds is not None, num_warps=max(1, block // TOP_BLOCKS_PER_WARP))
 
 
-@triton.jit(do_not_specialize=["NB", "NQ", "H", "row0"])
-def _tail_bias_kernel(C, MASK, BLEN, OUT, NB, NQ, H, row0, BLOCK: tl.constexpr, LOGNORMAL: tl.constexpr):
+@triton.jit(do_not_specialize=["NB", "NQ", "H", "row0", "out0"])
+def _tail_bias_kernel(C, MASK, BLEN, OUT, NB, NQ, H, row0, out0, BLOCK: tl.constexpr, LOGNORMAL: tl.constexpr):
     """A slice of one query tile's row of :func:`tail_bias` (``C``: the chunk's ``c_ij`` from
-    ``routing.mass_bias``, rows from ``row0``)."""
+    ``routing.mass_bias``; its tiles from ``row0``, their rows of ``OUT`` from ``out0``)."""
     row = tl.program_id(0).to(tl.int64)
     tile = row0 + row
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -287,30 +287,34 @@ def _tail_bias_kernel(C, MASK, BLEN, OUT, NB, NQ, H, row0, BLOCK: tl.constexpr, 
         c = tl.load(C + row * NB + offs, mask=ok, other=0.0)
         bias += tl.minimum(c, tl.sqrt(2.0 * c * tl.maximum(n - 1.0, 0.0))) * _LOG2E_IN_KERNEL
     free = (tl.load(MASK + tile * NB + offs, mask=ok, other=1) == 0) & (n > 0)
-    tl.store(OUT + tile * NB + offs, tl.where(free, bias, float("-inf")).to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + (out0 + row) * NB + offs, tl.where(free, bias, float("-inf")).to(OUT.dtype.element_ty), mask=ok)
 
 
 #: Blocks per program of the tail-bias kernel.
 TAIL_BIAS_BLOCK = 1024
 
 
-def tail_bias(stats: PooledStats, sel: Selection, scale: float, heads: int, chunk_bytes: int) -> torch.Tensor:
-    """float16 ``[BH, NQ, NB]``: what the Hopper kernel's tail adds to each centroid's logit, in
+def tail_bias(stats: PooledStats, sel: Selection, scale: float, heads: int, chunk_bytes: int,
+              rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """float16 ``[BH, NQ, NB]`` (``rows``: only batch x heads ``rows[0] .. rows[1] - 1``): what the
+    Hopper kernel's tail adds to each centroid's logit, in
     base 2: ``log2 n_j`` (the block's valid keys) plus, with the log-normal tail (``stats.kvar``),
     ``log2(e) c_ij`` capped as :func:`routing.cap_mass_bias` caps it; ``-inf`` at the selected and
     the empty blocks.  One load per centroid in the kernel instead of the selection byte, the length
     and the correction's product (which also took a shared-memory stage).  ``c`` is computed in
     fp32 per chunk of ``chunk_bytes`` (:func:`routing.routing_chunk_bytes`)."""
     bh, nq, nb = sel.mask.shape
-    out = torch.empty(bh, nq, nb, dtype=torch.float16, device=sel.mask.device)
+    first, end = rows if rows is not None else (0, bh)
+    out = torch.empty(end - first, nq, nb, dtype=torch.float16, device=sel.mask.device)
     lognormal = stats.kvar is not None and stats.q2 is not None
-    rows = max(1, chunk_bytes // max(1, nq * nb * 4)) if lognormal else bh
+    step = max(1, chunk_bytes // max(1, nq * nb * 4)) if lognormal else end - first
     grid_y = triton.cdiv(nb, TAIL_BIAS_BLOCK)
-    for s in range(0, bh, rows):
-        e = min(bh, s + rows)
+    for s in range(first, end, step):
+        e = min(end, s + step)
         c = mass_bias(stats.q2[s:e], stats.kvar[s:e].float(), scale) if lognormal else out
         _tail_bias_kernel[((e - s) * nq, grid_y)](c, sel.mask, stats.blen, out, nb, nq, heads, s * nq,
-                                                  BLOCK=TAIL_BIAS_BLOCK, LOGNORMAL=lognormal, num_warps=4)
+                                                  (s - first) * nq, BLOCK=TAIL_BIAS_BLOCK, LOGNORMAL=lognormal,
+                                                  num_warps=4)
     return out
 
 
@@ -678,12 +682,13 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
                        q2=q2 if lognormal else None, kvar=kvar if lognormal else None)
 
 
-def tile_order(sel: Selection) -> torch.Tensor:
-    """int32 ``[BH * NQ]``: the tiles (``bh * NQ + qt``) by descending count of visited exact blocks
+def tile_order(sel: Selection, rows: slice = slice(None)) -> torch.Tensor:
+    """int32 ``[BH * NQ]``: the tiles (``bh * NQ + qt``; ``rows``: of those batch x heads only,
+    counted from their first) by descending count of visited exact blocks
     (``sel.counts[..., 1]``; ties in tile order), the order in which the forward launch takes them:
     a tile's cost is its exact blocks plus one tail scan the same for every tile, so the longest
     start first and the last wave holds the shortest (longest-processing-time-first)."""
-    cost = sel.counts[..., 1].reshape(-1)
+    cost = sel.counts[rows, :, 1].reshape(-1)
     return torch.sort(cost, descending=True, stable=True).indices.to(torch.int32)
 
 
