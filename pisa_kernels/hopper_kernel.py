@@ -164,16 +164,30 @@ def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCN
 
 
 @gluon.jit
-def _exact_softmax(sc, kok, m_i, l_i, qk_scale, dtype: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
-    """An exact block's logits ``sc`` into the online softmax (``kok``: its valid keys; the rest,
-    padding or past N, read as zeros, are masked): the new max and sum, the weights as the PV
-    product's A operand, and the accumulator's rescale factor (in its row layout)."""
+def _exact_block(i, exact, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s, cols, N, qk_scale,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, p_layout: gl.constexpr,
+                 row_o: gl.constexpr):
+    """Step ``i`` of the exact list into the online softmax: ``QK^T``, the new max and sum, ``PV``
+    (keys past N, in the last block, read as zeros, are masked; with ``MASKED`` also the padded
+    keys of a partial block, from ``valid_row``); then the stage goes back to the loader."""
+    s = i % STAGES
+    keys = gl.load(exact + i) * BLOCK_N + cols
+    kok = keys < N
+    if MASKED:
+        kok = kok & (gl.load(valid_row + keys, mask=kok, other=0) != 0)
+    mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+    sc = warpgroup_mma(qs, kbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
     sc = gl.where(kok[None, :], sc, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
     alpha = gl.exp2(m_i - m_new)
     p = gl.exp2(sc * qk_scale - m_new[:, None])
     l_i = l_i * alpha + gl.sum(p, axis=1)
-    return m_new, l_i, gl.convert_layout(p.to(dtype), p_layout), gl.convert_layout(alpha, row_o)
+    p = gl.convert_layout(p.to(kbuf.dtype), p_layout)
+    acc = warpgroup_mma(p, vbuf.index(s), acc * gl.convert_layout(alpha, row_o)[:, None], is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(empty.index(s), count=1)
+    return m_new, l_i, acc
 
 
 @gluon.jit
@@ -235,21 +249,16 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
     # warpgroup as FlashAttention-3 does (block i+1's QK^T during block i's softmax) measured
     # slower here (Wan 720p keep-or-drop 35.2 vs 33.5 ms, H200, docs/kernels.md): it holds a stage
     # longer, so the loader runs one block less ahead.  With key padding the list's full blocks come
-    # first; the rest (from n_full) read their keys' validity (their padded rows hold zeros: the
-    # token order's copies, unsupported_reason).
-    for i in range(n_used):
-        s = i % STAGES
-        keys = gl.load(exact + i) * BLOCK_N + cols
-        kok = keys < N
-        if HAS_VALID:
-            kok = kok & (gl.load(VALID + b.to(gl.int64) * svb + keys, mask=kok & (i >= n_full), other=1) != 0)
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        sc = warpgroup_mma(qs, kbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-        m_i, l_i, p, alpha = _exact_softmax(sc, kok, m_i, l_i, qk_scale, dtype, p_layout, row_o)
-        acc = warpgroup_mma(p, vbuf.index(s), acc * alpha[:, None], is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(empty.index(s), count=1)
+    # first; the partial ones after them (to n_used) read their keys' validity in a loop of their
+    # own (their padded rows hold zeros: the token order's copies, unsupported_reason).
+    valid_row = VALID + b.to(gl.int64) * svb
+    for i in range(n_full):
+        m_i, l_i, acc = _exact_block(i, exact, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s, cols,
+                                     N, qk_scale, BLOCK_N, STAGES, False, p_layout, row_o)
+    if HAS_VALID:
+        for i in range(n_full, n_used):
+            m_i, l_i, acc = _exact_block(i, exact, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s,
+                                         cols, N, qk_scale, BLOCK_N, STAGES, True, p_layout, row_o)
 
     # Phase 2: the tail, every unselected block with a valid key, in the same online softmax: each
     # centroid's logit plus its tile's bias (triton_kernels.tail_bias: log2 n_j, the log-normal

@@ -8,7 +8,8 @@
 #   phase 2, alone on the GPU: the kernel benchmark (python -m pisa_lab.bench), dense and PISA
 #     and Sol-Attn (when comfy-kitchen is carried in .comfy/kitchen) in one process, on random
 #     inputs (sparsity 0.875, both tails, top-k and adaptive routing, the Triton and the Hopper
-#     forward kernels) and on DiT-like ones.
+#     forward kernels) and on DiT-like ones; then the node's real calls (pisa_lab.bench_node_calls) with the
+#     node's forward kernel and with the Triton one.
 #
 # Carry [".comfy"] (scripts/prepare_comfy_for_device.sh; comfy-kitchen via
 # ../shared/tools/comfy-kitchen-for-device.sh .comfy/kitchen).  PISA_COMMIT names the commit.
@@ -48,4 +49,7 @@ bench bench_random "${BENCH_TIMEOUT:-170}" --sparsities 0.875 --tails plain logn
   --kernels triton gluon
 bench bench_dit "${BENCH_DIT_TIMEOUT:-110}" --data dit --shapes wan720 hunyuan720 --sparsities 0.875 \
   --tails lognormal --routings topk adaptive --kernels triton gluon
+timeout "${NODE_CALLS_TIMEOUT:-120}" python3 -m pisa_lab.bench_node_calls --kernels auto triton --json "$OUT/node_calls.json" \
+  > "$OUT/node_calls.log" 2>&1
+echo "node_calls rc $?: $(( $(date +%s) - t0 )) s"; tail -20 "$OUT/node_calls.log" | cut -c1-160
 echo "total: $(( $(date +%s) - t0 )) s"
