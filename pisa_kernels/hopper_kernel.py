@@ -8,23 +8,24 @@ Gluon (``triton.experimental.gluon``, shipped inside Triton) lets the kernel say
 
 * **one loader warp** issues the TMA copies: per step one 64-key block of K and of V, by index
   (each selected block is a contiguous tile, so a plain box at row ``j * BLOCK_N`` is the gather),
-  then the tail's centroid, value-mean and key-variance tiles (contiguous too), into a ring of
+  then the tail's centroid and value-mean tiles (contiguous too), into a ring of
   ``STAGES`` shared-memory stages, each with a *ready* mbarrier (the copy's bytes arrived) and an
   *empty* one (both consumers are done with it);
 * **two consumer warpgroups**, each owning 64 of the query tile's 128 rows, run the same online
   softmax as the Triton kernel over the same steps: exact blocks (``QK^T`` and ``PV`` as async
-  ``wgmma``), then the zeroth-order tail over every unselected block's centroid (with the log-normal
-  correction where asked), then the first-order term ``(g / den) * q @ Hmean``.  The warp
+  ``wgmma``), then the zeroth-order tail over every unselected block's centroid (each logit plus its
+  tile's bias, :func:`pisa_kernels.triton_kernels.tail_bias`: the block's length and, with the
+  log-normal tail, its mass correction), then the first-order term ``(g / den) * q @ Hmean``.  The warp
   scheduler interleaves the two warpgroups: while one runs its softmax, the other's wgmma uses the
   tensor cores; registers are rebalanced towards them (the loader keeps 24).
 
-What it covers (:func:`unsupported_reason`): 16-bit inputs, head dim 64 or 128, key blocks of 64 or
-128 tokens, K and V addressable as ``[B*H, N, D]`` with 16-byte aligned strides (the node's tiled
+What it covers (:func:`unsupported_reason`): 16-bit inputs, head dim 64 or 128, key blocks of 64
+tokens, K and V addressable as ``[B*H, N, D]`` with 16-byte aligned strides (the node's tiled
 token order always gives contiguous copies), every routing (top-k, covariance, adaptive with its
-per-tile counts and heaviest-first order), tails plain and log-normal, orders -1/0/1, token orders.
-Key padding (``kv_valid``) and dense query rows take the Triton kernel, as does every GPU other than
-sm90: the caller (:mod:`pisa_kernels.api`) falls back, once with a warning, if this kernel cannot
-compile or launch.
+per-tile counts and heaviest-first order), tails plain and log-normal, orders -1/0/1, token orders,
+dense query rows (programs of their own, numbered first) and key padding with a token order.  Every
+GPU other than sm90 takes the Triton kernel: the caller (:mod:`pisa_kernels.api`) falls back, once
+with a warning, if this kernel cannot compile or launch.
 """
 
 from __future__ import annotations
@@ -66,8 +67,7 @@ _CONSUMER_REGS, _LOADER_REGS = gl.constexpr(CONSUMER_REGS), gl.constexpr(LOADER_
 
 @gluon.constexpr_function
 def _io_layout(d):
-    """Rows x head dim in 16-byte vectors, for one warpgroup: q in, the output out, the tail's key
-    variances."""
+    """Rows x head dim in 16-byte vectors, for one warpgroup: q in, the output out."""
     return gl.BlockedLayout([1, 8], [32 // (d // 8), d // 8], [4, 1], [1, 0])
 
 
@@ -306,7 +306,7 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
 
 # The two consumers as two wrappers of _consumer.  Passing the warpgroup index in the partitions'
 # argument tuples instead (one function, specialised twice) compiles too, but ptxas then schedules
-# the log-normal configurations differently (SASS compared offline): that build has not run on a
+# some configurations differently (SASS compared offline): that build has not run on a
 # GPU, so the validated one stays until a GPU session checks the simpler form.
 @gluon.jit
 def _consumer0(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
