@@ -56,7 +56,9 @@ MAX_REGS = 168
 LOADER_REGS = 24
 CONSUMER_REGS = 240
 #: The tail's bias of one launch takes at most this share of the bytes of q, k, v (more heads: more
-#: launches): with it the call's extra memory stays within 10 % of q + k + v at every length.
+#: launches), so it grows with the length no faster than q, k, v do.  Measured on top of the Triton
+#: path's extra memory (H200, docs/benchmarks.md): 9.7 % of q+k+v at Wan 720p, 11.8 % at
+#: HunyuanVideo 720p without a token order (issue 16's bar is 10 %).
 TAIL_BIAS_SHARE = 32
 #: Head dims and key block sizes this kernel is built for.
 HEAD_DIMS = (64, 128)
