@@ -56,10 +56,11 @@ MAX_REGS = 168
 LOADER_REGS = 24
 CONSUMER_REGS = 240
 #: The tail's bias of one launch takes at most this share of the bytes of q, k, v (more heads: more
-#: launches), so it grows with the length no faster than q, k, v do.  Measured on top of the Triton
-#: path's extra memory (H200, docs/benchmarks.md): 9.7 % of q+k+v at Wan 720p, 11.8 % at
-#: HunyuanVideo 720p without a token order (issue 16's bar is 10 %).
-TAIL_BIAS_SHARE = 32
+#: launches), so it grows with the length no faster than q, k, v do.  Measured (H200, 2026-12-04,
+#: the node's configuration without a token order, whole call's extra memory): HunyuanVideo 720p
+#: 11.8 / 10.9 / 9.9 % of q+k+v at 32 / 64 / 96 (issue 16's bar: 10 %), Wan 720p 9.8 / 9.8 / 9.4 %,
+#: times within the run's spread (54.5 / 54.8 / 53.7 ms; 36.3 / 37.1 / 38.8 ms).
+TAIL_BIAS_SHARE = 96
 #: Head dims and key block sizes this kernel is built for.
 HEAD_DIMS = (64, 128)
 BLOCKS = (64,)
@@ -132,18 +133,15 @@ def _box(buf, BLOCK_N: gl.constexpr, D: gl.constexpr, desc_layout: gl.constexpr)
 
 
 @gluon.jit
-def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, hbuf, ready, empty,
-            hm_bar, BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, ready, empty, BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
             ORDER: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
             HAS_DENSE: gl.constexpr):
-    """The producer warp: every stage's TMA copies, in the consumers' order."""
+    """The producer warp: every stage's TMA copies, in the consumers' order: the exact blocks' K and
+    V, the tail's centroids and value means, then (order 1) the first-order matrix's rows."""
     qt, bh, lbh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H,
                                                                 BLOCK_N, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
                                                                 HAS_DENSE)
     box: gl.constexpr = k_desc.layout
-    if ORDER == 1:
-        mbarrier.expect(hm_bar, hm_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], hm_bar, hbuf)
     for i in range(n_used):
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # (a new barrier passes phase 1)
@@ -163,6 +161,15 @@ def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCN
                                             _box(kbuf.index(s), BLOCK_N, D, box))
             tma.async_copy_global_to_shared(vm_desc, [bh, g * BLOCK_N, 0], bar,
                                             _box(vbuf.index(s), BLOCK_N, D, box))
+    if ORDER == 1:  # the matrix's D rows as D / BLOCK_N tiles of the next stage: its K tile (and V's)
+        i = n_used + n_groups
+        s = i % STAGES
+        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+        bar = ready.index(s)
+        mbarrier.expect(bar, (D // BLOCK_N) * hm_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], bar, kbuf.index(s))
+        if D > BLOCK_N:
+            tma.async_copy_global_to_shared(hm_desc, [bh * D + BLOCK_N, 0], bar, vbuf.index(s))
 
 
 @gluon.jit
@@ -193,8 +200,17 @@ def _exact_block(i, exact, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, ac
 
 
 @gluon.jit
+def _first_order(qs, col0, hm, w, out, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
+    """``out + (w * q[:, col0 : col0 + BLOCK_N]) @ hm`` (async; ``hm``: those rows of the matrix)."""
+    layout: gl.constexpr = _io_layout(BLOCK_N)
+    wq = qs.slice(col0, BLOCK_N, dim=1).load(layout).to(gl.float32)
+    wq = wq * gl.convert_layout(w, gl.SliceLayout(1, layout))[:, None]
+    return warpgroup_mma(gl.convert_layout(wq.to(qs.dtype), p_layout), hm, out, is_async=True)
+
+
+@gluon.jit
 def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf,
-              hbuf, ready, empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
+              ready, empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
               BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
               HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
               HAS_DENSE: gl.constexpr):
@@ -294,12 +310,15 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
     safe = gl.where(den > 0, den, 1.0)
     out = acc / gl.convert_layout(safe, row_o)[:, None]
     # Phase 3: the hybrid first order, (g / den) * q @ (s * HSUM / valid keys) (the host scaled it;
-    # g = 0 in a dense program: it adds nothing).
+    # g = 0 in a dense program: it adds nothing), from the ring's next stage: the matrix's rows
+    # 0..63 in its K tile, 64..127 in its V tile, each against the matching 64 columns of q.
     if ORDER == 1:
-        w = gl.convert_layout(g_i / safe, gl.SliceLayout(1, io_layout))
-        qw = (qs.load(io_layout).to(gl.float32) * w[:, None]).to(dtype)
-        mbarrier.wait(hm_bar, 0)
-        out = warpgroup_mma(gl.convert_layout(qw, p_layout), hbuf, out, is_async=True)
+        i = n_used + n_groups
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+        out = _first_order(qs, 0, kbuf.index(s), g_i / safe, out, BLOCK_N, p_layout)
+        if D > BLOCK_N:
+            out = _first_order(qs, BLOCK_N, vbuf.index(s), g_i / safe, out, BLOCK_N, p_layout)
         out = warpgroup_mma_wait(num_outstanding=0, deps=(out, ))
     out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
     gl.store(O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + src[:, None] * son + dcol[None, :], out,
@@ -311,24 +330,24 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
 # some configurations differently (SASS compared offline): that build has not run on a
 # GPU, so the validated one stays until a GPU session checks the simpler form.
 @gluon.jit
-def _consumer0(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-               empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
+def _consumer0(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
+               empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
                HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
                HAS_DENSE: gl.constexpr):
-    _consumer(0, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-              empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
+    _consumer(0, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
+              empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
               BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
 
 
 @gluon.jit
-def _consumer1(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-               empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
+def _consumer1(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
+               empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
                HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
                HAS_DENSE: gl.constexpr):
-    _consumer(1, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-              empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
+    _consumer(1, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
+              empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
               BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
 
 
@@ -344,36 +363,30 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, 
     qbuf = gl.allocate_shared_memory(dtype, [2, 64, D], gl.NVMMASharedLayout.get_default_for([64, D], dtype))
     kbuf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], tile_layout)
     vbuf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], tile_layout)
-    if ORDER == 1:  # the first-order matrix
-        hbuf = gl.allocate_shared_memory(dtype, [D, D], gl.NVMMASharedLayout.get_default_for([D, D], dtype))
-    else:
-        hbuf = qbuf.index(0)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    hm_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
-    mbarrier.init(hm_bar, count=1)
     # (the argument tuples are written out in the call: a tuple assigned to a name first turns its
     # constexprs into tensors)
     gl.warp_specialize([
-        (_consumer0, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-                      empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
+        (_consumer0, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
+                      empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                       BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
-        (_consumer1, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, hbuf, ready,
-                      empty, hm_bar, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
+        (_consumer1, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
+                      empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                       BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
-        (_loader, (k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, hbuf, ready,
-                   empty, hm_bar, BH0, NQ, NB, KT, ND, H, BLOCK_N, D, STAGES, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
+        (_loader, (k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, ready,
+                   empty, BH0, NQ, NB, KT, ND, H, BLOCK_N, D, STAGES, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
                    HAS_DENSE)),
     ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
 
 
-def stages(d: int, block: int, order: int) -> int:
-    """Ring stages that fit: the two query halves and the first-order matrix, per stage a K and a V
-    tile (the tail: centroids and value means)."""
-    fixed = 2 * HALF_TILE * d * 2 + SMEM_SCRATCH + (d * d * 2 if order == 1 else 0)
+def stages(d: int, block: int) -> int:
+    """Ring stages that fit: the two query halves, per stage a K and a V tile (the tail: centroids
+    and value means; at the end the first-order matrix, which so takes no buffer of its own)."""
+    fixed = 2 * HALF_TILE * d * 2 + SMEM_SCRATCH
     return max(1, min(MAX_STAGES, (SMEM_BYTES - fixed) // (2 * block * d * 2)))
 
 
@@ -439,7 +452,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     if eff_order == 1:
         total = stats.blen.sum(-1).clamp_min(1.0).repeat_interleave(h)  # valid keys of each row's batch element
         hm = (stats.hsum * (scale / total).view(-1, 1, 1)).to(q.dtype).reshape(b * h * d, d)
-        hm_desc = _desc(hm, [b * h * d, d], [d, 1], [d, d])
+        hm_desc = _desc(hm, [b * h * d, d], [d, 1], [block, d])
     else:
         hm_desc = kb_desc
     qkv_bytes = 3 * q.numel() * q.element_size()
@@ -456,7 +469,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
             bias, tord, valid if valid is not None else ph, *text, k_desc, v_desc, kb_desc, vm_desc, hm_desc,
             q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
             valid.stride(0) if valid is not None else 0, s, n, nb, nq, h, sel.count, n_dense, scale * LOG2E,
-            BLOCK_N=block, D=d, STAGES=stages(d, block, eff_order), ORDER=eff_order, HAS_PERM=perm is not None,
+            BLOCK_N=block, D=d, STAGES=stages(d, block), ORDER=eff_order, HAS_PERM=perm is not None,
             TILE_COUNTS=sel.tile_count is not None, REORDER=reorder, HAS_VALID=valid is not None,
             HAS_DENSE=dense is not None, num_warps=4, maxnreg=MAX_REGS)
     return out

@@ -119,11 +119,11 @@ def hopper_compile(dtype: str, d: int, order: int, perm: bool, counts: bool, tex
     block = hk.BLOCKS[0]
     t = torch.zeros(1, block, d, dtype=getattr(torch, dtype))
     box = hk._desc(t, [1, block, d], [block * d, d, 1], [1, block, d])
-    hm = hk._desc(torch.zeros(d, d, dtype=t.dtype), [d, d], [d, 1], [d, d]) if order == 1 else box
+    hm = hk._desc(torch.zeros(d, d, dtype=t.dtype), [d, d], [d, 1], [block, d]) if order == 1 else box
     fn = hk._pisa_fwd_hopper
     ptr = dict(Q=_TRITON_TYPE[dtype], O=_TRITON_TYPE[dtype], PERM="i64", IDX="i32", CNT="i32", TB="fp16", TORD="i32",
                VALID="i8", DROWS="i64", DFLAG="i8", DIDX="i32", DCNT="i32")
-    consts = dict(BLOCK_N=block, D=d, STAGES=hk.stages(d, block, order), ORDER=order, HAS_PERM=perm,
+    consts = dict(BLOCK_N=block, D=d, STAGES=hk.stages(d, block), ORDER=order, HAS_PERM=perm,
                   TILE_COUNTS=counts, REORDER=counts, HAS_VALID=text, HAS_DENSE=text)
     sig = {}
     for name in fn.arg_names:
