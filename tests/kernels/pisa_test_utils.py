@@ -180,6 +180,17 @@ def selection_of(log) -> Selection:
     return log[0][1]
 
 
+def assert_same_selection(a: Selection, b: Selection) -> None:
+    """Two selections bit for bit: idx, mask, counts, tile counts, tail bias and width."""
+    for name in ("idx", "mask", "counts", "tile_count", "tail_bias"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            x, y = x.cpu(), y.cpu()
+            assert x.dtype == y.dtype and torch.equal(x, y), (name, (x != y).nonzero()[:8].tolist())
+    assert a.count == b.count
+
+
 def assert_graph_path_is_eager(q, k, v, tol: float, **kw) -> None:
     """On CUDA: the call through a CUDA graph equals the eager call (backend ``"auto"``: the
     forward kernel the node gets, on sm90 the Hopper one where it covers the call), on these values (a
