@@ -372,7 +372,8 @@ class SortedAdaptive:
             take = torch.arange(width, device=own.device) < tile_count[s:e].unsqueeze(-1)  # [rows, NQ, width]
             self.mask[s:e].zero_().scatter_(-1, own, take.to(torch.int8))
             group = 0 if kinds_rows is None else _group(kinds_rows[s:e]).expand(-1, nq, -1).gather(-1, own)
-            key = torch.where(take, group, 3)  # the tile's own blocks by kind, then the rest
+            # int64 keys: the kinds' int8 would overflow in key * nb (past 42 blocks)
+            key = torch.where(take, group, 3).long()  # the tile's own blocks by kind, then the rest
             # each part in block order (as the Triton kernel compacts them): one sort of distinct keys
             self.order[s:e] = torch.sort(key * self.nb + own, dim=-1).values % self.nb
             counts[s:e, :, 0] = (key == 0).sum(-1)
