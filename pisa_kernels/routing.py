@@ -252,18 +252,26 @@ def adaptive_limits(k: int, n_blocks: int, n_forced: int = 0) -> tuple[int, int]
 
 
 def block_log_mass(score: torch.Tensor, blen_rows: torch.Tensor, stats: PooledStats | None = None,
-                   scale: float = 1.0, rows: slice | None = None) -> torch.Tensor:
+                   scale: float = 1.0, rows: slice | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """In place on ``score [R, NQ, NB]`` (the pooled logits ``s qbar_i . kbar_j``): the log of each
     block's share of its tile's estimated softmax mass, ``log(n_j e^{z_ij + c_ij} / sum_l n_l e^{z_il +
     c_il})`` (``c``: the log-normal correction, capped as the tail caps it, where ``stats`` has the
-    second moments; else 0).  Blocks without a valid key get ``-inf``; a tile without any valid
-    block gets ``-inf`` everywhere."""
-    if stats is not None and stats.q2 is not None and stats.kvar is not None:
-        c = mass_bias(stats.q2[rows], stats.kvar[rows].float(), scale)
-        score.add_(cap_mass_bias(c, blen_rows))
+    second moments, or ``bias``: that correction computed beforehand, :func:`capped_mass_bias`; else
+    0).  Blocks without a valid key get ``-inf``; a tile without any valid block gets ``-inf``
+    everywhere."""
+    if bias is not None:
+        score.add_(bias)
+    elif stats is not None and stats.q2 is not None and stats.kvar is not None:
+        score.add_(capped_mass_bias(stats, blen_rows, scale, rows))
     score.add_(torch.log(blen_rows))  # log 0 = -inf: an empty block holds no mass
     lse = torch.logsumexp(score, dim=-1, keepdim=True)
     return score.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+
+
+def capped_mass_bias(stats: PooledStats, blen_rows: torch.Tensor, scale: float, rows: slice) -> torch.Tensor:
+    """:func:`block_log_mass`'s log-normal correction of rows ``rows`` (``cap_mass_bias`` of
+    ``mass_bias``): a new buffer of the rows' score shape."""
+    return cap_mass_bias(mass_bias(stats.q2[rows], stats.kvar[rows].float(), scale), blen_rows)
 
 
 def adaptive_budget(k: int, k_mean: float | None, tiles: int, n_blocks: int, n_forced: int = 0) -> int:
@@ -372,7 +380,8 @@ class SortedAdaptive:
             take = torch.arange(width, device=own.device) < tile_count[s:e].unsqueeze(-1)  # [rows, NQ, width]
             self.mask[s:e].zero_().scatter_(-1, own, take.to(torch.int8))
             group = 0 if kinds_rows is None else _group(kinds_rows[s:e]).expand(-1, nq, -1).gather(-1, own)
-            key = torch.where(take, group, 3)  # the tile's own blocks by kind, then the rest
+            # int64 keys: the kinds' int8 would overflow in key * nb (past 42 blocks)
+            key = torch.where(take, group, 3).long()  # the tile's own blocks by kind, then the rest
             # each part in block order (as the Triton kernel compacts them): one sort of distinct keys
             self.order[s:e] = torch.sort(key * self.nb + own, dim=-1).values % self.nb
             counts[s:e, :, 0] = (key == 0).sum(-1)
@@ -413,12 +422,17 @@ def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kind
     kinds_rows = kinds[batch_of].unsqueeze(1) if kinds is not None else None  # [BH, 1, NB]
     selector = select(bh, nq, nb, floor, n_forced, width, device)
     rows = chunk_rows(chunk_bytes, nq, nb)
+    lognormal = stats.q2 is not None and stats.kvar is not None
     for s in range(0, bh, rows):
         e = min(bh, s + rows)
+        blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
+        # the log-normal correction first (its cap's temporary is gone before the scores exist): at
+        # most two buffers of the chunk's size at a time
+        c = capped_mass_bias(stats, blen_rows, scale, slice(s, e)) if lognormal else None
         score = torch.empty(e - s, nq, nb, dtype=stats.kbar.dtype, device=device)
         score.baddbmm_(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
-        blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
-        block_log_mass(score, blen_rows, stats, scale, slice(s, e))
+        block_log_mass(score, blen_rows, bias=c)
+        del c
         selector.rank(score, s, kinds_rows[s:e] if kinds_rows is not None else None)
         del score
     budget = adaptive_budget(k, k_mean, nq if scope == "head" else bh * nq, nb, n_forced)
@@ -457,7 +471,11 @@ def cap_mass_bias(c: torch.Tensor, blen: torch.Tensor) -> torch.Tensor:
     64-token block: huge logit spreads) the log-normal estimate would exceed it.  ``blen``: the
     blocks' valid-key counts, broadcastable to ``c``.
     """
-    return torch.minimum(c, torch.sqrt(2.0 * c * (blen - 1.0).clamp_min(0.0)), out=c)
+    m = (blen - 1.0).clamp_min(0.0)
+    if m.dtype != c.dtype:
+        return torch.minimum(c, torch.sqrt(2.0 * c * m), out=c)
+    # the same operations and roundings with one temporary of c's size, not two
+    return torch.minimum(c, (c * 2.0).mul_(m).sqrt_(), out=c)
 
 
 def routing_chunk_bytes(qkv_bytes: int) -> int:

@@ -366,12 +366,12 @@ _DIGIT, _BINS, _LEVELS = tl.constexpr(RADIX_BITS), tl.constexpr(1 << RADIX_BITS)
 _MARK = tl.constexpr(0x7FFFFFFF)
 
 
-@triton.jit(do_not_specialize=["NB", "NQ", "LO", "W"])
-def _adaptive_rank_kernel(S, TOP, CKEY, MASK, KIND, NB, NQ, LO, W, BLOCK: tl.constexpr, HAS_KIND: tl.constexpr):
+@triton.jit(do_not_specialize=["NB", "NQ", "LO", "W", "NW"])
+def _adaptive_rank_kernel(S, CKEY, BITS, KIND, NB, NQ, LO, W, NW, BLOCK: tl.constexpr, HAS_KIND: tl.constexpr):
     """One tile's row of block shares (routing.block_log_mass; with kinds EMPTY blocks -inf, FORCED
-    ones +inf): its first W ranks (descending share, ties to the lower block: :func:`_first`) as block
-    indices in block order (a prefix-sum compaction), their keys with the first LO ranks marked
-    (``_MARK``), and the tile's mask row cleared."""
+    ones +inf): its first W ranks (descending share, ties to the lower block: :func:`_first`) as a
+    bitmap over the blocks (``NW`` int32 words, bit ``j % 32`` of word ``j // 32``) and their keys
+    in block order (a prefix-sum compaction), the first LO ranks marked (``_MARK``)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < NB
@@ -381,9 +381,11 @@ def _adaptive_rank_kernel(S, TOP, CKEY, MASK, KIND, NB, NQ, LO, W, BLOCK: tl.con
     key = _order_key(x)
     top = _first(key, ok, W)
     pos = tl.cumsum(top.to(tl.int32), axis=0) - 1
-    tl.store(TOP + row * W + pos, offs, mask=top)
     tl.store(CKEY + row * W + pos, tl.where(_first(key, ok, LO), _MARK, key), mask=top)
-    tl.store(MASK + row * NB + offs, tl.zeros([BLOCK], dtype=tl.int8), mask=ok)
+    # distinct powers of two: their (wrapping int32) sum is their bitwise or
+    words = tl.sum(tl.reshape(top.to(tl.int32) << (offs % 32), [BLOCK // 32, 32]), axis=1)
+    w = tl.arange(0, BLOCK // 32)
+    tl.store(BITS + row * NW + w, words, mask=w < NW)
 
 
 @triton.jit
@@ -491,13 +493,14 @@ def _tie_cut_kernel(AE, CUT, tiles, C, take, nbits, BLOCK: tl.constexpr):
     tl.store(CUT + g * 2 + 1, cut)
 
 
-@triton.jit(do_not_specialize=["NB", "NQ", "W", "LO", "tiles"])
-def _adaptive_pick_kernel(TOP, CKEY, AE, CUT, MASK, KIND, CNT, TCOUNT, NB, NQ, W, LO, tiles,
+@triton.jit(do_not_specialize=["NB", "NQ", "W", "LO", "NW", "tiles"])
+def _adaptive_pick_kernel(CKEY, BITS, AE, CUT, MASK, KIND, CNT, TCOUNT, NB, NQ, W, LO, NW, tiles,
                           BLOCK: tl.constexpr, HAS_KIND: tl.constexpr):
-    """One tile: its count (LO, its candidates above the threshold and its share of the ties), its
-    blocks (the first ``count`` of its W ranks: :func:`_first` on the marked keys, whose marks are
-    its first LO ranks) in the forward kernel's order, then the rest of the W in block order, over
-    the rank kernel's list (in place, after a barrier); the mask's ones, the counts."""
+    """One tile, over its blocks: its count (LO, its candidates above the threshold and its share of
+    the ties), its blocks (the first ``count`` of its W ranks, from the rank kernel's bitmap and keys:
+    :func:`_first` on the marked keys, whose marks are its first LO ranks) in the forward kernel's
+    order, then the rest of the W in block order, as its idx row over its keys' row (in place, after
+    a barrier); its whole mask row, the counts."""
     row = tl.program_id(0).to(tl.int64)
     g = row // tiles
     ae = tl.load(AE + row)
@@ -508,18 +511,20 @@ def _adaptive_pick_kernel(TOP, CKEY, AE, CUT, MASK, KIND, CNT, TCOUNT, NB, NQ, W
     taken += ((a <= rank) & (rank < a + e) & (row % tiles < tl.load(CUT + g * 2 + 1))).to(tl.int32)
     count = LO + taken
     offs = tl.arange(0, BLOCK)
-    ok = offs < W
-    blk = tl.load(TOP + row * W + offs, mask=ok, other=0)
-    own = _first(tl.load(CKEY + row * W + offs, mask=ok, other=0), ok, count)
+    ok = offs < NB
+    word = tl.load(BITS + row * NW + offs // 32, mask=ok, other=0)
+    member = ok & (((word >> (offs % 32)) & 1) != 0)  # block among the tile's first W ranks
+    slot = tl.cumsum(member.to(tl.int32), axis=0) - 1  # its entry in the keys' row (block order)
+    own = _first(tl.load(CKEY + row * W + slot, mask=member, other=0), member, count)
     if HAS_KIND:
-        kind = tl.load(KIND + (row // NQ) * NB + blk, mask=ok, other=0).to(tl.int32)
+        kind = tl.load(KIND + (row // NQ) * NB + offs, mask=ok, other=0).to(tl.int32)
     else:
         kind = tl.zeros([BLOCK], dtype=tl.int32)
     pos, n_full, n_used = _kind_order(own, kind)
-    pos = tl.where(own, pos, count + tl.cumsum((ok & ~own).to(tl.int32), axis=0) - 1)
-    tl.debug_barrier()  # every entry of the row is read before any is overwritten
-    tl.store(TOP + row * W + pos, blk, mask=ok)
-    tl.store(MASK + row * NB + blk, tl.full([BLOCK], 1, dtype=tl.int8), mask=own)
+    pos = tl.where(own, pos, count + tl.cumsum((member & ~own).to(tl.int32), axis=0) - 1)
+    tl.debug_barrier()  # every key of the row is read before any is overwritten
+    tl.store(CKEY + row * W + pos, offs, mask=member)
+    tl.store(MASK + row * NB + offs, own.to(tl.int8), mask=ok)
     tl.store(CNT + row * 2, n_full)
     tl.store(CNT + row * 2 + 1, n_used)
     tl.store(TCOUNT + row, count)
@@ -534,33 +539,39 @@ class AdaptiveBlocks:
     Triton backend): the same idx, mask, counts and tile counts as :class:`routing.SortedAdaptive`,
     bit for bit, without its sorts.
 
-    Per score chunk one launch (:func:`_adaptive_rank_kernel`: each tile's first ``width`` ranks in
-    block order and their keys, the first ``n_forced + floor`` marked); then the threshold of each
-    scope by radix selection over the candidate keys (``RADIX_LEVELS`` launches of
-    :func:`_radix_kernel`), each tile's candidates above and at it (:func:`_tie_span_kernel`), the
-    cut among the ties (:func:`_tie_cut_kernel`) and each tile's list (:func:`_adaptive_pick_kernel`).
-    A tile's count of candidates at least ``t`` needs no sorted candidates: the ranks are in
-    descending order, so it is the number of its keys at least ``t`` (marks included) less the marks.
-    Scratch: 8 bytes per (tile, rank below ``width``), as the sorted selection's."""
+    Per score chunk one launch (:func:`_adaptive_rank_kernel`: each tile's first ``width`` ranks as a
+    bitmap over its blocks, and their keys in block order, the first ``n_forced + floor`` marked);
+    then the threshold of each scope by radix selection over the candidate keys (``RADIX_LEVELS``
+    launches of :func:`_radix_kernel`), each tile's candidates above and at it
+    (:func:`_tie_span_kernel`), the cut among the ties (:func:`_tie_cut_kernel`) and each tile's list
+    and mask row (:func:`_adaptive_pick_kernel`, which writes the idx over the keys).  A tile's count
+    of candidates at least ``t`` needs no sorted candidates: the ranks are in descending order, so it
+    is the number of its keys at least ``t`` (marks included) less the marks.
+
+    Memory: the keys (4 bytes per (tile, rank below ``width``), which become the idx) and the bitmap
+    (a bit per (tile, block)) while the score chunks are ranked; the mask (a byte per (tile, block))
+    only from :meth:`finish`, after the score chunks are freed."""
 
     def __init__(self, bh: int, nq: int, nb: int, floor: int, n_forced: int, width: int, device, block: int):
-        self.floor, self.lo, self.block = floor, n_forced + floor, block
+        self.floor, self.lo, self.block, self.nb = floor, n_forced + floor, block, nb
         self.wblock = next(w for w in TOP_BLOCKS_WIDTHS if w >= width)
-        self.top = torch.empty(bh, nq, width, dtype=torch.int32, device=device)
+        self.nw = -(-nb // 32)
         self.ckey = torch.empty(bh, nq, width, dtype=torch.int32, device=device)
-        self.mask = torch.empty(bh, nq, nb, dtype=torch.int8, device=device)
+        self.bits = torch.empty(bh, nq, self.nw, dtype=torch.int32, device=device)
+        #: set to a dict to keep copies of the intermediates (scripts/adaptive_select_gpu_check.py)
+        self.trace: dict | None = None
 
     def rank(self, score: torch.Tensor, s: int, kinds_rows: torch.Tensor | None) -> None:
         r, nq, nb = score.shape
         e = s + r
-        _adaptive_rank_kernel[(r * nq,)](score, self.top[s:e], self.ckey[s:e], self.mask[s:e],
-                                         kinds_rows if kinds_rows is not None else self.mask, nb, nq, self.lo,
-                                         self.top.shape[-1], BLOCK=self.block, HAS_KIND=kinds_rows is not None,
-                                         num_warps=_warps(self.block))
+        _adaptive_rank_kernel[(r * nq,)](score, self.ckey[s:e], self.bits[s:e],
+                                         kinds_rows if kinds_rows is not None else self.bits, nb, nq, self.lo,
+                                         self.ckey.shape[-1], self.nw, BLOCK=self.block,
+                                         HAS_KIND=kinds_rows is not None, num_warps=_warps(self.block))
 
     def finish(self, budget: int, scope: str, kinds_rows: torch.Tensor | None, rows: int):
-        bh, nq, width = self.top.shape
-        dev = self.top.device
+        bh, nq, width = self.ckey.shape
+        dev = self.ckey.device
         groups = 1 if scope == "call" else bh
         tiles = bh * nq // groups
         n = tiles * width
@@ -581,14 +592,19 @@ class AdaptiveBlocks:
         c = width - self.lo
         _tie_cut_kernel[(groups,)](ae, cut, tiles, c, budget - self.floor * tiles, c.bit_length(), BLOCK=CUT_BLOCK,
                                    num_warps=4)
+        if self.trace is not None:
+            self.trace.update(ckey=self.ckey.clone(), bits=self.bits.clone(), hist=hist.clone(), ae=ae.clone(),
+                              cut=cut.clone(), take_marked=take_marked)
+        mask = torch.empty(bh, nq, self.nb, dtype=torch.int8, device=dev)  # every row written by the pick
         counts = torch.empty(bh, nq, 2, dtype=torch.int32, device=dev)
         tile_count = torch.empty(bh, nq, dtype=torch.int32, device=dev)
-        _adaptive_pick_kernel[(bh * nq,)](self.top, self.ckey, ae, cut, self.mask,
-                                          kinds_rows if kinds_rows is not None else self.mask, counts, tile_count,
-                                          self.mask.shape[-1], nq, width, self.lo, tiles, BLOCK=self.wblock,
-                                          HAS_KIND=kinds_rows is not None, num_warps=_warps(self.wblock))
-        del self.ckey
-        return self.top, self.mask, counts, tile_count
+        _adaptive_pick_kernel[(bh * nq,)](self.ckey, self.bits, ae, cut, mask,
+                                          kinds_rows if kinds_rows is not None else mask, counts, tile_count,
+                                          self.nb, nq, width, self.lo, self.nw, tiles, BLOCK=self.block,
+                                          HAS_KIND=kinds_rows is not None, num_warps=_warps(self.block))
+        idx = self.ckey  # the pick wrote each tile's list over its keys
+        del self.ckey, self.bits
+        return idx, mask, counts, tile_count
 
 
 def adaptive_blocks(bh: int, nq: int, nb: int, floor: int, n_forced: int, width: int, device):

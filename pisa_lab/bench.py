@@ -53,8 +53,9 @@ def _sol_attn():
 def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: bool = False,
                        routing: str = "topk") -> float:
     """Time of the pre-scan plus routing alone (as :func:`pisa_attention` runs them for bf16 inputs
-    without a mask), the fixed overhead of a PISA call; ``routing="adaptive"``: the budget shared
-    between tiles (its Triton selection, with the log-normal mass estimate where ``lognormal``)."""
+    without a mask), the fixed overhead of a PISA call, for ``routing`` (``"cov"``: with the blocks'
+    residual norms; ``"adaptive"``: the budget shared between tiles, its Triton selection, with the
+    log-normal mass estimate where ``lognormal``)."""
     from pisa_kernels import triton_kernels as tk
     from pisa_kernels.routing import num_blocks, route, routing_chunk_bytes, topk_count
 
@@ -63,13 +64,13 @@ def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: boo
     nb = num_blocks(qh.shape[2], block)
     kk = topk_count(sparsity, nb)
     scale = qh.shape[-1] ** -0.5
-    adaptive = routing == "adaptive"
+    adaptive, cov = routing == "adaptive", routing == "cov"
 
     chunk = routing_chunk_bytes(3 * q.numel() * q.element_size())
 
     def run():
-        st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=False, lognormal=lognormal)
-        return route(st, scale=scale, k=kk, heads=h, cov=False, chunk_bytes=chunk, select=tk.top_blocks,
+        st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=cov, lognormal=lognormal)
+        return route(st, scale=scale, k=kk, heads=h, cov=cov, chunk_bytes=chunk, select=tk.top_blocks,
                      adaptive=adaptive, k_mean=(1.0 - sparsity) * nb, adaptive_select=tk.adaptive_blocks)
 
     return time_ms(run)

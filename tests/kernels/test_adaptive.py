@@ -402,11 +402,8 @@ def test_triton_selection_is_the_sorted_one(case, triton_device):
     assert int(a.tile_count.max()) > int(a.tile_count.min()) or case == "flat"
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_triton_selection_with_kinds(tied, triton_device):
-    """Sinks (one without a valid key), empty and partial blocks, two batch elements: the lists
-    ordered full / PARTIAL / EMPTY, the same as the sort's; with the reference's tail bias."""
-    nb = 16
+def kinds_case(nb: int, tied: bool):
+    """Sinks (one without a valid key), empty and partial blocks, two batch elements."""
     blen = torch.full((2, nb), 64.0)
     blen[0, [2, 9]] = 0.0
     blen[1, [0, 4, 5]] = 17.0  # block 0: a partial sink
@@ -414,8 +411,37 @@ def test_triton_selection_with_kinds(tied, triton_device):
     forced = torch.zeros(nb, dtype=torch.bool)
     forced[[0, 9]] = True
     st = make_stats(bh=4, nq=3, nb=nb, b=2, blen=blen, seed=12, tied=tied, second=True)
-    kinds = block_kinds(blen, nb * 64, 64, forced)
-    a, b = both_selections(st, triton_device, k=3, heads=2, kinds=kinds, n_forced=2, tail_bias=True)
+    return st, block_kinds(blen, nb * 64, 64, forced)
+
+
+@pytest.mark.parametrize("nb", [16, 72, 130])
+def test_sorted_selection_lists_with_kinds(nb):
+    """Each tile's idx: its own blocks (the mask's), ordered full / PARTIAL / EMPTY, each kind in block
+    order, then the rest of its first ``width`` ranks in block order, every block once.  Past 42 blocks
+    the kinds' int8 overflowed the sort key ``kind x NB + block`` (FLUX 1024²: 72 blocks)."""
+    st, kinds = kinds_case(nb, tied=False)
+    sel = R.adaptive_route(st, scale=0.5, k=max(3, nb // 8), heads=2, kinds=kinds, n_forced=2)
+    group = R._group(kinds).long()
+    for row in range(4):
+        for t in range(3):
+            ids = sel.idx[row, t].tolist()
+            c = int(sel.tile_count[row, t])
+            assert len(set(ids)) == len(ids) and all(0 <= i < nb for i in ids)
+            own = set(torch.nonzero(sel.mask[row, t]).flatten().tolist())
+            assert set(ids[:c]) == own
+            keys = [(int(group[row // 2, i]), i) for i in ids[:c]]
+            assert keys == sorted(keys) and ids[c:] == sorted(ids[c:])
+            n_full, n_used = sel.counts[row, t].tolist()
+            assert n_full == sum(g == 0 for g, _ in keys) and n_used == sum(g <= 1 for g, _ in keys)
+
+
+@pytest.mark.parametrize("nb", [16, 72])
+@pytest.mark.parametrize("tied", [False, True])
+def test_triton_selection_with_kinds(tied, nb, triton_device):
+    """The kinds' case (:func:`kinds_case`): the lists ordered full / PARTIAL / EMPTY, the same as the
+    sort's; with the reference's tail bias.  72 blocks: FLUX 1024²'s row (past int8 sort keys)."""
+    st, kinds = kinds_case(nb, tied)
+    a, b = both_selections(st, triton_device, k=max(3, nb // 8), heads=2, kinds=kinds, n_forced=2, tail_bias=True)
     assert_same_selection(a, b)
     assert bool(a.counts[2:, :, 0].lt(a.counts[2:, :, 1]).all())  # the partial sink, after the full blocks
 
