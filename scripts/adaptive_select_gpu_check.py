@@ -5,10 +5,11 @@ oracle (routing.SortedAdaptive), stage by stage, plus its time and memory at 720
     python scripts/adaptive_select_gpu_check.py --no-perf  # the comparisons only
 
 For the three cases of tests/kernels/test_gpu.py::test_adaptive_triton_selection_is_the_sorted_one
-(the same inputs) both selectors see the same score chunks; after the rank phase this compares each
-tile's candidate bitmap and keys, then the threshold (from the radix histograms), each tile's
-candidates above / at it, and finally tile_count, counts, mask and idx, printing the first
-difference.  Then it times pre-scan + routing (bench.prescan_routing_ms) and measures the extra
+(the same inputs: tests/kernels/pisa_test_utils.adaptive_selection_case) both selectors see the
+same score chunks; after the rank phase this compares each tile's candidate bitmap and keys, then
+the threshold (from the radix histograms), each tile's candidates above / at it, and finally
+tile_count, counts, mask and idx, printing the first difference (the test compares only the
+final selection).  Then it times pre-scan + routing (bench.prescan_routing_ms) and measures the extra
 memory of the whole call (adaptive routing, both tails) at Wan 720p and HunyuanVideo 720p.
 
 Exit status: 0 all equal and memory within 10 % of q+k+v; 1 a selection differs; 2 memory over the bar.
@@ -23,44 +24,17 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "kernels")]
 
 from pisa_kernels import routing as R  # noqa: E402
 from pisa_kernels import triton_kernels as tk  # noqa: E402
+from pisa_test_utils import adaptive_selection_case  # noqa: E402  (the GPU test's inputs)
 
 #: PISA_CHECK_DEVICE=cpu with TRITON_INTERPRET=1 and --cases small: a self-test of this script
 DEV = torch.device(os.environ.get("PISA_CHECK_DEVICE", "cuda"))
 MARK = 0x7FFFFFFF
 failures: list[str] = []
-
-
-def case_inputs(case: str):
-    """tests/kernels/test_gpu.py::test_adaptive_triton_selection_is_the_sorted_one's inputs."""
-    n, h = {"flux_joint": (4608, 24), "small": (3000, 2)}.get(case, (75600, 40))
-    nb, nq, d = R.num_blocks(n, 64), R.num_blocks(n, 128), 128
-    g = torch.Generator(device=DEV).manual_seed(3)
-    blen = (n - 64 * torch.arange(nb, device=DEV)).clamp(max=64).float().unsqueeze(0)
-    second = case != "wan720"
-    st = R.PooledStats(qbar=3 * torch.randn(h, nq, d, device=DEV, generator=g),
-                       kbar=torch.randn(h, nb, d, device=DEV, generator=g), vsum=None, blen=blen, hsum=None,
-                       covnorm=None, q2=torch.rand(h, nq, d, device=DEV, generator=g) if second else None,
-                       kvar=torch.rand(h, nb, d, device=DEV, generator=g) if second else None)
-    kinds, n_forced = None, 0
-    if case != "wan720":
-        forced = torch.zeros(nb, dtype=torch.bool, device=DEV)
-        forced[:8] = True  # 512 tokens of text
-        if case in ("wan720_kinds_lognormal", "small"):
-            blen[0, 3] = 17.0
-            blen[0, 600:640] = 0.0
-            blen[0, 700:705] = 40.0
-            if case == "small":  # (47 blocks)
-                blen[0, 20:23] = 0.0
-                blen[0, 30:32] = 40.0
-        kinds, n_forced = R.block_kinds(blen, n, 64, forced), 8
-    k = R.topk_count(0.875, nb)
-    chunk = R.routing_chunk_bytes(3 * h * n * d * 2)
-    return st, dict(scale=d ** -0.5, k=k, heads=h, kinds=kinds, n_forced=n_forced, chunk_bytes=chunk,
-                    k_mean=0.125 * nb)
 
 
 def first_diff(name: str, want: torch.Tensor, got: torch.Tensor, case: str) -> bool:
@@ -149,7 +123,7 @@ class Both:
 
 
 def check_case(case: str) -> None:
-    st, kw = case_inputs(case)
+    st, kw = adaptive_selection_case(case, DEV)
     t0 = time.perf_counter()
     R.adaptive_route(st, select=lambda *a: Both(case, *a), **kw)  # stage by stage
     a = R.adaptive_route(st, **kw)
@@ -177,8 +151,9 @@ def perf() -> bool:
             ln = tail == "lognormal"
             top = prescan_routing_ms(q, k, v, 0.875, 64, ln, "topk")
             ada = prescan_routing_ms(q, k, v, 0.875, 64, ln, "adaptive")
-            fn = lambda: pisa_attention(q, k, v, sparsity=0.875, order=1, layout="BNHD", block_size=64, tail=tail,
-                                        routing="adaptive", backend="triton")
+            fn = lambda q=q, k=k, v=v, tail=tail: pisa_attention(q, k, v, sparsity=0.875, order=1, layout="BNHD",
+                                                                 block_size=64, tail=tail, routing="adaptive",
+                                                                 backend="triton")
             fn()
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -188,7 +163,7 @@ def perf() -> bool:
             ok &= share <= 0.10
             print(f"{name} {tail:9s}: pre-scan + routing {ada:.2f} ms adaptive ({top:.2f} ms top-k); "
                   f"call's extra memory {extra:.1f} MiB = {share:.2%} of q+k+v ({qkv_mb:.0f} MiB){flag}")
-        del q, k, v
+        del q, k, v, fn  # (fn holds them too)
         torch.cuda.empty_cache()
     return ok
 

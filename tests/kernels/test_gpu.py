@@ -26,7 +26,7 @@ from hypothesis import seed as fuzz_seed
 from fuzz_strategies import fuzz_case
 from pisa_kernels import pisa_attention
 from pisa_kernels.tiling import joint_permutation, tile_permutation
-from pisa_test_utils import (adaptive_forward, assert_graph_path_is_eager, assert_same_selection, capture_routing, max_err, rand_qkv, rel_l2, selection_of,
+from pisa_test_utils import (adaptive_forward, adaptive_selection_case, assert_graph_path_is_eager, assert_same_selection, capture_routing, max_err, rand_qkv, rel_l2, selection_of,
                              structured_qkv)
 from prerequisites import missing
 
@@ -430,35 +430,17 @@ def test_adaptive_triton_selection_is_the_sorted_one(case):
     """triton_kernels.adaptive_blocks against routing.SortedAdaptive, bit for bit, on random pooled
     statistics of real sizes: Wan2.1 720p (BH=40, 591 tiles, 1,182 blocks, one score chunk a head
     at this size: several chunks), with sinks, empty and partial blocks and the log-normal mass
-    correction; FLUX 1024² with its text sinks (72 blocks)."""
+    correction; FLUX 1024² with its text sinks (72 blocks): pisa_test_utils.adaptive_selection_case.
+    scripts/adaptive_select_gpu_check.py compares the same cases stage by stage."""
     from pisa_kernels import routing as R
     from pisa_kernels import triton_kernels as tk
 
-    n, h = (4608, 24) if case == "flux_joint" else (75600, 40)
-    nb, nq, d = R.num_blocks(n, 64), R.num_blocks(n, 128), 128
-    g = torch.Generator(device=DEV).manual_seed(3)
-    blen = (n - 64 * torch.arange(nb, device=DEV)).clamp(max=64).float().unsqueeze(0)
-    second = case != "wan720"
-    st = R.PooledStats(qbar=3 * torch.randn(h, nq, d, device=DEV, generator=g),
-                       kbar=torch.randn(h, nb, d, device=DEV, generator=g), vsum=None, blen=blen, hsum=None,
-                       covnorm=None, q2=torch.rand(h, nq, d, device=DEV, generator=g) if second else None,
-                       kvar=torch.rand(h, nb, d, device=DEV, generator=g) if second else None)
-    kinds, n_forced = None, 0
-    if case != "wan720":
-        forced = torch.zeros(nb, dtype=torch.bool, device=DEV)
-        forced[:8] = True  # 512 tokens of text
-        if case == "wan720_kinds_lognormal":
-            blen[0, 3] = 17.0  # a partial sink
-            blen[0, 600:640] = 0.0  # empty blocks
-            blen[0, 700:705] = 40.0
-        kinds, n_forced = R.block_kinds(blen, n, 64, forced), 8
-    k = R.topk_count(0.875, nb)
-    chunk = R.routing_chunk_bytes(3 * h * n * d * 2)
-    kw = dict(scale=d ** -0.5, k=k, heads=h, kinds=kinds, n_forced=n_forced, chunk_bytes=chunk, k_mean=0.125 * nb)
+    st, kw = adaptive_selection_case(case, DEV)
+    tiles = st.qbar.shape[0] * st.qbar.shape[1]
     a = R.adaptive_route(st, **kw)
     b = R.adaptive_route(st, select=tk.adaptive_blocks, **kw)
     assert_same_selection(a, b)
-    assert int(a.tile_count.sum()) == round(0.125 * nb * h * nq) + n_forced * h * nq
+    assert int(a.tile_count.sum()) == round(0.125 * st.kbar.shape[1] * tiles) + kw["n_forced"] * tiles
     assert int(a.tile_count.max()) > int(a.tile_count.min())
 
 
