@@ -449,12 +449,12 @@ def _kinds(plan: _Plan, stats, valid):
     return block_kinds(stats.blen, plan.tokens, plan.block, plan.forced)
 
 
-def _route(plan: _Plan, stats, kinds, heads: int, chunk: int, select):
+def _route(plan: _Plan, stats, kinds, heads: int, chunk: int, select, adaptive_select=None):
     # The reference reads the log-normal mass correction from the routing; the Triton kernel
     # computes it per tile from the pooled second moments.
     return route(stats, scale=plan.scale, k=plan.k_top, heads=heads, kinds=kinds, n_forced=plan.n_forced,
                  cov=plan.cov, tail_bias=plan.lognormal and plan.backend != "triton", chunk_bytes=chunk,
-                 select=select, adaptive=plan.adaptive, k_mean=plan.k_mean)
+                 select=select, adaptive=plan.adaptive, k_mean=plan.k_mean, adaptive_select=adaptive_select)
 
 
 def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid):
@@ -473,7 +473,7 @@ def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid):
                     lognormal=plan.moments, perm=plan.perm, kv_out=kv if plan.perm is not None else None)
     kinds = _kinds(plan, stats, valid)
     sel = _route(plan, stats, kinds, qh.shape[1], routing_chunk_bytes(3 * qh.numel() * qh.element_size()),
-                 tk.top_blocks)
+                 tk.top_blocks, tk.adaptive_blocks)
     dense = None
     if plan.dense_idx is not None:
         every = kinds if kinds is not None else torch.zeros_like(stats.blen, dtype=torch.int8)

@@ -171,9 +171,17 @@ def top_blocks(score: torch.Tensor, kt: int, idx: torch.Tensor, mask: torch.Tens
     mask.zero_().scatter_(-1, top, 1)
 
 
+def chunk_rows(chunk_bytes: int, nq: int, nb: int) -> int:
+    """(batch x head) rows per routing chunk: as many ``NQ x NB`` fp32 score maps as ``chunk_bytes``
+    holds (at least one).  Both selections of adaptive routing use it, so their score chunks are the
+    same GEMMs and reductions, bit for bit."""
+    return max(1, chunk_bytes // max(1, nq * nb * 4))
+
+
 def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
           n_forced: int = 0, cov: bool = False, tail_bias: bool = False, chunk_bytes: int = ROUTING_CHUNK_BYTES,
-          select=top_blocks, adaptive: bool = False, k_mean: float | None = None) -> Selection:
+          select=top_blocks, adaptive: bool = False, k_mean: float | None = None,
+          adaptive_select=None) -> Selection:
     """Top-``k`` key blocks per query tile by pooled score, plus the forced (sink) blocks.
 
     ``score = scale * qbar_i . kbar_j`` (+ ``log(||H_j||_F + eps)`` with ``cov``: blocks whose
@@ -190,11 +198,14 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.
     (:func:`top_blocks`, or the Triton kernel with the same result).
 
     ``adaptive``: the budget (``k`` blocks per tile, or ``k_mean`` on average) is shared between
-    tiles by need (:func:`adaptive_route`); ``cov`` and ``select`` do not apply.
+    tiles by need (:func:`adaptive_route`, which takes ``adaptive_select``: None for
+    :class:`SortedAdaptive`, or the Triton kernels' selector with the same result); ``cov`` and
+    ``select`` do not apply.
     """
     if adaptive and k + n_forced < stats.kbar.shape[1]:
         return adaptive_route(stats, scale=scale, k=k, heads=heads, kinds=kinds, n_forced=n_forced,
-                              tail_bias=tail_bias, chunk_bytes=chunk_bytes, k_mean=k_mean)
+                              tail_bias=tail_bias, chunk_bytes=chunk_bytes, k_mean=k_mean,
+                              select=adaptive_select or SortedAdaptive)
     bh, nq, _ = stats.qbar.shape
     nb = stats.kbar.shape[1]
     kt = min(nb, k + n_forced)
@@ -214,7 +225,7 @@ def route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.
         mask.fill_(1)
         return Selection(idx, mask, kt, counts=counts)
     bias = torch.empty(bh, nq, nb, dtype=stats.kbar.dtype, device=device) if tail_bias else None
-    rows = max(1, chunk_bytes // max(1, nq * nb * 4))
+    rows = chunk_rows(chunk_bytes, nq, nb)
     for s in range(0, bh, rows):
         e = min(bh, s + rows)
         # In place (beta=0 ignores the buffer's contents): one score buffer per chunk, no temporary.
@@ -241,18 +252,26 @@ def adaptive_limits(k: int, n_blocks: int, n_forced: int = 0) -> tuple[int, int]
 
 
 def block_log_mass(score: torch.Tensor, blen_rows: torch.Tensor, stats: PooledStats | None = None,
-                   scale: float = 1.0, rows: slice | None = None) -> torch.Tensor:
+                   scale: float = 1.0, rows: slice | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """In place on ``score [R, NQ, NB]`` (the pooled logits ``s qbar_i . kbar_j``): the log of each
     block's share of its tile's estimated softmax mass, ``log(n_j e^{z_ij + c_ij} / sum_l n_l e^{z_il +
     c_il})`` (``c``: the log-normal correction, capped as the tail caps it, where ``stats`` has the
-    second moments; else 0).  Blocks without a valid key get ``-inf``; a tile without any valid
-    block gets ``-inf`` everywhere."""
-    if stats is not None and stats.q2 is not None and stats.kvar is not None:
-        c = mass_bias(stats.q2[rows], stats.kvar[rows].float(), scale)
-        score.add_(cap_mass_bias(c, blen_rows))
+    second moments, or ``bias``: that correction computed beforehand, :func:`capped_mass_bias`; else
+    0).  Blocks without a valid key get ``-inf``; a tile without any valid block gets ``-inf``
+    everywhere."""
+    if bias is not None:
+        score.add_(bias)
+    elif stats is not None and stats.q2 is not None and stats.kvar is not None:
+        score.add_(capped_mass_bias(stats, blen_rows, scale, rows))
     score.add_(torch.log(blen_rows))  # log 0 = -inf: an empty block holds no mass
     lse = torch.logsumexp(score, dim=-1, keepdim=True)
     return score.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+
+
+def capped_mass_bias(stats: PooledStats, blen_rows: torch.Tensor, scale: float, rows: slice) -> torch.Tensor:
+    """:func:`block_log_mass`'s log-normal correction of rows ``rows`` (``cap_mass_bias`` of
+    ``mass_bias``): a new buffer of the rows' score shape."""
+    return cap_mass_bias(mass_bias(stats.q2[rows], stats.kvar[rows].float(), scale), blen_rows)
 
 
 def adaptive_budget(k: int, k_mean: float | None, tiles: int, n_blocks: int, n_forced: int = 0) -> int:
@@ -320,9 +339,59 @@ def adaptive_counts(share: torch.Tensor, budget: int, floor: int, scope: str = "
     return counts + (above + taken).view(r, nq)
 
 
+class SortedAdaptive:
+    """Adaptive routing's selection in PyTorch: the reference's, and the oracle of the Triton
+    backend's (:func:`pisa_kernels.triton_kernels.adaptive_blocks`, the same result bit for bit).
+
+    :func:`adaptive_route` hands it every score chunk (:meth:`rank`: a stable descending sort per
+    tile, kept are the first ``width`` block indices and the candidate shares, ranks ``lo = n_forced
+    + floor`` to ``width - 1``), then asks for the selection (:meth:`finish`: the counts by
+    :func:`adaptive_counts`, each tile's first ``tile_count`` ranks as its blocks).  Scratch: 8 bytes
+    per (tile, rank below ``width``), and the sort's 12 bytes per score of a third of a chunk."""
+
+    def __init__(self, bh: int, nq: int, nb: int, floor: int, n_forced: int, width: int, device):
+        self.floor, self.lo, self.width, self.nb = floor, n_forced + floor, width, nb
+        self.share = torch.empty(bh, nq, width - self.lo, dtype=torch.float32, device=device)  # the candidates
+        self.order = torch.empty(bh, nq, width, dtype=torch.int32, device=device)
+        self.mask = torch.empty(bh, nq, nb, dtype=torch.int8, device=device)
+
+    def rank(self, score: torch.Tensor, s: int, kinds_rows: torch.Tensor | None) -> None:
+        """Rows ``s ..`` of the call from their shares ``score [rows, NQ, NB]`` (scratch)."""
+        if kinds_rows is not None:
+            score.masked_fill_((kinds_rows & EMPTY) != 0, -torch.inf).masked_fill_((kinds_rows & FORCED) != 0,
+                                                                                    torch.inf)
+        piece = max(1, -(-score.shape[0] // 3))  # the sort's values (4 B) and int64 indices (8 B): a third
+        for a in range(0, score.shape[0], piece):
+            top = torch.sort(score[a:a + piece], dim=-1, descending=True, stable=True)
+            r = slice(s + a, s + a + top.values.shape[0])
+            self.share[r] = top.values[..., self.lo:self.width]
+            self.order[r] = top.indices[..., :self.width]
+            del top
+
+    def finish(self, budget: int, scope: str, kinds_rows: torch.Tensor | None, rows: int):
+        """``(idx, mask, counts, tile_count)`` of :class:`Selection`; ``rows``: rows per step."""
+        bh, nq, width = self.order.shape
+        tile_count = adaptive_counts(self.share, budget, self.floor, scope) + (self.lo - self.floor)
+        del self.share
+        counts = torch.empty(bh, nq, 2, dtype=torch.int32, device=self.order.device)
+        for s in range(0, bh, rows):
+            e = min(bh, s + rows)
+            own = self.order[s:e].long()
+            take = torch.arange(width, device=own.device) < tile_count[s:e].unsqueeze(-1)  # [rows, NQ, width]
+            self.mask[s:e].zero_().scatter_(-1, own, take.to(torch.int8))
+            group = 0 if kinds_rows is None else _group(kinds_rows[s:e]).expand(-1, nq, -1).gather(-1, own)
+            # int64 keys: the kinds' int8 would overflow in key * nb (past 42 blocks)
+            key = torch.where(take, group, 3).long()  # the tile's own blocks by kind, then the rest
+            # each part in block order (as the Triton kernel compacts them): one sort of distinct keys
+            self.order[s:e] = torch.sort(key * self.nb + own, dim=-1).values % self.nb
+            counts[s:e, :, 0] = (key == 0).sum(-1)
+            counts[s:e, :, 1] = (key <= 1).sum(-1)
+        return self.order, self.mask, counts, tile_count
+
+
 def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kinds: torch.Tensor | None = None,
                    n_forced: int = 0, tail_bias: bool = False, chunk_bytes: int = ROUTING_CHUNK_BYTES,
-                   scope: str = "call", k_mean: float | None = None) -> Selection:
+                   scope: str = "call", k_mean: float | None = None, select=SortedAdaptive) -> Selection:
     """Adaptive routing: the call's budget of exact blocks, shared between tiles by need.
 
     Each tile ranks its blocks by their estimated share of the tile's softmax mass
@@ -336,8 +405,11 @@ def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kind
     blocks on top.
 
     The Selection has ``tile_count`` and always ``counts``; ``idx`` is ``cap + n_forced`` wide, each
-    tile's blocks first (ordered full, PARTIAL, EMPTY with ``kinds``).  No host synchronisation;
-    scratch: 8 bytes per (tile, candidate rank) besides the score chunks.
+    tile's blocks first (ordered full, PARTIAL, EMPTY with ``kinds``, each kind in block order), then
+    the rest of its first ``cap + n_forced`` ranks in block order.  ``select`` makes the selector
+    from ``(BH, NQ, NB, floor, n_forced, width, device)`` (:class:`SortedAdaptive`, or the Triton
+    backend's :func:`pisa_kernels.triton_kernels.adaptive_blocks`, the same result); the score
+    chunks, computed here, are the same for both.  No host synchronisation.
     """
     if scope not in ("call", "head"):
         raise ValueError(f"adaptive scope must be 'call' or 'head', got {scope!r}")
@@ -348,49 +420,30 @@ def adaptive_route(stats: PooledStats, *, scale: float, k: int, heads: int, kind
     width = cap + n_forced
     batch_of = torch.arange(bh, device=device) // heads
     kinds_rows = kinds[batch_of].unsqueeze(1) if kinds is not None else None  # [BH, 1, NB]
-    share = torch.empty(bh, nq, cap - floor, dtype=torch.float32, device=device)  # the candidates
-    order = torch.empty(bh, nq, width, dtype=torch.int32, device=device)
-    # per (tile, block) of a chunk: its fp32 score and the sort's values (4 B) and int64 indices
-    # (8 B), so a chunk of the same byte budget holds a quarter of the rows the top-k path does
-    rows = max(1, chunk_bytes // max(1, nq * nb * 16))
+    selector = select(bh, nq, nb, floor, n_forced, width, device)
+    rows = chunk_rows(chunk_bytes, nq, nb)
+    lognormal = stats.q2 is not None and stats.kvar is not None
     for s in range(0, bh, rows):
         e = min(bh, s + rows)
+        blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
+        # the log-normal correction first (its cap's temporary is gone before the scores exist): at
+        # most two buffers of the chunk's size at a time
+        c = capped_mass_bias(stats, blen_rows, scale, slice(s, e)) if lognormal else None
         score = torch.empty(e - s, nq, nb, dtype=stats.kbar.dtype, device=device)
         score.baddbmm_(stats.qbar[s:e], stats.kbar[s:e].transpose(1, 2), beta=0.0, alpha=scale)
-        blen_rows = stats.blen[batch_of[s:e]].unsqueeze(1)  # [rows, 1, NB]
-        block_log_mass(score, blen_rows, stats, scale, slice(s, e))
-        if kinds is not None:
-            score.masked_fill_((kinds_rows[s:e] & EMPTY) != 0, -torch.inf)
-            score.masked_fill_((kinds_rows[s:e] & FORCED) != 0, torch.inf)
-        top = torch.sort(score, dim=-1, descending=True, stable=True)
-        share[s:e] = top.values[..., n_forced + floor:width]
-        order[s:e] = top.indices[..., :width]
-        del score, top
+        block_log_mass(score, blen_rows, bias=c)
+        del c
+        selector.rank(score, s, kinds_rows[s:e] if kinds_rows is not None else None)
+        del score
     budget = adaptive_budget(k, k_mean, nq if scope == "head" else bh * nq, nb, n_forced)
-    tile_count = adaptive_counts(share, budget, floor, scope) + n_forced
-    del share
-    mask = torch.empty(bh, nq, nb, dtype=torch.int8, device=device)
-    counts = torch.empty(bh, nq, 2, dtype=torch.int32, device=device)
-    idx = order
-    bias = torch.empty(bh, nq, nb, dtype=stats.kbar.dtype, device=device) if tail_bias else None
-    for s in range(0, bh, rows):
-        e = min(bh, s + rows)
-        own = order[s:e].long()
-        take = torch.arange(width, device=device) < tile_count[s:e].unsqueeze(-1)  # [rows, NQ, width]
-        mask[s:e].zero_().scatter_(-1, own, take.to(torch.int8))
-        if kinds is None:
-            counts[s:e, :, 0] = tile_count[s:e]
-            counts[s:e, :, 1] = tile_count[s:e]
-        else:
-            group = _group(kinds_rows[s:e]).expand(-1, nq, -1).gather(-1, own)
-            key = torch.where(take, group, 3)  # the tile's own blocks by kind, then the rest
-            idx[s:e] = own.gather(-1, torch.sort(key, dim=-1, stable=True).indices)
-            counts[s:e, :, 0] = (key == 0).sum(-1)
-            counts[s:e, :, 1] = (key <= 1).sum(-1)
-        if bias is not None:
-            c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale)
-            bias[s:e] = cap_mass_bias(c, stats.blen[batch_of[s:e]].unsqueeze(1)).masked_fill_(mask[s:e].bool(),
-                                                                                               -torch.inf)
+    idx, mask, counts, tile_count = selector.finish(budget, scope, kinds_rows, rows)
+    bias = None
+    if tail_bias:
+        bias = torch.empty(bh, nq, nb, dtype=stats.kbar.dtype, device=device)
+        for s in range(0, bh, rows):
+            e = min(bh, s + rows)
+            c = mass_bias(stats.q2[s:e], stats.kvar[s:e], scale, out=bias[s:e])
+            cap_mass_bias(c, stats.blen[batch_of[s:e]].unsqueeze(1)).masked_fill_(mask[s:e].bool(), -torch.inf)
     return Selection(idx, mask, width, bias, counts, tile_count)
 
 
@@ -418,7 +471,11 @@ def cap_mass_bias(c: torch.Tensor, blen: torch.Tensor) -> torch.Tensor:
     64-token block: huge logit spreads) the log-normal estimate would exceed it.  ``blen``: the
     blocks' valid-key counts, broadcastable to ``c``.
     """
-    return torch.minimum(c, torch.sqrt(2.0 * c * (blen - 1.0).clamp_min(0.0)), out=c)
+    m = (blen - 1.0).clamp_min(0.0)
+    if m.dtype != c.dtype:
+        return torch.minimum(c, torch.sqrt(2.0 * c * m), out=c)
+    # the same operations and roundings with one temporary of c's size, not two
+    return torch.minimum(c, (c * 2.0).mul_(m).sqrt_(), out=c)
 
 
 def routing_chunk_bytes(qkv_bytes: int) -> int:

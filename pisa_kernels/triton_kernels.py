@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .errors import KernelDoesNotFit
-from .routing import EMPTY, FORCED, PARTIAL, QUERY_TILE, PooledStats, Selection, mass_bias, num_blocks
+from .routing import EMPTY, FORCED, PARTIAL, QUERY_TILE, PooledStats, Selection, SortedAdaptive, mass_bias, num_blocks
 from .routing import top_blocks as _sorted_top_blocks
 
 try:  # host-side tensor descriptors (TMA), Triton >= 3.3; without them every tile loads through pointers
@@ -204,45 +204,71 @@ def _pool_q_kernel(Q, PERM, QBAR, Q2, sqb, sqh, sqn, N, NQ, H, D,
         tl.store(Q2 + (bh.to(tl.int64) * NQ + qt) * D + offs_d, tl.sum(qq, axis=0) / cnt, mask=dmask)
 
 
+@triton.jit
+def _kind_scores(x, kind):
+    """EMPTY blocks score -inf (never preferred over a block with a valid key), FORCED ones +inf."""
+    x = tl.where((kind & _EMPTY) != 0, float("-inf"), x)
+    return tl.where((kind & _FORCED) != 0, float("inf"), x)
+
+
+@triton.jit
+def _order_key(x):
+    """int32 keys in the order of the float32 ``x`` (negatives have their magnitude bits flipped;
+    -0.0 + 0.0 = +0.0, so the two zeros tie), every NaN above +inf, as in torch.sort."""
+    x = x + 0.0
+    i = x.to(tl.int32, bitcast=True)
+    return tl.where(x == x, i ^ ((i >> 31) & 0x7FFFFFFF), 0x7FFFFFFF)
+
+
+@triton.jit
+def _first(key, ok, m):
+    """The ``m`` largest keys of the row ``key[ok]``, ties to the lower position (a mask): the
+    ``m``-th largest, the largest ``t`` with ``#{key >= t} >= m``, by a bitwise binary search (the
+    sign, then bits 30..0: 32 counting passes over the row in registers), then the keys above it and
+    the first ties by a prefix sum."""
+    kth = tl.where(tl.sum((ok & (key >= 0)).to(tl.int32), axis=0) >= m, 0, -2147483648)
+    for bit in tl.static_range(30, -1, -1):
+        cand = kth | (1 << bit)
+        kth = tl.where(tl.sum((ok & (key >= cand)).to(tl.int32), axis=0) >= m, cand, kth)
+    above = ok & (key > kth)
+    tie = ok & (key == kth)
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= m - tl.sum(above.to(tl.int32), axis=0)))
+
+
+@triton.jit
+def _kind_order(take, kind):
+    """Where the taken entries go in the forward kernel's order (routing.Selection.counts): full
+    blocks, then PARTIAL, then EMPTY ones, each in entry order; and the counts of the full and of
+    the non-empty ones."""
+    group = (kind & _PARTIAL) + ((kind & _EMPTY) >> 1)
+    full = (take & (group == 0)).to(tl.int32)
+    part = (take & (group == 1)).to(tl.int32)
+    empty = (take & (group == 2)).to(tl.int32)
+    n_full = tl.sum(full, axis=0)
+    n_part = tl.sum(part, axis=0)
+    pos = tl.where(group == 0, tl.cumsum(full, axis=0),
+                   tl.where(group == 1, n_full + tl.cumsum(part, axis=0), n_full + n_part + tl.cumsum(empty, axis=0))) - 1
+    return pos, n_full, n_full + n_part
+
+
 @triton.jit(do_not_specialize=["NB", "KT", "NQ"])
 def _top_blocks_kernel(S, IDX, MASK, KIND, CNT, NB, KT, NQ, BLOCK: tl.constexpr, HAS_KIND: tl.constexpr):
-    """One row of scores: the KT-th largest found by a bitwise binary search on order-preserving
-    integer keys (32 counting passes over the row in registers), then the blocks above it and the
-    first ties by index, compacted with a prefix sum.  With block kinds (routing.block_kinds, one
-    row per NQ score rows) EMPTY blocks score -inf and FORCED ones +inf, and the compaction writes
-    the full blocks first, then the PARTIAL, then the EMPTY ones, and the two counts."""
+    """One row of scores: its KT largest (:func:`_first`), compacted with a prefix sum.  With block
+    kinds (routing.block_kinds, one row per NQ score rows) EMPTY blocks score -inf and FORCED ones
+    +inf, and the compaction writes the full blocks first, then the PARTIAL, then the EMPTY ones, and
+    the two counts."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < NB
-    x = tl.load(S + row * NB + offs, mask=ok, other=0.0) + 0.0  # (-0.0 + 0.0 = +0.0: the two zeros tie)
+    x = tl.load(S + row * NB + offs, mask=ok, other=0.0)
     if HAS_KIND:
         kind = tl.load(KIND + (row // NQ) * NB + offs, mask=ok, other=0).to(tl.int32)
-        x = tl.where((kind & _EMPTY) != 0, float("-inf"), x)
-        x = tl.where((kind & _FORCED) != 0, float("inf"), x)
-    # Integer keys in the order of the floats (negatives have their magnitude bits flipped); every
-    # NaN above +inf, as in torch.sort.
-    i = x.to(tl.int32, bitcast=True)
-    key = tl.where(x == x, i ^ ((i >> 31) & 0x7FFFFFFF), 0x7FFFFFFF)
-    # The largest t with #{key >= t} >= KT: the sign first, then bits 30..0.
-    kth = tl.where(tl.sum((ok & (key >= 0)).to(tl.int32), axis=0) >= KT, 0, -2147483648)
-    for bit in tl.static_range(30, -1, -1):
-        cand = kth | (1 << bit)
-        kth = tl.where(tl.sum((ok & (key >= cand)).to(tl.int32), axis=0) >= KT, cand, kth)
-    above = ok & (key > kth)
-    tie = ok & (key == kth)
-    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= KT - tl.sum(above.to(tl.int32), axis=0)))
+        x = _kind_scores(x, kind)
+    take = _first(_order_key(x), ok, KT)
     if HAS_KIND:
-        group = (kind & _PARTIAL) + ((kind & _EMPTY) >> 1)
-        full = (take & (group == 0)).to(tl.int32)
-        part = (take & (group == 1)).to(tl.int32)
-        empty = (take & (group == 2)).to(tl.int32)
-        n_full = tl.sum(full, axis=0)
-        n_part = tl.sum(part, axis=0)
-        pos = tl.where(group == 0, tl.cumsum(full, axis=0),
-                       tl.where(group == 1, n_full + tl.cumsum(part, axis=0),
-                                n_full + n_part + tl.cumsum(empty, axis=0))) - 1
+        pos, n_full, n_used = _kind_order(take, kind)
         tl.store(CNT + row * 2, n_full)
-        tl.store(CNT + row * 2 + 1, n_full + n_part)
+        tl.store(CNT + row * 2 + 1, n_used)
     else:
         pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
     tl.store(IDX + row * KT + pos, offs, mask=take)
@@ -316,6 +342,279 @@ def tail_bias(stats: PooledStats, sel: Selection, scale: float, heads: int, chun
                                                   (s - first) * nq, BLOCK=TAIL_BIAS_BLOCK, LOGNORMAL=lognormal,
                                                   num_warps=4)
     return out
+
+
+#: Adaptive routing's threshold over a scope (routing.adaptive_counts: the largest candidate shares
+#: of every tile of the call) by radix selection: RADIX_LEVELS passes over the candidates' keys, each
+#: a histogram of the next RADIX_BITS of the keys whose higher digits are the threshold's, instead
+#: of the 32 counting passes of a bitwise search (each a read of every candidate).
+RADIX_BITS = 8
+RADIX_LEVELS = 32 // RADIX_BITS
+#: Candidate keys per step of a radix program, and the most programs per scope: enough to fill an
+#: H200's 132 SMs, few enough that their histograms' atomics (256 bins each) stay a small cost.
+RADIX_BLOCK = 4096
+RADIX_PROGRAMS = 512
+#: The most programs of the per-tile tie count per scope (each recomputes the threshold from the
+#: histograms: 1,024 loads, so it takes many tiles).
+TIE_PROGRAMS = 1024
+#: Tiles per step of the one program per scope that places the cut among tied candidates (its
+#: scans over the tiles are sequential: few, wide steps).
+CUT_BLOCK = 4096
+_DIGIT, _BINS, _LEVELS = tl.constexpr(RADIX_BITS), tl.constexpr(1 << RADIX_BITS), tl.constexpr(RADIX_LEVELS)
+#: The key that marks a tile's first ``n_forced + floor`` ranks in the candidate keys: the largest
+#: int32 (a NaN's key), so the marks count as keys above every candidate and no count needs a rank.
+_MARK = tl.constexpr(0x7FFFFFFF)
+
+
+@triton.jit(do_not_specialize=["NB", "NQ", "LO", "W", "NW"])
+def _adaptive_rank_kernel(S, CKEY, BITS, KIND, NB, NQ, LO, W, NW, BLOCK: tl.constexpr, HAS_KIND: tl.constexpr):
+    """One tile's row of block shares (routing.block_log_mass; with kinds EMPTY blocks -inf, FORCED
+    ones +inf): its first W ranks (descending share, ties to the lower block: :func:`_first`) as a
+    bitmap over the blocks (``NW`` int32 words, bit ``j % 32`` of word ``j // 32``) and their keys
+    in block order (a prefix-sum compaction), the first LO ranks marked (``_MARK``)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < NB
+    x = tl.load(S + row * NB + offs, mask=ok, other=0.0)
+    if HAS_KIND:
+        x = _kind_scores(x, tl.load(KIND + (row // NQ) * NB + offs, mask=ok, other=0).to(tl.int32))
+    key = _order_key(x)
+    top = _first(key, ok, W)
+    pos = tl.cumsum(top.to(tl.int32), axis=0) - 1
+    tl.store(CKEY + row * W + pos, tl.where(_first(key, ok, LO), _MARK, key), mask=top)
+    # distinct powers of two: their (wrapping int32) sum is their bitwise or
+    words = tl.sum(tl.reshape(top.to(tl.int32) << (offs % 32), [BLOCK // 32, 32]), axis=1)
+    w = tl.arange(0, BLOCK // 32)
+    tl.store(BITS + row * NW + w, words, mask=w < NW)
+
+
+@triton.jit
+def _radix_prefix(HIST, g, take, LEVEL: tl.constexpr):
+    """The digits of levels < LEVEL of the ``take``-th largest key of scope ``g`` (unsigned order:
+    ``key + 2^31``, int64, the lower digits 0), from those levels' histograms, and how many keys have
+    higher digits above them."""
+    bins = tl.arange(0, _BINS)
+    prefix = 0
+    above = 0
+    for level in tl.static_range(LEVEL):
+        h = tl.load(HIST + (g * _LEVELS + level) * _BINS + bins)
+        # the largest digit d with (keys above) + #{digit >= d} >= take
+        d = tl.sum((above + tl.cumsum(h, axis=0, reverse=True) >= take).to(tl.int32), axis=0) - 1
+        above = above + tl.sum(tl.where(bins > d, h, 0), axis=0)
+        prefix = prefix + (d.to(tl.int64) << (32 - _DIGIT * (level + 1)))
+    return prefix, above
+
+
+@triton.jit(do_not_specialize=["n", "steps", "take"])
+def _radix_kernel(CKEY, HIST, n, steps, take, LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Level LEVEL's histogram of scope ``program_id(1)``'s ``n`` keys (from ``CKEY + g n``): the
+    next digit of the keys whose higher digits are those of the ``take``-th largest, added into
+    ``HIST`` with integer atomics (exact in any order)."""
+    g = tl.program_id(1)
+    prefix, _ = _radix_prefix(HIST, g, take, LEVEL)
+    SHIFT: tl.constexpr = 32 - _DIGIT * (LEVEL + 1)
+    base = CKEY + g.to(tl.int64) * n
+    hist = tl.zeros([_BINS], dtype=tl.int32)
+    for step in range(steps):
+        offs = (tl.program_id(0).to(tl.int64) * steps + step) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        u = tl.load(base + offs, mask=ok, other=0).to(tl.int64) + 2147483648
+        if LEVEL == 0:
+            match = ok
+        else:
+            match = ok & ((u >> (SHIFT + _DIGIT)) == (prefix >> (SHIFT + _DIGIT)))
+        hist += tl.histogram(((u >> SHIFT) & (_BINS - 1)).to(tl.int32), _BINS, mask=match)
+    bins = tl.arange(0, _BINS)
+    tl.atomic_add(HIST + (g * _LEVELS + LEVEL) * _BINS + bins, hist, mask=hist > 0, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["tiles", "W", "LO", "per_prog", "take"])
+def _tie_span_kernel(CKEY, HIST, AE, tiles, W, LO, per_prog, take, BLOCK: tl.constexpr):
+    """Per tile of scope ``program_id(1)``: its candidates above the threshold ``t`` (the ``take``-th
+    largest key, from the histograms) and those equal to it, as ``above | equal << 16``; the LO marks
+    of every tile are no candidates (above ``t``, or equal where ``t`` is the largest key)."""
+    g = tl.program_id(1)
+    prefix, _ = _radix_prefix(HIST, g, take, _LEVELS)
+    t = (prefix - 2147483648).to(tl.int32)
+    marks_above = tl.where(t == _MARK, 0, LO)
+    offs = tl.arange(0, BLOCK)
+    for i in range(per_prog):
+        tile = tl.program_id(0) * per_prog + i
+        row = g.to(tl.int64) * tiles + tile
+        ok = (offs < W) & (tile < tiles)
+        key = tl.load(CKEY + row * W + offs, mask=ok, other=0)
+        above = tl.sum((ok & (key > t)).to(tl.int32), axis=0) - marks_above
+        equal = tl.sum((ok & (key == t)).to(tl.int32), axis=0) - (LO - marks_above)
+        tl.store(AE + row, above | (equal << 16), mask=tile < tiles)
+
+
+@triton.jit(do_not_specialize=["tiles", "C", "take", "nbits"])
+def _tie_cut_kernel(AE, CUT, tiles, C, take, nbits, BLOCK: tl.constexpr):
+    """Which ties at the threshold scope ``program_id(0)`` takes (routing.adaptive_counts: the lower
+    candidate rank first, then the lower tile).  A tile's ties hold its candidate ranks
+    ``[a, a + e)`` (``AE``: ``a | e << 16``), so ``T(u) = sum_i clamp(u, a_i, a_i + e_i) - a_i`` ties lie
+    at ranks below ``u``; ``CUT[g] = (u, c)``: every tie at a rank below ``u`` (the largest with
+    ``T(u) <= need``) goes, and one at rank ``u`` goes to each tile below ``c``.  Where every tie goes
+    (the usual case), ``u = C`` and ``c = 0`` without a search."""
+    g = tl.program_id(0)
+    base = AE + g.to(tl.int64) * tiles
+    offs = tl.arange(0, BLOCK)
+    above = tl.zeros([BLOCK], dtype=tl.int32)
+    equal = tl.zeros([BLOCK], dtype=tl.int32)
+    for s in range(0, tiles, BLOCK):
+        ae = tl.load(base + s + offs, mask=s + offs < tiles, other=0)
+        above += ae & 0xFFFF
+        equal += ae >> 16
+    need = take - tl.sum(above, axis=0)  # ties to take
+    rank = C + tl.zeros_like(need)
+    cut = tl.zeros_like(need)
+    if tl.sum(equal, axis=0) > need:
+        rank = tl.zeros_like(need)
+        below = tl.zeros_like(need)  # T(rank)
+        for i in range(nbits):  # the largest u in [0, C] with T(u) <= need, bit by bit
+            cand = rank | (1 << (nbits - 1 - i))
+            n_below = tl.zeros([BLOCK], dtype=tl.int32)
+            for s in range(0, tiles, BLOCK):
+                ae = tl.load(base + s + offs, mask=s + offs < tiles, other=0)
+                a = ae & 0xFFFF
+                n_below += tl.minimum(tl.maximum(cand, a), a + (ae >> 16)) - a
+            fits = (cand <= C) & (tl.sum(n_below, axis=0) <= need)
+            rank = tl.where(fits, cand, rank)
+            below = tl.where(fits, tl.sum(n_below, axis=0), below)
+        seen = tl.zeros_like(need)  # tiles before this step with a tie at `rank`
+        for s in range(0, tiles, BLOCK):
+            ae = tl.load(base + s + offs, mask=s + offs < tiles, other=0)
+            a = ae & 0xFFFF
+            hit = (s + offs < tiles) & (a <= rank) & (rank < a + (ae >> 16))
+            nth = seen + tl.cumsum(hit.to(tl.int32), axis=0)
+            cut = tl.maximum(cut, tl.max(tl.where(hit & (nth == need - below), s + offs + 1, 0), axis=0))
+            seen += tl.sum(hit.to(tl.int32), axis=0)
+    tl.store(CUT + g * 2, rank)
+    tl.store(CUT + g * 2 + 1, cut)
+
+
+@triton.jit(do_not_specialize=["NB", "NQ", "W", "LO", "NW", "tiles"])
+def _adaptive_pick_kernel(CKEY, BITS, AE, CUT, MASK, KIND, CNT, TCOUNT, NB, NQ, W, LO, NW, tiles,
+                          BLOCK: tl.constexpr, HAS_KIND: tl.constexpr):
+    """One tile, over its blocks: its count (LO, its candidates above the threshold and its share of
+    the ties), its blocks (the first ``count`` of its W ranks, from the rank kernel's bitmap and keys:
+    :func:`_first` on the marked keys, whose marks are its first LO ranks) in the forward kernel's
+    order, then the rest of the W in block order, as its idx row over its keys' row (in place, after
+    a barrier); its whole mask row, the counts."""
+    row = tl.program_id(0).to(tl.int64)
+    g = row // tiles
+    ae = tl.load(AE + row)
+    a = ae & 0xFFFF
+    e = ae >> 16
+    rank = tl.load(CUT + g * 2)
+    taken = tl.minimum(tl.maximum(rank, a), a + e)
+    taken += ((a <= rank) & (rank < a + e) & (row % tiles < tl.load(CUT + g * 2 + 1))).to(tl.int32)
+    count = LO + taken
+    offs = tl.arange(0, BLOCK)
+    ok = offs < NB
+    word = tl.load(BITS + row * NW + offs // 32, mask=ok, other=0)
+    member = ok & (((word >> (offs % 32)) & 1) != 0)  # block among the tile's first W ranks
+    slot = tl.cumsum(member.to(tl.int32), axis=0) - 1  # its entry in the keys' row (block order)
+    own = _first(tl.load(CKEY + row * W + slot, mask=member, other=0), member, count)
+    if HAS_KIND:
+        kind = tl.load(KIND + (row // NQ) * NB + offs, mask=ok, other=0).to(tl.int32)
+    else:
+        kind = tl.zeros([BLOCK], dtype=tl.int32)
+    pos, n_full, n_used = _kind_order(own, kind)
+    pos = tl.where(own, pos, count + tl.cumsum((member & ~own).to(tl.int32), axis=0) - 1)
+    tl.debug_barrier()  # every key of the row is read before any is overwritten
+    tl.store(CKEY + row * W + pos, offs, mask=member)
+    tl.store(MASK + row * NB + offs, own.to(tl.int8), mask=ok)
+    tl.store(CNT + row * 2, n_full)
+    tl.store(CNT + row * 2 + 1, n_used)
+    tl.store(TCOUNT + row, count)
+
+
+def _warps(block: int) -> int:
+    return max(1, block // TOP_BLOCKS_PER_WARP)
+
+
+class AdaptiveBlocks:
+    """Adaptive routing's selection in Triton kernels (routing.adaptive_route's ``select`` on the
+    Triton backend): the same idx, mask, counts and tile counts as :class:`routing.SortedAdaptive`,
+    bit for bit, without its sorts.
+
+    Per score chunk one launch (:func:`_adaptive_rank_kernel`: each tile's first ``width`` ranks as a
+    bitmap over its blocks, and their keys in block order, the first ``n_forced + floor`` marked);
+    then the threshold of each scope by radix selection over the candidate keys (``RADIX_LEVELS``
+    launches of :func:`_radix_kernel`), each tile's candidates above and at it
+    (:func:`_tie_span_kernel`), the cut among the ties (:func:`_tie_cut_kernel`) and each tile's list
+    and mask row (:func:`_adaptive_pick_kernel`, which writes the idx over the keys).  A tile's count
+    of candidates at least ``t`` needs no sorted candidates: the ranks are in descending order, so it
+    is the number of its keys at least ``t`` (marks included) less the marks.
+
+    Memory: the keys (4 bytes per (tile, rank below ``width``), which become the idx) and the bitmap
+    (a bit per (tile, block)) while the score chunks are ranked; the mask (a byte per (tile, block))
+    only from :meth:`finish`, after the score chunks are freed."""
+
+    def __init__(self, bh: int, nq: int, nb: int, floor: int, n_forced: int, width: int, device, block: int):
+        self.floor, self.lo, self.block, self.nb = floor, n_forced + floor, block, nb
+        self.wblock = next(w for w in TOP_BLOCKS_WIDTHS if w >= width)
+        self.nw = -(-nb // 32)
+        self.ckey = torch.empty(bh, nq, width, dtype=torch.int32, device=device)
+        self.bits = torch.empty(bh, nq, self.nw, dtype=torch.int32, device=device)
+        #: set to a dict to keep copies of the intermediates (scripts/adaptive_select_gpu_check.py)
+        self.trace: dict | None = None
+
+    def rank(self, score: torch.Tensor, s: int, kinds_rows: torch.Tensor | None) -> None:
+        r, nq, nb = score.shape
+        e = s + r
+        _adaptive_rank_kernel[(r * nq,)](score, self.ckey[s:e], self.bits[s:e],
+                                         kinds_rows if kinds_rows is not None else self.bits, nb, nq, self.lo,
+                                         self.ckey.shape[-1], self.nw, BLOCK=self.block,
+                                         HAS_KIND=kinds_rows is not None, num_warps=_warps(self.block))
+
+    def finish(self, budget: int, scope: str, kinds_rows: torch.Tensor | None, rows: int):
+        bh, nq, width = self.ckey.shape
+        dev = self.ckey.device
+        groups = 1 if scope == "call" else bh
+        tiles = bh * nq // groups
+        n = tiles * width
+        # the marks of every tile's first lo ranks count among the keys, above every candidate
+        take_marked = budget + (self.lo - self.floor) * tiles
+        hist = torch.zeros(groups, RADIX_LEVELS, 1 << RADIX_BITS, dtype=torch.int32, device=dev)
+        steps = -(-n // RADIX_BLOCK)
+        progs = min(steps, RADIX_PROGRAMS)
+        steps = -(-steps // progs)
+        for level in range(RADIX_LEVELS):
+            _radix_kernel[(progs, groups)](self.ckey, hist, n, steps, take_marked, LEVEL=level, BLOCK=RADIX_BLOCK,
+                                           num_warps=4)
+        ae = torch.empty(bh, nq, dtype=torch.int32, device=dev)
+        per = -(-tiles // TIE_PROGRAMS)
+        _tie_span_kernel[(-(-tiles // per), groups)](self.ckey, hist, ae, tiles, width, self.lo, per, take_marked,
+                                                    BLOCK=self.wblock, num_warps=_warps(self.wblock))
+        cut = torch.empty(groups, 2, dtype=torch.int32, device=dev)
+        c = width - self.lo
+        _tie_cut_kernel[(groups,)](ae, cut, tiles, c, budget - self.floor * tiles, c.bit_length(), BLOCK=CUT_BLOCK,
+                                   num_warps=4)
+        if self.trace is not None:
+            self.trace.update(ckey=self.ckey.clone(), bits=self.bits.clone(), hist=hist.clone(), ae=ae.clone(),
+                              cut=cut.clone(), take_marked=take_marked)
+        mask = torch.empty(bh, nq, self.nb, dtype=torch.int8, device=dev)  # every row written by the pick
+        counts = torch.empty(bh, nq, 2, dtype=torch.int32, device=dev)
+        tile_count = torch.empty(bh, nq, dtype=torch.int32, device=dev)
+        _adaptive_pick_kernel[(bh * nq,)](self.ckey, self.bits, ae, cut, mask,
+                                          kinds_rows if kinds_rows is not None else mask, counts, tile_count,
+                                          self.nb, nq, width, self.lo, self.nw, tiles, BLOCK=self.block,
+                                          HAS_KIND=kinds_rows is not None, num_warps=_warps(self.block))
+        idx = self.ckey  # the pick wrote each tile's list over its keys
+        del self.ckey, self.bits
+        return idx, mask, counts, tile_count
+
+
+def adaptive_blocks(bh: int, nq: int, nb: int, floor: int, n_forced: int, width: int, device):
+    """routing.adaptive_route's selector on the Triton backend (fp32 shares, as its pre-scan writes):
+    :class:`AdaptiveBlocks`, or :class:`routing.SortedAdaptive` where a row is wider than the
+    kernels' widest (``TOP_BLOCKS_WIDTHS``) or a call has 2^31 candidate keys (int32 counts)."""
+    block = next((w for w in TOP_BLOCKS_WIDTHS if w >= nb), None)
+    if block is None or bh * nq * width >= 1 << 31:
+        return SortedAdaptive(bh, nq, nb, floor, n_forced, width, device)
+    return AdaptiveBlocks(bh, nq, nb, floor, n_forced, width, device, block)
 
 
 @triton.jit

@@ -50,22 +50,28 @@ def _sol_attn():
     return None
 
 
-def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: bool = False) -> float:
+def prescan_routing_ms(q, k, v, sparsity: float, block: int = 64, lognormal: bool = False,
+                       routing: str = "topk") -> float:
     """Time of the pre-scan plus routing alone (as :func:`pisa_attention` runs them for bf16 inputs
-    without a mask), the fixed overhead of a PISA call."""
+    without a mask), the fixed overhead of a PISA call, for ``routing`` (``"cov"``: with the blocks'
+    residual norms; ``"adaptive"``: the budget shared between tiles, its Triton selection, with the
+    log-normal mass estimate where ``lognormal``)."""
     from pisa_kernels import triton_kernels as tk
     from pisa_kernels.routing import num_blocks, route, routing_chunk_bytes, topk_count
 
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     h = qh.shape[1]
-    kk = topk_count(sparsity, num_blocks(qh.shape[2], block))
+    nb = num_blocks(qh.shape[2], block)
+    kk = topk_count(sparsity, nb)
     scale = qh.shape[-1] ** -0.5
+    adaptive, cov = routing == "adaptive", routing == "cov"
 
     chunk = routing_chunk_bytes(3 * q.numel() * q.element_size())
 
     def run():
-        st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=False, lognormal=lognormal)
-        return route(st, scale=scale, k=kk, heads=h, cov=False, chunk_bytes=chunk, select=tk.top_blocks)
+        st = tk.pool(qh, kh, vh, valid=None, block=block, first_order=True, cov=cov, lognormal=lognormal)
+        return route(st, scale=scale, k=kk, heads=h, cov=cov, chunk_bytes=chunk, select=tk.top_blocks,
+                     adaptive=adaptive, k_mean=(1.0 - sparsity) * nb, adaptive_select=tk.adaptive_blocks)
 
     return time_ms(run)
 
@@ -116,7 +122,11 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
                         backend=kernel)
                     out = fn()
                     label = "pisa-o1" + ("+ln" if tail == "lognormal" else "") + f"@{routing}" + suffix
-                    extra = {"extra_mem_mb": peak_extra_mb(fn)} if first and sp == 0.875 else {}
+                    extra = {}
+                    if first and sp == 0.875:
+                        extra = dict(prescan_routing_ms=prescan_routing_ms(q, k, v, sp, block, tail == "lognormal",
+                                                                           routing),
+                                     extra_mem_mb=peak_extra_mb(fn), qkv_mb=3 * q.numel() * q.element_size() / 2**20)
                     add(label, sp, time_ms(fn), out, ref, **extra)
     sol = _sol_attn()
     if sol is not None:

@@ -180,6 +180,54 @@ def selection_of(log) -> Selection:
     return log[0][1]
 
 
+def assert_same_selection(a: Selection, b: Selection) -> None:
+    """Two selections bit for bit: idx, mask, counts, tile counts, tail bias and width."""
+    for name in ("idx", "mask", "counts", "tile_count", "tail_bias"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            x, y = x.cpu(), y.cpu()
+            assert x.dtype == y.dtype and torch.equal(x, y), (name, (x != y).nonzero()[:8].tolist())
+    assert a.count == b.count
+
+
+def adaptive_selection_case(case: str, device):
+    """The pooled statistics and ``routing.adaptive_route`` arguments of the full-size comparison of
+    the Triton adaptive selection with the sorted one (test_gpu.py's
+    ``test_adaptive_triton_selection_is_the_sorted_one``; also scripts/adaptive_select_gpu_check.py's
+    stage-by-stage check): random statistics of Wan2.1 720p (``"wan720"``: BH=40, 591 tiles, 1,182
+    blocks; ``"wan720_kinds_lognormal"``: with sinks, empty and partial blocks and the log-normal mass
+    correction), FLUX 1024² with its text sinks (``"flux_joint"``, 72 blocks), and ``"small"``
+    (47 blocks, the kinds case's features: the script's CPU self-test)."""
+    from pisa_kernels import routing as R
+
+    n, h = {"flux_joint": (4608, 24), "small": (3000, 2)}.get(case, (75600, 40))
+    nb, nq, d = R.num_blocks(n, 64), R.num_blocks(n, 128), 128
+    g = torch.Generator(device=device).manual_seed(3)
+    blen = (n - 64 * torch.arange(nb, device=device)).clamp(max=64).float().unsqueeze(0)
+    second = case != "wan720"
+    st = R.PooledStats(qbar=3 * torch.randn(h, nq, d, device=device, generator=g),
+                       kbar=torch.randn(h, nb, d, device=device, generator=g), vsum=None, blen=blen, hsum=None,
+                       covnorm=None, q2=torch.rand(h, nq, d, device=device, generator=g) if second else None,
+                       kvar=torch.rand(h, nb, d, device=device, generator=g) if second else None)
+    kinds, n_forced = None, 0
+    if case != "wan720":
+        forced = torch.zeros(nb, dtype=torch.bool, device=device)
+        forced[:8] = True  # 512 tokens of text
+        if case in ("wan720_kinds_lognormal", "small"):
+            blen[0, 3] = 17.0  # a partial sink
+            blen[0, 600:640] = 0.0  # empty blocks
+            blen[0, 700:705] = 40.0
+            if case == "small":
+                blen[0, 20:23] = 0.0
+                blen[0, 30:32] = 40.0
+        kinds, n_forced = R.block_kinds(blen, n, 64, forced), 8
+    k = R.topk_count(0.875, nb)
+    chunk = R.routing_chunk_bytes(3 * h * n * d * 2)
+    return st, dict(scale=d ** -0.5, k=k, heads=h, kinds=kinds, n_forced=n_forced, chunk_bytes=chunk,
+                    k_mean=0.125 * nb)
+
+
 def assert_graph_path_is_eager(q, k, v, tol: float, **kw) -> None:
     """On CUDA: the call through a CUDA graph equals the eager call (backend ``"auto"``: the
     forward kernel the node gets, on sm90 the Hopper one where it covers the call), on these values (a

@@ -9,6 +9,10 @@ shared between query tiles by estimated mass (issue 17).
   the selection, the heaviest-first tile order.
 * The Triton kernel (interpreter on CPU, fp32 / fp16) against the reference on the same adaptive
   selection: plain and log-normal tails, every order, key padding, sinks, dense rows, token order.
+* The Triton selection (triton_kernels.adaptive_blocks) against the sorted one (routing.SortedAdaptive)
+  bit for bit: idx, mask, counts, tile counts (and so the reference's tail bias), on random, tied,
+  flat, non-finite and kind-carrying shares, both scopes, several chunks and row widths; and through
+  the public API.  (At the Wan 720p size on a GPU: test_gpu.py.)
 """
 
 import math
@@ -20,7 +24,8 @@ from pisa_kernels import pisa_attention
 from pisa_kernels import routing as R
 from pisa_kernels.limits import ROUTINGS
 from pisa_kernels.routing import EMPTY, FORCED, PARTIAL, PooledStats, block_kinds, route, topk_count
-from pisa_test_utils import adaptive_forward, capture_routing, joint_text_case, max_err, rand_qkv, selection_of
+from pisa_test_utils import (adaptive_forward, assert_same_selection, capture_routing, joint_text_case, max_err, rand_qkv,
+                             selection_of)
 
 
 def make_stats(bh=4, nq=5, nb=16, d=8, b=1, seed=0, blen=None, tied=False, second=False):
@@ -355,3 +360,112 @@ def test_nonfinite_inputs_keep_the_budget(what):
     assert bool((sel.tile_count <= sel.count).all()) and bool((sel.tile_count >= 2).all())
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert torch.equal(torch.isnan(out).any(-1), torch.isnan(dense).any(-1))
+
+
+# ---- the Triton selection (interpreter on CPU) against the sorted one, bit for bit ----------------------
+
+
+def both_selections(st, device, **kw):
+    from pisa_kernels import triton_kernels as tk
+
+    st = PooledStats(**{f: (t.to(device) if isinstance(t, torch.Tensor) else t) for f, t in vars(st).items()})
+    kw = {a: (b.to(device) if isinstance(b, torch.Tensor) else b) for a, b in kw.items()}
+    kw.setdefault("scale", 0.5)
+    return R.adaptive_route(st, **kw), R.adaptive_route(st, select=tk.adaptive_blocks, **kw)
+
+
+@pytest.mark.parametrize("case", ["random", "integer", "flat", "head_scope", "widget_budget", "nonfinite",
+                                  "chunks_and_wide_rows"])
+def test_triton_selection_is_the_sorted_one(case, triton_device):
+    """Ties at the threshold (integer scores, every share equal) go rank-major, then to the lower
+    tile, in both; NaN / +-inf shares rank as the sort ranks them."""
+    kw = dict(k=3, heads=2)
+    if case in ("random", "head_scope", "widget_budget"):
+        st = make_stats(bh=4, nq=3, b=2, seed=7, second=case == "random")
+        kw.update(scope="head") if case == "head_scope" else None
+        kw.update(k=2, k_mean=2.6) if case == "widget_budget" else None
+    elif case == "integer":
+        st = make_stats(bh=4, nq=3, b=2, seed=8, tied=True)
+    elif case == "flat":
+        st = make_stats(bh=4, nq=3, b=2, seed=9)
+        st.qbar.zero_()
+    elif case == "nonfinite":
+        st = make_stats(bh=2, nq=3, seed=10)
+        st.qbar[0, 1, 0] = float("nan")  # a tile of NaN shares
+        st.kbar[1, 3] = float("inf")  # +-inf and NaN logits in the other head
+        kw.update(heads=2, k=4)
+    else:  # several score chunks (one head each), a row of 130 blocks (the second row width)
+        st = make_stats(bh=3, nq=2, nb=130, b=1, seed=11, tied=True)
+        kw.update(heads=3, k=9, chunk_bytes=2 * 130 * 4, tail_bias=False)
+    a, b = both_selections(st, triton_device, **kw)
+    assert_same_selection(a, b)
+    assert int(a.tile_count.max()) > int(a.tile_count.min()) or case == "flat"
+
+
+def kinds_case(nb: int, tied: bool):
+    """Sinks (one without a valid key), empty and partial blocks, two batch elements."""
+    blen = torch.full((2, nb), 64.0)
+    blen[0, [2, 9]] = 0.0
+    blen[1, [0, 4, 5]] = 17.0  # block 0: a partial sink
+    blen[1, 11] = 0.0
+    forced = torch.zeros(nb, dtype=torch.bool)
+    forced[[0, 9]] = True
+    st = make_stats(bh=4, nq=3, nb=nb, b=2, blen=blen, seed=12, tied=tied, second=True)
+    return st, block_kinds(blen, nb * 64, 64, forced)
+
+
+@pytest.mark.parametrize("nb", [16, 72, 130])
+def test_sorted_selection_lists_with_kinds(nb):
+    """Each tile's idx: its own blocks (the mask's), ordered full / PARTIAL / EMPTY, each kind in block
+    order, then the rest of its first ``width`` ranks in block order, every block once.  Past 42 blocks
+    the kinds' int8 overflowed the sort key ``kind x NB + block`` (FLUX 1024²: 72 blocks)."""
+    st, kinds = kinds_case(nb, tied=False)
+    sel = R.adaptive_route(st, scale=0.5, k=max(3, nb // 8), heads=2, kinds=kinds, n_forced=2)
+    group = R._group(kinds).long()
+    for row in range(4):
+        for t in range(3):
+            ids = sel.idx[row, t].tolist()
+            c = int(sel.tile_count[row, t])
+            assert len(set(ids)) == len(ids) and all(0 <= i < nb for i in ids)
+            own = set(torch.nonzero(sel.mask[row, t]).flatten().tolist())
+            assert set(ids[:c]) == own
+            keys = [(int(group[row // 2, i]), i) for i in ids[:c]]
+            assert keys == sorted(keys) and ids[c:] == sorted(ids[c:])
+            n_full, n_used = sel.counts[row, t].tolist()
+            assert n_full == sum(g == 0 for g, _ in keys) and n_used == sum(g <= 1 for g, _ in keys)
+
+
+@pytest.mark.parametrize("nb", [16, 72])
+@pytest.mark.parametrize("tied", [False, True])
+def test_triton_selection_with_kinds(tied, nb, triton_device):
+    """The kinds' case (:func:`kinds_case`): the lists ordered full / PARTIAL / EMPTY, the same as the
+    sort's; with the reference's tail bias.  72 blocks: FLUX 1024²'s row (past int8 sort keys)."""
+    st, kinds = kinds_case(nb, tied)
+    a, b = both_selections(st, triton_device, k=max(3, nb // 8), heads=2, kinds=kinds, n_forced=2, tail_bias=True)
+    assert_same_selection(a, b)
+    assert bool(a.counts[2:, :, 0].lt(a.counts[2:, :, 1]).all())  # the partial sink, after the full blocks
+
+
+def test_triton_selection_falls_back_past_the_widest_row():
+    from pisa_kernels import triton_kernels as tk
+
+    widest = tk.TOP_BLOCKS_WIDTHS[-1]
+    assert isinstance(tk.adaptive_blocks(1, 1, widest, 1, 0, 4, "cpu"), tk.AdaptiveBlocks)
+    assert type(tk.adaptive_blocks(1, 1, widest + 1, 1, 0, 4, "cpu")) is R.SortedAdaptive
+
+
+def test_triton_backend_routes_as_the_sorted_selection(triton_device):
+    """Through pisa_attention: the Triton backend's adaptive selection is the sorted one on its own
+    pooled statistics (key padding and sinks: kinds), and its output still matches the reference."""
+    n, b = 300, 2
+    q, k, v = rand_qkv(b, 2, n, 64, dtype=torch.float32, seed=51, v_shift=0.5)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[1, 200:230] = False
+    kw = dict(sparsity=0.7, tail="lognormal", kv_valid=valid, sink_kv=[(0, 64)])
+    with capture_routing() as log:
+        pisa_attention(*(t.to(triton_device) * 2 for t in (q, k, v)), routing="adaptive", backend="triton",
+                       cuda_graph=False, **{a: (c.to(triton_device) if isinstance(c, torch.Tensor) else c)
+                                            for a, c in kw.items()})
+    stats, sel, route_kw = log[0]
+    assert_same_selection(sel, route(stats, **dict(route_kw, adaptive_select=None)))
+    compare(q * 2, k * 2, v * 2, triton_device, **kw)

@@ -26,7 +26,7 @@ from hypothesis import seed as fuzz_seed
 from fuzz_strategies import fuzz_case
 from pisa_kernels import pisa_attention
 from pisa_kernels.tiling import joint_permutation, tile_permutation
-from pisa_test_utils import (adaptive_forward, assert_graph_path_is_eager, capture_routing, max_err, rand_qkv, rel_l2, selection_of,
+from pisa_test_utils import (adaptive_forward, adaptive_selection_case, assert_graph_path_is_eager, assert_same_selection, capture_routing, max_err, rand_qkv, rel_l2, selection_of,
                              structured_qkv)
 from prerequisites import missing
 
@@ -420,6 +420,28 @@ def test_no_recompilation_for_new_lengths_and_sparsities(flags):
     after = _snapshot()
     grown = {name: (before[name], after[name]) for name in after if after[name] != before.get(name)}
     assert not grown, f"kernels compiled again for new lengths/sparsities: {grown}"
+
+
+# --- adaptive routing's Triton selection at full size ---
+
+
+@pytest.mark.parametrize("case", ["wan720", "wan720_kinds_lognormal", "flux_joint"])
+def test_adaptive_triton_selection_is_the_sorted_one(case):
+    """triton_kernels.adaptive_blocks against routing.SortedAdaptive, bit for bit, on random pooled
+    statistics of real sizes: Wan2.1 720p (BH=40, 591 tiles, 1,182 blocks, one score chunk a head
+    at this size: several chunks), with sinks, empty and partial blocks and the log-normal mass
+    correction; FLUX 1024² with its text sinks (72 blocks): pisa_test_utils.adaptive_selection_case.
+    scripts/adaptive_select_gpu_check.py compares the same cases stage by stage."""
+    from pisa_kernels import routing as R
+    from pisa_kernels import triton_kernels as tk
+
+    st, kw = adaptive_selection_case(case, DEV)
+    tiles = st.qbar.shape[0] * st.qbar.shape[1]
+    a = R.adaptive_route(st, **kw)
+    b = R.adaptive_route(st, select=tk.adaptive_blocks, **kw)
+    assert_same_selection(a, b)
+    assert int(a.tile_count.sum()) == round(0.125 * st.kbar.shape[1] * tiles) + kw["n_forced"] * tiles
+    assert int(a.tile_count.max()) > int(a.tile_count.min())
 
 
 # --- memory ---
