@@ -507,7 +507,8 @@ def _hopper_attend(plan: _Plan, qh, kv, out_h, valid8, stats, sel, dense) -> boo
         return False
     try:
         hk.attend(qh, *kv, out_h, valid=valid8, stats=stats, sel=sel, scale=plan.scale, block=plan.block,
-                  order=plan.order, perm=plan.perm, dense=dense)
+                  order=plan.order, perm=plan.perm, dense=dense,
+                  call_bytes=3 * qh.numel() * qh.element_size() * plan.heads // qh.shape[1])
     except Exception as exc:  # a Gluon that compiles this kernel differently: the portable kernel runs
         if plan.forward == "gluon":
             raise

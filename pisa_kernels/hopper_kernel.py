@@ -55,11 +55,14 @@ MAX_STAGES = 6
 MAX_REGS = 168
 LOADER_REGS = 24
 CONSUMER_REGS = 240
-#: The tail's bias of one launch takes at most this share of the bytes of q, k, v (more heads: more
-#: launches), so it grows with the length no faster than q, k, v do.  Measured (H200, 2026-12-04,
-#: the node's configuration without a token order, whole call's extra memory): HunyuanVideo 720p
-#: 11.8 / 10.9 / 9.9 % of q+k+v at 32 / 64 / 96 (issue 16's bar: 10 %), Wan 720p 9.8 / 9.8 / 9.4 %,
-#: times within the run's spread (54.5 / 54.8 / 53.7 ms; 36.3 / 37.1 / 38.8 ms).
+#: The tail's bias of one launch takes at most this share of the bytes of the *whole* call's q, k, v
+#: (more heads: more launches), so it grows with the length no faster than q, k, v do.  The API
+#: passes the whole call's bytes (``call_bytes``): its token-ordered calls come a quarter of the
+#: heads at a time, and a share of a quarter split them into launches of one head.  Measured (H200,
+#: 2026-12-04, whole call's extra memory without a token order): HunyuanVideo 720p 11.8 / 10.9 /
+#: 9.9 % of q+k+v at 32 / 64 / 96 (issue 16's bar: 10 %), Wan 720p 9.8 / 9.8 / 9.4 %, times within
+#: the run's spread; HunyuanVideo's node call (tiled order) at 1/96 *of a head group*: 61.2-61.3
+#: ms against 58.0 ms at 1/32 of it.
 TAIL_BIAS_SHARE = 96
 #: Head dims and key block sizes this kernel is built for.
 HEAD_DIMS = (64, 128)
@@ -431,12 +434,19 @@ def _desc(t: torch.Tensor, shape, strides, box) -> TensorDescriptor:
     return TensorDescriptor(t, list(shape), list(strides), list(box), layout)
 
 
+def bias_heads_per_launch(call_bytes: int, n: int, block: int) -> int:
+    """Batch x heads per launch whose fp16 tail bias ``[NQ, NB]`` each fits in ``1 / TAIL_BIAS_SHARE``
+    of ``call_bytes`` (at least one)."""
+    return max(1, call_bytes // TAIL_BIAS_SHARE // (num_blocks(n, QUERY_TILE) * num_blocks(n, block) * 2))
+
+
 def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: float, block: int, order: int,
-           perm: torch.Tensor | None = None, dense=None, reorder: bool = True):
+           perm: torch.Tensor | None = None, dense=None, reorder: bool = True, call_bytes: int | None = None):
     """:func:`pisa_kernels.triton_kernels.attend` (the same arguments) for the calls
     :func:`unsupported_reason` accepts, on sm90.  The tail's bias (``triton_kernels.tail_bias``)
-    takes at most ``1 / TAIL_BIAS_SHARE`` of the bytes of q, k, v: where it would take more, the
-    heads run in several launches, each with its own."""
+    takes at most ``1 / TAIL_BIAS_SHARE`` of ``call_bytes`` (the bytes of the whole call's q, k, v
+    when this is a group of its heads; default: these q, k, v): where it would take more, the heads
+    run in several launches, each with its own."""
     b, h, n, d = q.shape
     nb, nq = num_blocks(n, block), num_blocks(n, QUERY_TILE)
     eff_order = order if not sel.all_blocks else -1
@@ -456,7 +466,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     else:
         hm_desc = kb_desc
     qkv_bytes = 3 * q.numel() * q.element_size()
-    step = max(1, qkv_bytes // TAIL_BIAS_SHARE // (nq * nb * 2)) if eff_order >= 0 else b * h
+    step = bias_heads_per_launch(call_bytes or qkv_bytes, n, block) if eff_order >= 0 else b * h
     reorder = reorder and sel.tile_count is not None
     n_dense = dense.rows.numel() if dense is not None else 0
     text = (dense.rows, dense.flags, dense.idx, dense.counts) if dense is not None else (ph,) * 4

@@ -89,3 +89,18 @@ def test_the_hopper_kernel_compiles_for_sm90_offline():
     assert len(results) == 6
     for r in results:
         assert r["shared"] <= min(r["limit"], hk.SMEM_BYTES), r
+
+
+@pytest.mark.parametrize("n, heads", [(118_800, 24), (75_600, 40), (200_000, 24), (4_096, 24)])
+def test_tail_bias_launches_are_sized_by_the_whole_call(n, heads):
+    """Each launch's fp16 bias [NQ, NB] fits in 1/TAIL_BIAS_SHARE of the call's q, k, v, and a head
+    group of a token-ordered call (a quarter of the heads) launches as many heads at a time as the
+    whole call would: sized by its own bytes it fell to one head per launch (H200: +3 ms a call)."""
+    call = 3 * heads * n * 128 * 2
+    per_head = hk.num_blocks(n, hk.QUERY_TILE) * hk.num_blocks(n, 64) * 2
+    step = hk.bias_heads_per_launch(call, n, 64)
+    assert step * per_head <= call // hk.TAIL_BIAS_SHARE or step == 1
+    assert (step + 1) * per_head > call // hk.TAIL_BIAS_SHARE
+    assert step >= hk.bias_heads_per_launch(call // 4, n, 64)
+    if n <= 120_000:  # at 720p a whole call's launches carry several heads, a quarter's would carry one
+        assert step >= 3 and hk.bias_heads_per_launch(call // 4, n, 64) <= step // 3
