@@ -61,8 +61,8 @@ CONSUMER_REGS = 240
 #: heads at a time, and a share of a quarter split them into launches of one head.  Measured (H200,
 #: 2026-12-04, whole call's extra memory without a token order): HunyuanVideo 720p 11.8 / 10.9 /
 #: 9.9 % of q+k+v at 32 / 64 / 96 (issue 16's bar: 10 %), Wan 720p 9.8 / 9.8 / 9.4 %, times within
-#: the run's spread; HunyuanVideo's node call (tiled order) at 1/96 *of a head group*: 61.2-61.3
-#: ms against 58.0 ms at 1/32 of it.
+#: the run's spread.  HunyuanVideo's node call (tiled order): 57.1 / 58.6 ms at 1/96 of the call,
+#: 57.9 / 59.1 at 1/128 (what 1/32 of a group was), 61.2-61.3 at 1/96 of a group (H200, 2026-12-04).
 TAIL_BIAS_SHARE = 96
 #: Head dims and key block sizes this kernel is built for.
 HEAD_DIMS = (64, 128)
