@@ -136,7 +136,8 @@ def _box(buf, BLOCK_N: gl.constexpr, D: gl.constexpr, desc_layout: gl.constexpr)
 
 
 @gluon.jit
-def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, ready, empty, BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, ready, empty,
+            BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
             ORDER: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
             HAS_DENSE: gl.constexpr):
     """The producer warp: every stage's TMA copies, in the consumers' order: the exact blocks' K and
