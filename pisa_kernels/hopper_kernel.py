@@ -20,8 +20,8 @@ Gluon (``triton.experimental.gluon``, shipped inside Triton) lets the kernel say
   tensor cores; registers are rebalanced towards them (the loader keeps 24).
 
 What it covers (:func:`unsupported_reason`): 16-bit inputs, head dim 64 or 128, key blocks of 64
-tokens, K and V addressable as ``[B*H, N, D]`` with 16-byte aligned strides (the node's tiled
-token order always gives contiguous copies), every routing (top-k, covariance, adaptive with its
+or 128 tokens (at most the head dim), K and V addressable as ``[B*H, N, D]`` with 16-byte aligned
+strides (the node's tiled token order always gives contiguous copies), every routing (top-k, covariance, adaptive with its
 per-tile counts and heaviest-first order), tails plain and log-normal, orders -1/0/1, token orders,
 dense query rows (programs of their own, numbered first) and key padding with a token order.  Every
 GPU other than sm90 takes the Triton kernel: the caller (:mod:`pisa_kernels.api`) falls back, once
@@ -66,7 +66,7 @@ CONSUMER_REGS = 240
 TAIL_BIAS_SHARE = 96
 #: Head dims and key block sizes this kernel is built for.
 HEAD_DIMS = (64, 128)
-BLOCKS = (64,)
+BLOCKS = (64, 128)
 _QUERY_TILE = gl.constexpr(QUERY_TILE)
 _CONSUMER_REGS, _LOADER_REGS = gl.constexpr(CONSUMER_REGS), gl.constexpr(LOADER_REGS)
 
@@ -416,7 +416,7 @@ def unsupported_reason(q, k, v, *, valid, block: int, stats: PooledStats, perm) 
     d = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (16-bit only)"
-    if d not in HEAD_DIMS or block not in BLOCKS:
+    if d not in HEAD_DIMS or block not in BLOCKS or block > d:  # (the first-order matrix: D / block tiles)
         return f"head dim {d} / block {block}"
     if valid is not None and perm is None:
         return "key padding without a token order"

@@ -271,7 +271,7 @@ def block_log_mass(score: torch.Tensor, blen_rows: torch.Tensor, stats: PooledSt
 def capped_mass_bias(stats: PooledStats, blen_rows: torch.Tensor, scale: float, rows: slice) -> torch.Tensor:
     """:func:`block_log_mass`'s log-normal correction of rows ``rows`` (``cap_mass_bias`` of
     ``mass_bias``): a new buffer of the rows' score shape."""
-    return cap_mass_bias(mass_bias(stats.q2[rows], stats.kvar[rows].float(), scale), blen_rows)
+    return cap_mass_bias(mass_bias(stats.q2[rows], stats.kvar[rows].to(stats.q2.dtype), scale), blen_rows)
 
 
 def adaptive_budget(k: int, k_mean: float | None, tiles: int, n_blocks: int, n_forced: int = 0) -> int:

@@ -105,18 +105,18 @@ def ptxas_missing() -> str | None:
 
 #: (dtype, head dim, order, token order, adaptive counts, key padding and dense rows) of the Hopper
 #: kernel: the node's configurations (Wan; HunyuanVideo and FLUX with their text), adaptive
-#: routing, order 0 in fp16, keep-or-drop, head dim 64.
+#: routing, order 0 in fp16, keep-or-drop, head dim 64, key blocks of 128.
 HOPPER_CASES = [("bfloat16", 128, 1, True, False, False), ("bfloat16", 128, 1, True, False, True),
                 ("bfloat16", 128, 1, False, True, False), ("float16", 128, 0, True, True, True),
-                ("bfloat16", 128, -1, False, False, False), ("bfloat16", 64, 1, True, False, True)]
+                ("bfloat16", 128, -1, False, False, False), ("bfloat16", 64, 1, True, False, True),
+                ("bfloat16", 128, 1, True, False, True, 128)]
 
 
-def hopper_compile(dtype: str, d: int, order: int, perm: bool, counts: bool, text: bool) -> dict:
+def hopper_compile(dtype: str, d: int, order: int, perm: bool, counts: bool, text: bool, block: int = 64) -> dict:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from pisa_kernels import hopper_kernel as hk
 
-    block = hk.BLOCKS[0]
     t = torch.zeros(1, block, d, dtype=getattr(torch, dtype))
     box = hk._desc(t, [1, block, d], [block * d, d, 1], [1, block, d])
     hm = hk._desc(torch.zeros(d, d, dtype=t.dtype), [d, d], [d, 1], [block, d]) if order == 1 else box
@@ -139,7 +139,7 @@ def hopper_compile(dtype: str, d: int, order: int, perm: bool, counts: bool, tex
             sig[name] = "i32"
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=hk.MAX_REGS))
-    return dict(case=[dtype, d, order, perm, counts, text], stages=consts["STAGES"],
+    return dict(case=[dtype, d, order, perm, counts, text, block], stages=consts["STAGES"],
                 shared=compiled.metadata.shared, limit=SMEM_LIMIT[90])
 
 

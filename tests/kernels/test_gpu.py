@@ -102,7 +102,7 @@ def compare_on_gpu(q, k, v, *, max_disagree=0.01, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("order", [1, 0, "drop"])
-@pytest.mark.parametrize("n,d,block", [(1000, 128, 64), (3001, 64, 128), (4999, 128, 64)])
+@pytest.mark.parametrize("n,d,block", [(1000, 128, 64), (3001, 64, 128), (4999, 128, 64), (4999, 128, 128)])
 def test_moderate_shapes(dtype, order, n, d, block):
     q, k, v = rand_qkv(2, 4, n, d, dtype=dtype, seed=n, v_shift=0.5, device=DEV)
     compare_on_gpu(q, k, v, sparsity=0.875, order=order, block_size=block)

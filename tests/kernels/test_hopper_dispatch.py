@@ -42,6 +42,8 @@ def test_covered_calls():
     # key padding with a token order: K / V are the pre-scan's copies (padded rows are zeros)
     valid = torch.ones(1, 256, dtype=torch.int8)
     assert hk.unsupported_reason(q, k, v, valid=valid, block=64, stats=_stats(), perm=torch.arange(256)) is None
+    q, k, v = _call(d=128)  # key blocks of 128 at head dim 128 (the first-order matrix: one tile)
+    assert hk.unsupported_reason(q, k, v, valid=None, block=128, stats=_stats(), perm=None) is None
 
 
 @pytest.mark.parametrize("case,why", [
@@ -86,7 +88,7 @@ def test_the_hopper_kernel_compiles_for_sm90_offline():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     if isinstance(results, dict):
         missing(results["skip"])
-    assert len(results) == 6
+    assert len(results) == 7
     for r in results:
         assert r["shared"] <= min(r["limit"], hk.SMEM_BYTES), r
 
