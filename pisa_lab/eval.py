@@ -203,13 +203,17 @@ def method_name(order, tail: str = "plain") -> str:
 ROUTINGS = ("auto",) + ROUTINGS_API
 
 
-def run_pisa(case: Case, *, order, sparsity: float, token_order: str, routing: str, backend: str,
-             tail: str = "plain", with_stats: bool = False):
-    """PISA as the node runs it; with ``with_stats`` also its :class:`PisaStats`."""
-    out, st = pisa_attention(case.q, case.k, case.v, sparsity=sparsity, order=order, layout="BNHD",
-                             sink_kv=case.exact or None, dense_q=case.exact or None, kv_valid=case.kv_valid,
-                             token_perm=case.perm(token_order), routing=routing, tail=tail, backend=backend,
-                             return_stats=True)
+def pisa_kwargs(case: Case, *, order, sparsity: float, token_order: str, routing: str, backend: str,
+                tail: str = "plain") -> dict:
+    """``pisa_attention``'s keyword arguments for the case as the node makes its call."""
+    return dict(sparsity=sparsity, order=order, layout="BNHD", sink_kv=case.exact or None,
+                dense_q=case.exact or None, kv_valid=case.kv_valid, token_perm=case.perm(token_order),
+                routing=routing, tail=tail, backend=backend)
+
+
+def run_pisa(case: Case, *, with_stats: bool = False, **kw):
+    """PISA as the node runs it (:func:`pisa_kwargs`); with ``with_stats`` also its :class:`PisaStats`."""
+    out, st = pisa_attention(case.q, case.k, case.v, return_stats=True, **pisa_kwargs(case, **kw))
     return (out, st) if with_stats else out
 
 
@@ -246,9 +250,12 @@ def _sink_block_range(case: Case, perm: torch.Tensor | None, block: int = 64) ->
 SOL_DIAGONAL_BLOCKS = 3
 
 
-def run_sol(sol, case: Case, *, token_order: str, sparsity: float | None, matched: bool = False) -> torch.Tensor:
-    """Sol-Attn on the case's tokens in ``token_order``: top-k at density ``1 - sparsity`` (``matched``:
-    minus its forced diagonal blocks), or its default tau (``sparsity`` None)."""
+def sol_call(sol, case: Case, *, token_order: str, sparsity: float | None, matched: bool = False,
+             tau: float | None = None):
+    """``(call, perm)``: Sol-Attn as a call without arguments on the case's tokens already in
+    ``token_order`` (``perm``; None: input order), top-k at density ``1 - sparsity`` (``matched``:
+    minus its forced diagonal blocks), or with ``sparsity`` None its threshold ``tau`` (None: its
+    default)."""
     perm = case.perm(token_order)
     q, k, v = case.q, case.k, case.v
     if perm is not None:
@@ -265,7 +272,15 @@ def run_sol(sol, case: Case, *, token_order: str, sparsity: float | None, matche
     if sparsity is not None:
         nb = -(-q.shape[1] // 64)
         kwargs["topk_ratio"] = max(1.0 / nb, 1.0 - sparsity - (SOL_DIAGONAL_BLOCKS / nb if matched else 0.0))
-    out = sol(q, k, v, **kwargs)
+    elif tau is not None:
+        kwargs["tau"] = tau
+    return (lambda: sol(q, k, v, **kwargs)), perm
+
+
+def run_sol(sol, case: Case, **kw) -> torch.Tensor:
+    """Sol-Attn's output (:func:`sol_call`'s arguments) in the case's input order."""
+    call, perm = sol_call(sol, case, **kw)
+    out = call()
     if perm is not None:
         out = torch.empty_like(out).index_copy_(1, perm, out)
     return out
