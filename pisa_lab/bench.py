@@ -5,6 +5,7 @@ ComfyUI's Sol-Attn kernel (``comfy_kitchen.sol_attn``), at DiT shapes, in one pr
     python -m pisa_lab.bench --shapes wan720 --json out.json
     python -m pisa_lab.bench --tails plain lognormal   # also order 1 with the log-normal tail
     python -m pisa_lab.bench --node-calls             # the node's real calls (bench_node_calls)
+    python -m pisa_lab.bench --head-dim 64 --extra-n 50000 200000   # head dim 64, other lengths
 
 Times are medians of CUDA-event timings (``triton.testing.do_bench``) after warm-up.  The error
 column is the relative L2 error against the cuDNN output on the same inputs.
@@ -128,7 +129,7 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
                                                                            routing),
                                      extra_mem_mb=peak_extra_mb(fn), qkv_mb=3 * q.numel() * q.element_size() / 2**20)
                     add(label, sp, time_ms(fn), out, ref, **extra)
-    sol = _sol_attn()
+    sol = _sol_attn() if d == 128 else None  # (its fused kernels take head dim 128 only)
     if sol is not None:
         for sp in sparsities:
             fn = lambda: sol(q, k, v, topk_ratio=1.0 - sp)
@@ -174,6 +175,8 @@ def main(argv=None) -> int:
                     help="forward kernels of the PISA rows (gluon: the Hopper kernel, sm90)")
     ap.add_argument("--json", help="write rows and environment to this file")
     ap.add_argument("--md", help="write the table as markdown (with the environment) to this file")
+    ap.add_argument("--head-dim", type=int, default=128, choices=[64, 128],
+                    help="head dim of every shape (64: the shapes' tokens and heads at D = 64, no Sol-Attn rows)")
     ap.add_argument("--extra-n", nargs="*", type=int, default=[],
                     help="also time these sequence lengths (H=24, B=1): the dense/sparse crossover")
     ap.add_argument("--node-calls", action="store_true",
@@ -194,14 +197,16 @@ def main(argv=None) -> int:
         for name in args.shapes:
             n, h = SHAPES[name]
             sps = tuple(args.sparsities) + ((0.85,) if name == "flux1024" and 0.85 not in args.sparsities else ())
-            rows += bench_shape(name, n, h, data=data, sparsities=sps, block=args.block_size, tails=tuple(args.tails),
-                                routings=tuple(args.routings), kernels=tuple(args.kernels))
-            print(format_table([r for r in rows if r["shape"] == name and r["data"] == data]), flush=True)
+            label = name + ("" if args.head_dim == 128 else f"/d{args.head_dim}")
+            rows += bench_shape(label, n, h, data=data, d=args.head_dim, sparsities=sps, block=args.block_size,
+                                tails=tuple(args.tails), routings=tuple(args.routings), kernels=tuple(args.kernels))
+            print(format_table([r for r in rows if r["shape"] == label and r["data"] == data]), flush=True)
     for n in args.extra_n:
         for data in args.data:
-            rows += bench_shape(f"N{n}", n, 24, data=data, sparsities=(0.75, 0.875), orders=(1,),
+            label = f"N{n}" + ("" if args.head_dim == 128 else f"/d{args.head_dim}")
+            rows += bench_shape(label, n, 24, data=data, d=args.head_dim, sparsities=(0.75, 0.875), orders=(1,),
                                 block=args.block_size, tails=tuple(args.tails), kernels=tuple(args.kernels))
-            print(format_table([r for r in rows if r["shape"] == f"N{n}" and r["data"] == data]), flush=True)
+            print(format_table([r for r in rows if r["shape"] == label and r["data"] == data]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=env, rows=rows), f, indent=1)
