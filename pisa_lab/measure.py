@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime
 import platform
+import statistics
+import time
 
 import torch
 
@@ -14,6 +16,22 @@ def time_ms(fn, warmup_ms: int = 30, rep_ms: int = 150) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def wall_ms(fn, reps: int = 5) -> float:
+    """Median wall time of ``fn`` (ms) after one warm-up call: the CPU's counterpart of :func:`time_ms`."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000.0 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def timer_for(device: torch.device):
+    """The timer of a call on ``device``: :func:`time_ms` (CUDA events) on a GPU, :func:`wall_ms` elsewhere."""
+    return time_ms if device.type == "cuda" else wall_ms
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 
@@ -34,6 +33,7 @@ from pisa_kernels import pisa_attention
 
 from . import eval as E
 from .measure import environment as gpu_environment
+from .measure import timer_for
 
 #: The widget's sparsities PISA sweeps (its default 0.875 among them).
 SPARSITIES = (0.8, 0.85, 0.875, 0.9, 0.92, 0.94, 0.96)
@@ -42,25 +42,6 @@ TAUS = (0.8, 1.0, 1.15, 1.3, 1.5, 1.8, 2.2)
 TOPK_RATIOS = (0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2)
 #: PISA's routings: the node's (``auto``: top-k for video, covariance for images) and the adaptive budget.
 ROUTINGS = ("auto", "adaptive")
-
-
-def timer(device: torch.device):
-    """``time_ms(call)`` for ``device``: CUDA events on a GPU, wall time on the CPU."""
-    if device.type == "cuda":
-        from .measure import time_ms
-
-        return time_ms
-
-    def wall_ms(call, reps: int = 3) -> float:
-        call()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return wall_ms
 
 
 def cpu_environment() -> dict:
@@ -78,7 +59,7 @@ def sweep_case(case: E.Case, *, sol=None, token_order: str = "tiled", sparsities
                time_ms=None, log=print) -> list[dict]:
     """Every operating point of every method on one case: ``{case, method, param, ms, rel_l2}``
     (PISA rows also ``density``, the achieved share of exact blocks)."""
-    time_ms = time_ms or timer(case.q.device)
+    time_ms = time_ms or timer_for(case.q.device)
     ref = E.dense_reference(case)
     rows = []
     t0 = time.time()

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import importlib
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
+
+from ..measure import timer_for
 
 #: The bar of issue 13: a PISA call inside a real step within 5 % of its benchmark.
 IN_STEP_BAR = 1.05
@@ -101,23 +102,10 @@ def _like(shape, stride, dtype, device, gen) -> torch.Tensor:
     return t
 
 
-def _wall_ms(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def compare(recorder: CallRecorder, device: torch.device) -> list[dict]:
     """Per recorded group: calls, mean and median in-step ms (CUDA events; the wall clock on the
     CPU), the benchmark's ms of the same configured call, and their ratio."""
-    if device.type == "cuda":
-        from ..measure import time_ms
-    else:
-        time_ms = _wall_ms
+    time_ms = timer_for(device)
     out = []
     gen = torch.Generator(device=device).manual_seed(0)
     for rec in recorder.calls.values():
