@@ -21,8 +21,8 @@ Gluon (``triton.experimental.gluon``, shipped inside Triton) lets the kernel say
 
 What it covers (:func:`unsupported_reason`): 16-bit inputs, head dim 64 or 128, key blocks of 64
 or 128 tokens (at most the head dim), K and V addressable as ``[B*H, N, D]`` with 16-byte aligned
-strides (the node's tiled token order always gives contiguous copies), every routing (top-k, covariance, adaptive with its
-per-tile counts and heaviest-first order), tails plain and log-normal, orders -1/0/1, token orders,
+strides (the node's tiled token order always gives contiguous copies), every routing (top-k,
+covariance, adaptive with its per-tile counts and heaviest-first order), tails plain and log-normal, orders -1/0/1, token orders,
 dense query rows (programs of their own, numbered first) and key padding with a token order.  Every
 GPU other than sm90 takes the Triton kernel: the caller (:mod:`pisa_kernels.api`) falls back, once
 with a warning, if this kernel cannot compile or launch.

@@ -587,7 +587,10 @@ def plot(rows: list[dict], cases: list[Case], path: str) -> None:
 
 
 def environment(device: torch.device, backend: str, seed: int, sol_note: str) -> dict:
-    env = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, python=platform.python_version(),
+    import triton
+
+    env = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, triton=triton.__version__,
+               python=platform.python_version(),
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
                backend=backend, seed=seed, sol=sol_note)
     return env

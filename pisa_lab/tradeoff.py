@@ -32,7 +32,6 @@ import torch
 from pisa_kernels import pisa_attention
 
 from . import eval as E
-from .measure import environment as gpu_environment
 from .measure import timer_for
 
 #: The widget's sparsities PISA sweeps (its default 0.875 among them).
@@ -42,12 +41,6 @@ TAUS = (0.8, 1.0, 1.15, 1.3, 1.5, 1.8, 2.2)
 TOPK_RATIOS = (0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2)
 #: PISA's routings: the node's (``auto``: top-k for video, covariance for images) and the adaptive budget.
 ROUTINGS = ("auto", "adaptive")
-
-
-def cpu_environment() -> dict:
-    import triton
-
-    return dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, triton=triton.__version__)
 
 
 def pisa_method(routing: str) -> str:
@@ -114,8 +107,8 @@ def _fmt(x, spec: str) -> str:
 
 
 def markdown(rows: list[dict], matched: list[dict], env: dict, command: str) -> str:
-    lines = [f"Measured {env.get('date', '?')} on {env.get('gpu', env.get('device', '?'))}; "
-             f"torch {env.get('torch', '?')}, Triton {env.get('triton', '?')}.  Command: `{command}`", "",
+    lines = [f"Measured {env['date']} on {env['device']}; torch {env['torch']}, Triton {env['triton']}.  "
+             f"Command: `{command}`", "",
              "## Operating points", "", "| case | method | parameter | ms | rel. L2 vs dense | density |",
              "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["case"], r["method"], r["ms"])):
@@ -161,7 +154,7 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="*", default=["full"],
-                    help="set[:size] names or a size for every set (pisa_lab.workloads; default: every set at full size)")
+                    help="set[:size] names or a size for every set (pisa_lab.workloads; default: all, full size)")
     ap.add_argument("--sparsities", nargs="*", type=float, default=list(SPARSITIES))
     ap.add_argument("--taus", nargs="*", type=float, default=list(TAUS))
     ap.add_argument("--topk-ratios", nargs="*", type=float, default=list(TOPK_RATIOS))
@@ -185,8 +178,7 @@ def main(argv=None) -> int:
                            topk_ratios=args.topk_ratios, routings=args.routings, backend=args.backend,
                            log=lambda s: print(s, file=sys.stderr))
     matched = matched_time(rows)
-    env = dict(gpu_environment() if device.type == "cuda" else cpu_environment(), device=str(device), sol=sol_note,
-               seed=args.seed, backend=args.backend)
+    env = E.environment(device, args.backend, args.seed, sol_note)
     report = markdown(rows, matched, env, "python -m pisa_lab.tradeoff " + " ".join(argv if argv is not None
                                                                                       else sys.argv[1:]))
     if args.md:
