@@ -10,7 +10,9 @@ Gluon (``triton.experimental.gluon``, shipped inside Triton) lets the kernel say
   rows of K and of V, each with a *ready* mbarrier (the copy's bytes arrived) and an *empty* one
   (both consumers are done with it): the exact blocks by index (each selected block is a contiguous
   tile, so a plain box at row ``j * BLOCK_N`` is the gather; a block of 128 takes two slots), then
-  the tail's centroid and value-mean tiles (contiguous too), 64 per slot;
+  the tail's centroid and value-mean tiles (contiguous too), 64 per slot.  Two slots make one
+  ``[128, D]`` tile (a step of the ring: the slots are its row halves), so a step's ``QK^T`` is
+  one N = 128 wgmma;
 * **two consumer warpgroups**, each owning 64 of the query tile's 128 rows, run the same online
   softmax as the Triton kernel, 128 keys (two slots) per step: the softmax's fixed cost per step
   (barrier waits, the row max and sum, rescaling the accumulator, waiting for the tensor cores) is
@@ -135,12 +137,6 @@ def _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H, TILE_COUNTS: gl.co
 
 
 @gluon.jit
-def _box(buf, D: gl.constexpr, desc_layout: gl.constexpr):
-    """A ``[64, D]`` slot seen as the descriptors' ``[1, 64, D]`` box (same bytes, same swizzle)."""
-    return buf._reinterpret(buf.dtype, [1, _SLOT, D], desc_layout)
-
-
-@gluon.jit
 def _exact_slots(n_used, BLOCK_N: gl.constexpr):
     """Ring slots of the exact list: ``BLOCK_N / 64`` per block, rounded up to whole steps."""
     return gl.cdiv(n_used * (BLOCK_N // _SLOT), 2) * 2
@@ -157,102 +153,103 @@ def _slot_rows(exact, t, n_used, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, ready, empty,
+def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kring, vring, kbuf, vbuf, ready,
+            empty,
             BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr,
             ORDER: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
             HAS_DENSE: gl.constexpr):
     """The producer warp: every slot's TMA copies, in the consumers' order: the exact blocks' K and
-    V, the tail's centroids and value means, then (order 1) the first-order matrix's rows."""
+    V, the tail's centroids and value means, then (order 1) the first-order matrix's rows.  The
+    ring holds ``SLOTS / 2`` steps of two 64-row slots, each slot with its barriers; the boxes land
+    in a step's halves seen as ``[1, 64, D]`` (``kring``, ``vring``), the matrix's 2-D boxes in the
+    first half of ``kbuf`` / ``vbuf``'s step, the same bytes as ``[128, D]`` tiles."""
     qt, bh, lbh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H,
                                                                 TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
-    box: gl.constexpr = k_desc.layout
+    STEPS: gl.constexpr = SLOTS // 2
     n_exact = _exact_slots(n_used, BLOCK_N)
-    for t in range(n_exact):
-        s = t % SLOTS
-        mbarrier.wait(empty.index(s), ((t // SLOTS) & 1) ^ 1)  # (a new barrier passes phase 1)
-        row, _ = _slot_rows(exact, t, n_used, BLOCK_N)
-        bar = ready.index(s)
-        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [bh, row, 0], bar, _box(kbuf.index(s), D, box))
-        tma.async_copy_global_to_shared(v_desc, [bh, row, 0], bar, _box(vbuf.index(s), D, box))
-    if ORDER >= 0:
-        for g in range(n_groups):  # (past NB the boxes read as zeros)
-            t = n_exact + g
-            s = t % SLOTS
-            mbarrier.wait(empty.index(s), ((t // SLOTS) & 1) ^ 1)
+    for p in range(n_exact // 2):
+        st = p % STEPS
+        for u in gl.static_range(2):
+            s = 2 * st + u
+            mbarrier.wait(empty.index(s), ((p // STEPS) & 1) ^ 1)  # (a new barrier passes phase 1)
+            row, _ = _slot_rows(exact, 2 * p + u, n_used, BLOCK_N)
             bar = ready.index(s)
-            mbarrier.expect(bar, 2 * kb_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(kb_desc, [bh, g * _SLOT, 0], bar, _box(kbuf.index(s), D, box))
-            tma.async_copy_global_to_shared(vm_desc, [bh, g * _SLOT, 0], bar, _box(vbuf.index(s), D, box))
-    if ORDER == 1:  # the matrix's D rows as D / 64 tiles of the next slot: its K tile (and V's)
-        t = n_exact + n_groups
-        s = t % SLOTS
-        mbarrier.wait(empty.index(s), ((t // SLOTS) & 1) ^ 1)
+            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [bh, row, 0], bar, kring.index(st).slice(u * _SLOT, _SLOT, dim=1))
+            tma.async_copy_global_to_shared(v_desc, [bh, row, 0], bar, vring.index(st).slice(u * _SLOT, _SLOT, dim=1))
+    if ORDER >= 0:
+        for p in range(n_groups // 2):  # (past NB the boxes read as zeros)
+            r = n_exact // 2 + p
+            st = r % STEPS
+            for u in gl.static_range(2):
+                s = 2 * st + u
+                mbarrier.wait(empty.index(s), ((r // STEPS) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, 2 * kb_desc.block_type.nbytes)
+                g = 2 * p + u
+                tma.async_copy_global_to_shared(kb_desc, [bh, g * _SLOT, 0], bar,
+                                                kring.index(st).slice(u * _SLOT, _SLOT, dim=1))
+                tma.async_copy_global_to_shared(vm_desc, [bh, g * _SLOT, 0], bar,
+                                                vring.index(st).slice(u * _SLOT, _SLOT, dim=1))
+    if ORDER == 1:  # the matrix's D rows as D / 64 tiles of the next step's first slot: its K tile (and V's)
+        r = (n_exact + n_groups) // 2
+        st = r % STEPS
+        s = 2 * st
+        mbarrier.wait(empty.index(s), ((r // STEPS) & 1) ^ 1)
         bar = ready.index(s)
         mbarrier.expect(bar, (D // _SLOT) * hm_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], bar, kbuf.index(s))
+        tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], bar, kbuf.index(st).slice(0, _SLOT))
         if D > _SLOT:
-            tma.async_copy_global_to_shared(hm_desc, [bh * D + _SLOT, 0], bar, vbuf.index(s))
+            tma.async_copy_global_to_shared(hm_desc, [bh * D + _SLOT, 0], bar, vbuf.index(st).slice(0, _SLOT))
 
 
 @gluon.jit
-def _step(t, qs, kbuf, vbuf, ready, empty, add_a, add_b, m_i, acc, zero_s, qk_scale, SLOTS: gl.constexpr,
+def _step(r, qs, kbuf, vbuf, ready, empty, add, m_i, acc, zero_s, qk_scale, SLOTS: gl.constexpr,
           TAIL: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
-    """Slots ``t`` and ``t + 1`` (128 keys) into the online softmax: both ``QK^T``, one new row max,
-    both ``PV`` into the rescaled accumulator; then the slots go back to the loader.  Exact steps:
-    ``add_a`` / ``add_b`` say which of a slot's keys count; the tail (``TAIL``): they are its
-    centroids' biases, added to the scaled logits.  Returns ``(max, rescale factor, row sum, acc)``."""
-    sa = t % SLOTS
-    sb = (t + 1) % SLOTS
-    mbarrier.wait(ready.index(sa), (t // SLOTS) & 1)
-    mbarrier.wait(ready.index(sb), ((t + 1) // SLOTS) & 1)
-    za = warpgroup_mma(qs, kbuf.index(sa).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    zb = warpgroup_mma(qs, kbuf.index(sb).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    za, zb = warpgroup_mma_wait(num_outstanding=0, deps=(za, zb))
+    """The ring's step ``r`` (its two slots, one ``[128, D]`` tile of K and of V) into the online
+    softmax: ``QK^T`` and ``PV`` of 128 keys, one wgmma each; then both slots go back to the
+    loader.  Exact steps: ``add`` says which keys count; the tail (``TAIL``): it is the centroids'
+    biases, added to the scaled logits.  Returns ``(max, rescale factor, row sum, acc)``."""
+    STEPS: gl.constexpr = SLOTS // 2
+    st = r % STEPS
+    phase = (r // STEPS) & 1
+    mbarrier.wait(ready.index(2 * st), phase)
+    mbarrier.wait(ready.index(2 * st + 1), phase)
+    z = warpgroup_mma(qs, kbuf.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    z = warpgroup_mma_wait(num_outstanding=0, deps=(z, ))
     if TAIL:
-        za = za * qk_scale + add_a[None, :]
-        zb = zb * qk_scale + add_b[None, :]
-        m_new = gl.maximum(m_i, gl.max(gl.maximum(za, zb), axis=1))
-        pa = gl.exp2(za - m_new[:, None])
-        pb = gl.exp2(zb - m_new[:, None])
+        z = z * qk_scale + add[None, :]
+        m_new = gl.maximum(m_i, gl.max(z, axis=1))
+        p = gl.exp2(z - m_new[:, None])
     else:
-        za = gl.where(add_a[None, :], za, float("-inf"))
-        zb = gl.where(add_b[None, :], zb, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(gl.maximum(za, zb), axis=1) * qk_scale)
-        pa = gl.exp2(za * qk_scale - m_new[:, None])
-        pb = gl.exp2(zb * qk_scale - m_new[:, None])
+        z = gl.where(add[None, :], z, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(z, axis=1) * qk_scale)
+        p = gl.exp2(z * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
-    rsum = gl.sum(pa + pb, axis=1)
-    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-    acc = warpgroup_mma(gl.convert_layout(pa.to(kbuf.dtype), p_layout), vbuf.index(sa), acc, is_async=True)
-    acc = warpgroup_mma(gl.convert_layout(pb.to(kbuf.dtype), p_layout), vbuf.index(sb), acc, is_async=True)
+    acc = warpgroup_mma(gl.convert_layout(p.to(kbuf.dtype), p_layout), vbuf.index(st),
+                        acc * gl.convert_layout(alpha, row_o)[:, None], is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    mbarrier.arrive(empty.index(sa), count=1)
-    mbarrier.arrive(empty.index(sb), count=1)
-    return m_new, alpha, rsum, acc
-
-
-@gluon.jit
-def _keys_ok(exact, t, n_used, valid_row, cols, N, BLOCK_N: gl.constexpr, MASKED: gl.constexpr):
-    """Which of exact slot ``t``'s keys count: in the list, before N (the last block's keys past N
-    read as zeros) and, with ``MASKED``, not padding (``valid_row``)."""
-    row, listed = _slot_rows(exact, t, n_used, BLOCK_N)
-    keys = row + cols
-    ok = (keys < N) & listed
-    if MASKED:
-        ok = ok & (gl.load(valid_row + keys, mask=ok, other=0) != 0)
-    return ok
+    mbarrier.arrive(empty.index(2 * st), count=1)
+    mbarrier.arrive(empty.index(2 * st + 1), count=1)
+    return m_new, alpha, gl.sum(p, axis=1), acc
 
 
 @gluon.jit
 def _exact_step(p, exact, n_used, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s, cols, N, qk_scale,
                 BLOCK_N: gl.constexpr, SLOTS: gl.constexpr, MASKED: gl.constexpr, p_layout: gl.constexpr,
                 row_o: gl.constexpr):
-    """Step ``p`` of the exact list (its slots ``2p``, ``2p + 1``)."""
-    ok_a = _keys_ok(exact, 2 * p, n_used, valid_row, cols, N, BLOCK_N, MASKED)
-    ok_b = _keys_ok(exact, 2 * p + 1, n_used, valid_row, cols, N, BLOCK_N, MASKED)
-    m_i, alpha, rsum, acc = _step(2 * p, qs, kbuf, vbuf, ready, empty, ok_a, ok_b, m_i, acc, zero_s, qk_scale, SLOTS,
-                                  False, p_layout, row_o)
+    """Step ``p`` of the exact list (its slots ``2p``, ``2p + 1``).  A key counts where it is in the
+    list, before N (the last block's keys past N read as zeros) and, with ``MASKED``, not padding
+    (``valid_row``)."""
+    row_a, in_a = _slot_rows(exact, 2 * p, n_used, BLOCK_N)
+    row_b, in_b = _slot_rows(exact, 2 * p + 1, n_used, BLOCK_N)
+    first = cols < _SLOT
+    keys = gl.where(first, row_a + cols, row_b + cols - _SLOT)
+    ok = (keys < N) & gl.where(first, in_a, in_b)
+    if MASKED:
+        ok = ok & (gl.load(valid_row + keys, mask=ok, other=0) != 0)
+    m_i, alpha, rsum, acc = _step(p, qs, kbuf, vbuf, ready, empty, ok, m_i, acc, zero_s, qk_scale, SLOTS, False,
+                                  p_layout, row_o)
     return m_i, l_i * alpha + rsum, acc
 
 
@@ -275,7 +272,7 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
     stage the loader fills (the Triton kernel's phases 1-3, base-2 units)."""
     HALF: gl.constexpr = 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, _SLOT, 16])
+                                                       instr_shape=[16, 2 * _SLOT, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     io_layout: gl.constexpr = _io_layout(D)
@@ -314,8 +311,8 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
     l_i = gl.zeros([HALF], gl.float32, layout=row_s)
     g_i = gl.zeros([HALF], gl.float32, layout=row_s)
     acc = gl.zeros([HALF, D], gl.float32, layout=o_layout)
-    zero_s = gl.zeros([HALF, _SLOT], gl.float32, layout=s_layout)
-    cols = gl.arange(0, _SLOT, layout=col_s)
+    zero_s = gl.zeros([HALF, 2 * _SLOT], gl.float32, layout=s_layout)
+    cols = gl.arange(0, 2 * _SLOT, layout=col_s)
 
     # Phase 1: the exact blocks, 128 keys a step.  Each wgmma is waited for at once: the two
     # warpgroups interleave on their own (one's softmax while the other's products run).  Pipelining
@@ -343,10 +340,9 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
         tb = TB + (lbh.to(gl.int64) * NQ + qt) * NB  # (the launch's rows of the bias)
         for p in range(n_groups // 2):
             offs = 2 * p * _SLOT + cols
-            bias_a = gl.load(tb + offs, mask=offs < NB, other=float("-inf")).to(gl.float32)
-            bias_b = gl.load(tb + _SLOT + offs, mask=_SLOT + offs < NB, other=float("-inf")).to(gl.float32)
-            m_i, alpha, rsum, acc = _step(n_exact + 2 * p, qs, kbuf, vbuf, ready, empty, bias_a, bias_b, m_i, acc,
-                                          zero_s, qk_scale, SLOTS, True, p_layout, row_o)
+            bias = gl.load(tb + offs, mask=offs < NB, other=float("-inf")).to(gl.float32)
+            m_i, alpha, rsum, acc = _step(n_exact // 2 + p, qs, kbuf, vbuf, ready, empty, bias, m_i, acc, zero_s,
+                                          qk_scale, SLOTS, True, p_layout, row_o)
             l_i = l_i * alpha
             g_i = g_i * alpha + rsum
 
@@ -357,12 +353,12 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
     # g = 0 in a dense program: it adds nothing), from the ring's next slot: the matrix's rows
     # 0..63 in its K tile, 64..127 in its V tile, each against the matching 64 columns of q.
     if ORDER == 1:
-        t = n_exact + n_groups
-        s = t % SLOTS
-        mbarrier.wait(ready.index(s), (t // SLOTS) & 1)
-        out = _first_order(qs, 0, kbuf.index(s), g_i / safe, out, p_layout)
+        r = (n_exact + n_groups) // 2
+        st = r % (SLOTS // 2)
+        mbarrier.wait(ready.index(2 * st), (r // (SLOTS // 2)) & 1)
+        out = _first_order(qs, 0, kbuf.index(st).slice(0, _SLOT), g_i / safe, out, p_layout)
         if D > _SLOT:
-            out = _first_order(qs, _SLOT, vbuf.index(s), g_i / safe, out, p_layout)
+            out = _first_order(qs, _SLOT, vbuf.index(st).slice(0, _SLOT), g_i / safe, out, p_layout)
         out = warpgroup_mma_wait(num_outstanding=0, deps=(out, ))
     out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
     gl.store(O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + src[:, None] * son + dcol[None, :], out,
@@ -405,8 +401,14 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, 
     dtype: gl.constexpr = k_desc.dtype
     tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_SLOT, D], dtype)
     qbuf = gl.allocate_shared_memory(dtype, [2, 64, D], tile_layout)
-    kbuf = gl.allocate_shared_memory(dtype, [SLOTS, _SLOT, D], tile_layout)
-    vbuf = gl.allocate_shared_memory(dtype, [SLOTS, _SLOT, D], tile_layout)
+    # The rings: SLOTS / 2 steps of [1, 128, D] in the boxes' layout for the copies (a slot is a
+    # row slice of its step: the 128-byte swizzle's column chunks run the step's whole height), the
+    # same bytes as [128, D] tiles for the products.
+    kring = gl.allocate_shared_memory(dtype, [SLOTS // 2, 1, 2 * _SLOT, D], k_desc.layout)
+    vring = gl.allocate_shared_memory(dtype, [SLOTS // 2, 1, 2 * _SLOT, D], k_desc.layout)
+    gl.static_assert(k_desc.layout.swizzle_byte_width == tile_layout.swizzle_byte_width)
+    kbuf = kring._reinterpret(dtype, [SLOTS // 2, 2 * _SLOT, D], tile_layout)
+    vbuf = vring._reinterpret(dtype, [SLOTS // 2, 2 * _SLOT, D], tile_layout)
     ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(SLOTS):
@@ -421,8 +423,8 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, 
         (_consumer1, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
                       empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
                       BLOCK_N, D, SLOTS, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
-        (_loader, (k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, ready,
-                   empty, BH0, NQ, NB, KT, ND, H, BLOCK_N, D, SLOTS, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
+        (_loader, (k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kring, vring, kbuf, vbuf,
+                   ready, empty, BH0, NQ, NB, KT, ND, H, BLOCK_N, D, SLOTS, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
                    HAS_DENSE)),
     ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
 
@@ -430,9 +432,10 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, 
 def ring_slots(d: int) -> int:
     """Ring slots that fit: the two query halves, per slot 64 rows of K and of V (the tail:
     centroids and value means; at the end the first-order matrix, which so takes no buffer of its
-    own).  At least two: a step reads two."""
+    own).  Even (a step reads two, never wrapping), at least four (the next step's copies run while
+    the consumers compute)."""
     fixed = 2 * HALF_TILE * d * 2 + SMEM_SCRATCH
-    return max(2, min(MAX_SLOTS, (SMEM_BYTES - fixed) // (2 * SLOT * d * 2)))
+    return max(4, min(MAX_SLOTS, (SMEM_BYTES - fixed) // (2 * SLOT * d * 2)) // 2 * 2)
 
 
 def _kv_3d(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
