@@ -6,14 +6,20 @@ barriers in the loop, so the two warpgroups of a program cannot overlap one's so
 other's tensor-core work, and Triton's automatic warp specialization does not apply to it on sm90.
 Gluon (``triton.experimental.gluon``, shipped inside Triton) lets the kernel say who does what:
 
-* **one loader warp** issues the TMA copies: per step one 64-key block of K and of V, by index
-  (each selected block is a contiguous tile, so a plain box at row ``j * BLOCK_N`` is the gather),
-  then the tail's centroid and value-mean tiles (contiguous too), into a ring of
-  ``STAGES`` shared-memory stages, each with a *ready* mbarrier (the copy's bytes arrived) and an
-  *empty* one (both consumers are done with it);
+* **one loader warp** issues the TMA copies into a ring of ``SLOTS`` shared-memory slots of 64
+  rows of K and of V, each with a *ready* mbarrier (the copy's bytes arrived) and an *empty* one
+  (both consumers are done with it): the exact blocks by index (each selected block is a contiguous
+  tile, so a plain box at row ``j * BLOCK_N`` is the gather; a block of 128 takes two slots), then
+  the tail's centroid and value-mean tiles (contiguous too), 64 per slot.  Two slots make one
+  ``[128, D]`` tile (a step of the ring: the slots are its row halves), so a step's ``QK^T`` is
+  one N = 128 wgmma;
 * **two consumer warpgroups**, each owning 64 of the query tile's 128 rows, run the same online
-  softmax as the Triton kernel over the same steps: exact blocks (``QK^T`` and ``PV`` as async
-  ``wgmma``), then the zeroth-order tail over every unselected block's centroid (each logit plus its
+  softmax as the Triton kernel, 128 keys (two slots) per step: the softmax's fixed cost per step
+  (barrier waits, the row max and sum, rescaling the accumulator, waiting for the tensor cores) is
+  paid once per 128 keys, as cuDNN's and FlashAttention-3's 128-key steps do, while the routing keeps
+  its 64-key blocks (an odd count: the last step's second slot repeats the last block, masked).
+  Exact blocks (``QK^T`` and ``PV`` as async ``wgmma``), then the zeroth-order tail over every
+  unselected block's centroid (each logit plus its
   tile's bias, :func:`pisa_kernels.triton_kernels.tail_bias`: the block's length and, with the
   log-normal tail, its mass correction), then the first-order term ``(g / den) * q @ Hmean``.  The warp
   scheduler interleaves the two warpgroups: while one runs its softmax, the other's wgmma uses the
@@ -48,8 +54,10 @@ HALF_TILE = QUERY_TILE // 2
 #: for its layout conversions and reductions (measured: 16.1 KB at head dim 128, Triton 3.6).
 SMEM_BYTES = 232448
 SMEM_SCRATCH = 17 << 10
-#: The ring's depth: as deep as the shared memory allows, at most this (the loader runs ahead).
-MAX_STAGES = 6
+#: Rows of K and of V in one ring slot (one TMA box each), and the ring's depth: as many slots as
+#: the shared memory allows, at most this (the loader runs up to four steps ahead).
+SLOT = 64
+MAX_SLOTS = 8
 #: Registers per thread: the kernel's cap (12 warps: 168 x 384 fills the register file of one SM),
 #: the loader warp's (the minimum) and the second consumer's; the first consumer gets the rest.
 MAX_REGS = 168
@@ -67,7 +75,7 @@ TAIL_BIAS_SHARE = 96
 #: Head dims and key block sizes this kernel is built for.
 HEAD_DIMS = (64, 128)
 BLOCKS = (64, 128)
-_QUERY_TILE = gl.constexpr(QUERY_TILE)
+_QUERY_TILE, _SLOT = gl.constexpr(QUERY_TILE), gl.constexpr(SLOT)
 _CONSUMER_REGS, _LOADER_REGS = gl.constexpr(CONSUMER_REGS), gl.constexpr(LOADER_REGS)
 
 
@@ -78,11 +86,11 @@ def _io_layout(d):
 
 
 @gluon.jit
-def _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, ORDER: gl.constexpr,
-          TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr, HAS_DENSE: gl.constexpr):
+def _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr,
+          HAS_VALID: gl.constexpr, HAS_DENSE: gl.constexpr):
     """What this program computes, the same in every partition: ``(qt, bh, its row in the launch's
-    heads, dense, exact list, full blocks, visited blocks, tail groups)``.  A launch takes the heads
-    ``BH0 ..`` (batch x head).  A regular program takes a query tile (the grid's, or for an
+    heads, dense, exact list, full blocks, visited blocks, the tail's slots)``.  A launch takes
+    the heads ``BH0 ..`` (batch x head).  A regular program takes a query tile (the grid's, or for an
     adaptive selection the launch's heaviest-first order ``TORD``) with its routed list (``CNT``:
     the full and the non-empty blocks, with key padding or per-tile counts); with dense query rows
     (``HAS_DENSE``) the first programs each take 128 of them (``qt`` counts those tiles) over every
@@ -117,7 +125,7 @@ def _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.conste
         n_full = gl.load(CNT + tile * 2)
     else:
         n_full = n_used
-    n_groups = gl.cdiv(NB, BLOCK_N)  # (read where ORDER >= 0)
+    n_groups = gl.cdiv(NB, 2 * _SLOT) * 2  # 64 centroids a slot, two slots a step (read where ORDER >= 0)
     if HAS_DENSE:
         b = bh // H
         exact = gl.where(dense, DIDX + b.to(gl.int64) * NB, exact)
@@ -129,85 +137,127 @@ def _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.conste
 
 
 @gluon.jit
-def _box(buf, BLOCK_N: gl.constexpr, D: gl.constexpr, desc_layout: gl.constexpr):
-    """A ``[BLOCK_N, D]`` stage seen as the descriptors' ``[1, BLOCK_N, D]`` box (same bytes, same
-    swizzle)."""
-    return buf._reinterpret(buf.dtype, [1, BLOCK_N, D], desc_layout)
+def _exact_slots(n_used, BLOCK_N: gl.constexpr):
+    """Ring slots of the exact list: ``BLOCK_N / 64`` per block, rounded up to whole steps."""
+    return gl.cdiv(n_used * (BLOCK_N // _SLOT), 2) * 2
 
 
 @gluon.jit
-def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, ready, empty,
-            BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+def _slot_rows(exact, t, n_used, BLOCK_N: gl.constexpr):
+    """Exact slot ``t``: the first key row of its 64 and whether they belong to the list (the
+    padding slot of an odd count repeats the last block)."""
+    SPB: gl.constexpr = BLOCK_N // _SLOT
+    blk = t // SPB
+    j = gl.load(exact + gl.minimum(blk, n_used - 1))
+    return j * BLOCK_N + (t % SPB) * _SLOT, blk < n_used
+
+
+@gluon.jit
+def _loader(k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kring, vring, kbuf, vbuf, ready,
+            empty,
+            BH0, NQ, NB, KT, ND, H, BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr,
             ORDER: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
             HAS_DENSE: gl.constexpr):
-    """The producer warp: every stage's TMA copies, in the consumers' order: the exact blocks' K and
-    V, the tail's centroids and value means, then (order 1) the first-order matrix's rows."""
+    """The producer warp: every slot's TMA copies, in the consumers' order: the exact blocks' K and
+    V, the tail's centroids and value means, then (order 1) the first-order matrix's rows.  The
+    ring holds ``SLOTS / 2`` steps of two 64-row slots, each slot with its barriers; the boxes land
+    in a step's halves seen as ``[1, 64, D]`` (``kring``, ``vring``), the matrix's 2-D boxes in the
+    first half of ``kbuf`` / ``vbuf``'s step, the same bytes as ``[128, D]`` tiles."""
     qt, bh, lbh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H,
-                                                                BLOCK_N, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
-                                                                HAS_DENSE)
-    box: gl.constexpr = k_desc.layout
-    for i in range(n_used):
-        s = i % STAGES
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # (a new barrier passes phase 1)
-        j = gl.load(exact + i)
-        bar = ready.index(s)
-        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [bh, j * BLOCK_N, 0], bar, _box(kbuf.index(s), BLOCK_N, D, box))
-        tma.async_copy_global_to_shared(v_desc, [bh, j * BLOCK_N, 0], bar, _box(vbuf.index(s), BLOCK_N, D, box))
-    if ORDER >= 0:
-        for g in range(n_groups):
-            i = n_used + g
-            s = i % STAGES
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+                                                                TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
+    STEPS: gl.constexpr = SLOTS // 2
+    n_exact = _exact_slots(n_used, BLOCK_N)
+    for p in range(n_exact // 2):
+        st = p % STEPS
+        for u in gl.static_range(2):
+            s = 2 * st + u
+            mbarrier.wait(empty.index(s), ((p // STEPS) & 1) ^ 1)  # (a new barrier passes phase 1)
+            row, _ = _slot_rows(exact, 2 * p + u, n_used, BLOCK_N)
             bar = ready.index(s)
-            mbarrier.expect(bar, 2 * kb_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(kb_desc, [bh, g * BLOCK_N, 0], bar,
-                                            _box(kbuf.index(s), BLOCK_N, D, box))
-            tma.async_copy_global_to_shared(vm_desc, [bh, g * BLOCK_N, 0], bar,
-                                            _box(vbuf.index(s), BLOCK_N, D, box))
-    if ORDER == 1:  # the matrix's D rows as D / BLOCK_N tiles of the next stage: its K tile (and V's)
-        i = n_used + n_groups
-        s = i % STAGES
-        mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [bh, row, 0], bar, kring.index(st).slice(u * _SLOT, _SLOT, dim=1))
+            tma.async_copy_global_to_shared(v_desc, [bh, row, 0], bar, vring.index(st).slice(u * _SLOT, _SLOT, dim=1))
+    if ORDER >= 0:
+        for p in range(n_groups // 2):  # (past NB the boxes read as zeros)
+            r = n_exact // 2 + p
+            st = r % STEPS
+            for u in gl.static_range(2):
+                s = 2 * st + u
+                mbarrier.wait(empty.index(s), ((r // STEPS) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, 2 * kb_desc.block_type.nbytes)
+                g = 2 * p + u
+                tma.async_copy_global_to_shared(kb_desc, [bh, g * _SLOT, 0], bar,
+                                                kring.index(st).slice(u * _SLOT, _SLOT, dim=1))
+                tma.async_copy_global_to_shared(vm_desc, [bh, g * _SLOT, 0], bar,
+                                                vring.index(st).slice(u * _SLOT, _SLOT, dim=1))
+    if ORDER == 1:  # the matrix's D rows as D / 64 tiles of the next step's first slot: its K tile (and V's)
+        r = (n_exact + n_groups) // 2
+        st = r % STEPS
+        s = 2 * st
+        mbarrier.wait(empty.index(s), ((r // STEPS) & 1) ^ 1)
         bar = ready.index(s)
-        mbarrier.expect(bar, (D // BLOCK_N) * hm_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], bar, kbuf.index(s))
-        if D > BLOCK_N:
-            tma.async_copy_global_to_shared(hm_desc, [bh * D + BLOCK_N, 0], bar, vbuf.index(s))
+        mbarrier.expect(bar, (D // _SLOT) * hm_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(hm_desc, [bh * D, 0], bar, kbuf.index(st).slice(0, _SLOT))
+        if D > _SLOT:
+            tma.async_copy_global_to_shared(hm_desc, [bh * D + _SLOT, 0], bar, vbuf.index(st).slice(0, _SLOT))
 
 
 @gluon.jit
-def _exact_block(i, exact, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s, cols, N, qk_scale,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, MASKED: gl.constexpr, p_layout: gl.constexpr,
-                 row_o: gl.constexpr):
-    """Step ``i`` of the exact list into the online softmax: ``QK^T``, the new max and sum, ``PV``
-    (keys past N, in the last block, read as zeros, are masked; with ``MASKED`` also the padded
-    keys of a partial block, from ``valid_row``); then the stage goes back to the loader."""
-    s = i % STAGES
-    keys = gl.load(exact + i) * BLOCK_N + cols
-    kok = keys < N
-    if MASKED:
-        kok = kok & (gl.load(valid_row + keys, mask=kok, other=0) != 0)
-    mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-    sc = warpgroup_mma(qs, kbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-    sc = gl.where(kok[None, :], sc, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+def _step(r, qs, kbuf, vbuf, ready, empty, add, m_i, acc, zero_s, qk_scale, SLOTS: gl.constexpr,
+          TAIL: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+    """The ring's step ``r`` (its two slots, one ``[128, D]`` tile of K and of V) into the online
+    softmax: ``QK^T`` and ``PV`` of 128 keys, one wgmma each; then both slots go back to the
+    loader.  Exact steps: ``add`` says which keys count; the tail (``TAIL``): it is the centroids'
+    biases, added to the scaled logits.  Returns ``(max, rescale factor, row sum, acc)``."""
+    STEPS: gl.constexpr = SLOTS // 2
+    st = r % STEPS
+    phase = (r // STEPS) & 1
+    mbarrier.wait(ready.index(2 * st), phase)
+    mbarrier.wait(ready.index(2 * st + 1), phase)
+    z = warpgroup_mma(qs, kbuf.index(st).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    z = warpgroup_mma_wait(num_outstanding=0, deps=(z, ))
+    if TAIL:
+        z = z * qk_scale + add[None, :]
+        m_new = gl.maximum(m_i, gl.max(z, axis=1))
+        p = gl.exp2(z - m_new[:, None])
+    else:
+        z = gl.where(add[None, :], z, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(z, axis=1) * qk_scale)
+        p = gl.exp2(z * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
-    p = gl.exp2(sc * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + gl.sum(p, axis=1)
-    p = gl.convert_layout(p.to(kbuf.dtype), p_layout)
-    acc = warpgroup_mma(p, vbuf.index(s), acc * gl.convert_layout(alpha, row_o)[:, None], is_async=True)
+    acc = warpgroup_mma(gl.convert_layout(p.to(kbuf.dtype), p_layout), vbuf.index(st),
+                        acc * gl.convert_layout(alpha, row_o)[:, None], is_async=True)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    mbarrier.arrive(empty.index(s), count=1)
-    return m_new, l_i, acc
+    mbarrier.arrive(empty.index(2 * st), count=1)
+    mbarrier.arrive(empty.index(2 * st + 1), count=1)
+    return m_new, alpha, gl.sum(p, axis=1), acc
 
 
 @gluon.jit
-def _first_order(qs, col0, hm, w, out, BLOCK_N: gl.constexpr, p_layout: gl.constexpr):
-    """``out + (w * q[:, col0 : col0 + BLOCK_N]) @ hm`` (async; ``hm``: those rows of the matrix)."""
-    layout: gl.constexpr = _io_layout(BLOCK_N)
-    wq = qs.slice(col0, BLOCK_N, dim=1).load(layout).to(gl.float32)
+def _exact_step(p, exact, n_used, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s, cols, N, qk_scale,
+                BLOCK_N: gl.constexpr, SLOTS: gl.constexpr, MASKED: gl.constexpr, p_layout: gl.constexpr,
+                row_o: gl.constexpr):
+    """Step ``p`` of the exact list (its slots ``2p``, ``2p + 1``).  A key counts where it is in the
+    list, before N (the last block's keys past N read as zeros) and, with ``MASKED``, not padding
+    (``valid_row``)."""
+    row_a, in_a = _slot_rows(exact, 2 * p, n_used, BLOCK_N)
+    row_b, in_b = _slot_rows(exact, 2 * p + 1, n_used, BLOCK_N)
+    first = cols < _SLOT
+    keys = gl.where(first, row_a + cols, row_b + cols - _SLOT)
+    ok = (keys < N) & gl.where(first, in_a, in_b)
+    if MASKED:
+        ok = ok & (gl.load(valid_row + keys, mask=ok, other=0) != 0)
+    m_i, alpha, rsum, acc = _step(p, qs, kbuf, vbuf, ready, empty, ok, m_i, acc, zero_s, qk_scale, SLOTS, False,
+                                  p_layout, row_o)
+    return m_i, l_i * alpha + rsum, acc
+
+
+@gluon.jit
+def _first_order(qs, col0, hm, w, out, p_layout: gl.constexpr):
+    """``out + (w * q[:, col0 : col0 + 64]) @ hm`` (async; ``hm``: those rows of the matrix)."""
+    layout: gl.constexpr = _io_layout(_SLOT)
+    wq = qs.slice(col0, _SLOT, dim=1).load(layout).to(gl.float32)
     wq = wq * gl.convert_layout(w, gl.SliceLayout(1, layout))[:, None]
     return warpgroup_mma(gl.convert_layout(wq.to(qs.dtype), p_layout), hm, out, is_async=True)
 
@@ -215,25 +265,23 @@ def _first_order(qs, col0, hm, w, out, BLOCK_N: gl.constexpr, p_layout: gl.const
 @gluon.jit
 def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf,
               ready, empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
-              BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
+              BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr, ORDER: gl.constexpr,
               HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
               HAS_DENSE: gl.constexpr):
     """One consumer warpgroup: rows ``WG * 64 .. WG * 64 + 63`` of the query tile, through every
     stage the loader fills (the Triton kernel's phases 1-3, base-2 units)."""
     HALF: gl.constexpr = 64
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+                                                       instr_shape=[16, 2 * _SLOT, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     io_layout: gl.constexpr = _io_layout(D)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    dtype: gl.constexpr = kbuf.dtype
 
     qt, bh, lbh, dense, exact, n_full, n_used, n_groups = _work(IDX, CNT, TORD, DIDX, DCNT, BH0, NQ, NB, KT, ND, H,
-                                                                BLOCK_N, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
-                                                                HAS_DENSE)
+                                                                TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
     b = bh // H
     h = bh % H
 
@@ -263,66 +311,54 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
     l_i = gl.zeros([HALF], gl.float32, layout=row_s)
     g_i = gl.zeros([HALF], gl.float32, layout=row_s)
     acc = gl.zeros([HALF, D], gl.float32, layout=o_layout)
-    zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
-    cols = gl.arange(0, BLOCK_N, layout=col_s)
+    zero_s = gl.zeros([HALF, 2 * _SLOT], gl.float32, layout=s_layout)
+    cols = gl.arange(0, 2 * _SLOT, layout=col_s)
 
-    # Phase 1: the exact blocks.  Each wgmma is waited for at once: the two warpgroups interleave
-    # on their own (one's softmax while the other's products run).  Pipelining inside the
-    # warpgroup as FlashAttention-3 does (block i+1's QK^T during block i's softmax) measured
-    # slower here (Wan 720p keep-or-drop 35.2 vs 33.5 ms, H200, docs/kernels.md): it holds a stage
-    # longer, so the loader runs one block less ahead.  With key padding the list's full blocks come
-    # first; the partial ones after them (to n_used) read their keys' validity in a loop of their
-    # own (their padded rows hold zeros: the token order's copies, unsupported_reason).
+    # Phase 1: the exact blocks, 128 keys a step.  Each wgmma is waited for at once: the two
+    # warpgroups interleave on their own (one's softmax while the other's products run).  Pipelining
+    # inside the warpgroup as FlashAttention-3 does (the next QK^T during this softmax), and ordering
+    # the two warpgroups with mbarriers (ping-pong), measured no faster here (H200, docs/kernels.md).
+    # With key padding the list's full blocks come first; the steps from the first partial block on
+    # read their keys' validity (their padded rows hold zeros: the token order's copies,
+    # unsupported_reason).
     valid_row = VALID + b.to(gl.int64) * svb
-    for i in range(n_full):
-        m_i, l_i, acc = _exact_block(i, exact, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s, cols,
-                                     N, qk_scale, BLOCK_N, STAGES, False, p_layout, row_o)
-    if HAS_VALID:
-        for i in range(n_full, n_used):
-            m_i, l_i, acc = _exact_block(i, exact, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s,
-                                         cols, N, qk_scale, BLOCK_N, STAGES, True, p_layout, row_o)
+    n_exact = _exact_slots(n_used, BLOCK_N)
+    n_plain = n_full * (BLOCK_N // _SLOT) // 2
+    for p in range(n_plain):
+        m_i, l_i, acc = _exact_step(p, exact, n_used, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s,
+                                    cols, N, qk_scale, BLOCK_N, SLOTS, False, p_layout, row_o)
+    for p in range(n_plain, n_exact // 2):
+        m_i, l_i, acc = _exact_step(p, exact, n_used, valid_row, qs, kbuf, vbuf, ready, empty, m_i, l_i, acc, zero_s,
+                                    cols, N, qk_scale, BLOCK_N, SLOTS, HAS_VALID, p_layout, row_o)
 
     # Phase 2: the tail, every unselected block with a valid key, in the same online softmax: each
     # centroid's logit plus its tile's bias (triton_kernels.tail_bias: log2 n_j, the log-normal
-    # correction, -inf at the selected and empty blocks), loaded a group ahead.
+    # correction, -inf at the selected and empty blocks and past NB).  The bias is loaded as the
+    # step starts, in flight while it waits for its slots and its QK^T (loaded a step ahead, four
+    # bias vectors of 16 registers each were live through the step: a spill at order 1 with text).
     if ORDER >= 0:
         tb = TB + (lbh.to(gl.int64) * NQ + qt) * NB  # (the launch's rows of the bias)
-        bias = gl.load(tb + cols, mask=cols < NB, other=float("-inf")).to(gl.float32)
-        for g in range(n_groups):
-            i = n_used + g
-            s = i % STAGES
-            offs_n = (g + 1) * BLOCK_N + cols
-            bias_next = gl.load(tb + offs_n, mask=offs_n < NB, other=float("-inf"))
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            z = warpgroup_mma(qs, kbuf.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            z = warpgroup_mma_wait(num_outstanding=0, deps=(z, ))
-            zc = z * qk_scale + bias[None, :]
-            m_new = gl.maximum(m_i, gl.max(zc, axis=1))
-            alpha = gl.exp2(m_i - m_new)
+        for p in range(n_groups // 2):
+            offs = 2 * p * _SLOT + cols
+            bias = gl.load(tb + offs, mask=offs < NB, other=float("-inf")).to(gl.float32)
+            m_i, alpha, rsum, acc = _step(n_exact // 2 + p, qs, kbuf, vbuf, ready, empty, bias, m_i, acc, zero_s,
+                                          qk_scale, SLOTS, True, p_layout, row_o)
             l_i = l_i * alpha
-            g_i = g_i * alpha
-            m_i = m_new
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            wn = gl.exp2(zc - m_i[:, None])
-            acc = warpgroup_mma(gl.convert_layout(wn.to(dtype), p_layout), vbuf.index(s), acc, is_async=True)
-            g_i = g_i + gl.sum(wn, axis=1)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(empty.index(s), count=1)
-            bias = bias_next.to(gl.float32)
+            g_i = g_i * alpha + rsum
 
     den = l_i + g_i
     safe = gl.where(den > 0, den, 1.0)
     out = acc / gl.convert_layout(safe, row_o)[:, None]
     # Phase 3: the hybrid first order, (g / den) * q @ (s * HSUM / valid keys) (the host scaled it;
-    # g = 0 in a dense program: it adds nothing), from the ring's next stage: the matrix's rows
+    # g = 0 in a dense program: it adds nothing), from the ring's next slot: the matrix's rows
     # 0..63 in its K tile, 64..127 in its V tile, each against the matching 64 columns of q.
     if ORDER == 1:
-        i = n_used + n_groups
-        s = i % STAGES
-        mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        out = _first_order(qs, 0, kbuf.index(s), g_i / safe, out, BLOCK_N, p_layout)
-        if D > BLOCK_N:
-            out = _first_order(qs, BLOCK_N, vbuf.index(s), g_i / safe, out, BLOCK_N, p_layout)
+        r = (n_exact + n_groups) // 2
+        st = r % (SLOTS // 2)
+        mbarrier.wait(ready.index(2 * st), (r // (SLOTS // 2)) & 1)
+        out = _first_order(qs, 0, kbuf.index(st).slice(0, _SLOT), g_i / safe, out, p_layout)
+        if D > _SLOT:
+            out = _first_order(qs, _SLOT, vbuf.index(st).slice(0, _SLOT), g_i / safe, out, p_layout)
         out = warpgroup_mma_wait(num_outstanding=0, deps=(out, ))
     out = gl.convert_layout(out.to(O.dtype.element_ty), io_layout)
     gl.store(O + b.to(gl.int64) * sob + h.to(gl.int64) * soh + src[:, None] * son + dcol[None, :], out,
@@ -336,40 +372,46 @@ def _consumer(WG: gl.constexpr, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DF
 @gluon.jit
 def _consumer0(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
                empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
-               BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
+               BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr, ORDER: gl.constexpr,
                HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
                HAS_DENSE: gl.constexpr):
     _consumer(0, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
               empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
-              BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
+              BLOCK_N, D, SLOTS, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
 
 
 @gluon.jit
 def _consumer1(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
                empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
-               BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
+               BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr, ORDER: gl.constexpr,
                HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr, HAS_VALID: gl.constexpr,
                HAS_DENSE: gl.constexpr):
     _consumer(1, Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
               empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
-              BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
+              BLOCK_N, D, SLOTS, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)
 
 
 @gluon.jit(do_not_specialize=["BH0", "N", "NB", "NQ", "KT", "ND"])
 def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT,
                      k_desc, v_desc, kb_desc, vm_desc, hm_desc,
                      sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
-                     BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, ORDER: gl.constexpr,
+                     BLOCK_N: gl.constexpr, D: gl.constexpr, SLOTS: gl.constexpr, ORDER: gl.constexpr,
                      HAS_PERM: gl.constexpr, TILE_COUNTS: gl.constexpr, REORDER: gl.constexpr,
                      HAS_VALID: gl.constexpr, HAS_DENSE: gl.constexpr):
     dtype: gl.constexpr = k_desc.dtype
-    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
-    qbuf = gl.allocate_shared_memory(dtype, [2, 64, D], gl.NVMMASharedLayout.get_default_for([64, D], dtype))
-    kbuf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], tile_layout)
-    vbuf = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D], tile_layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
+    tile_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_SLOT, D], dtype)
+    qbuf = gl.allocate_shared_memory(dtype, [2, 64, D], tile_layout)
+    # The rings: SLOTS / 2 steps of [1, 128, D] in the boxes' layout for the copies (a slot is a
+    # row slice of its step: the 128-byte swizzle's column chunks run the step's whole height), the
+    # same bytes as [128, D] tiles for the products.
+    kring = gl.allocate_shared_memory(dtype, [SLOTS // 2, 1, 2 * _SLOT, D], k_desc.layout)
+    vring = gl.allocate_shared_memory(dtype, [SLOTS // 2, 1, 2 * _SLOT, D], k_desc.layout)
+    gl.static_assert(k_desc.layout.swizzle_byte_width == tile_layout.swizzle_byte_width)
+    kbuf = kring._reinterpret(dtype, [SLOTS // 2, 2 * _SLOT, D], tile_layout)
+    vbuf = vring._reinterpret(dtype, [SLOTS // 2, 2 * _SLOT, D], tile_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(SLOTS):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
     # (the argument tuples are written out in the call: a tuple assigned to a name first turns its
@@ -377,21 +419,23 @@ def _pisa_fwd_hopper(Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, 
     gl.warp_specialize([
         (_consumer0, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
                       empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
-                      BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
+                      BLOCK_N, D, SLOTS, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
         (_consumer1, (Q, O, PERM, IDX, CNT, TB, TORD, VALID, DROWS, DFLAG, DIDX, DCNT, qbuf, kbuf, vbuf, ready,
                       empty, sqb, sqh, sqn, sob, soh, son, svb, BH0, N, NB, NQ, H, KT, ND, qk_scale,
-                      BLOCK_N, D, STAGES, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
-        (_loader, (k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kbuf, vbuf, ready,
-                   empty, BH0, NQ, NB, KT, ND, H, BLOCK_N, D, STAGES, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
+                      BLOCK_N, D, SLOTS, ORDER, HAS_PERM, TILE_COUNTS, REORDER, HAS_VALID, HAS_DENSE)),
+        (_loader, (k_desc, v_desc, kb_desc, vm_desc, hm_desc, IDX, CNT, TORD, DIDX, DCNT, kring, vring, kbuf, vbuf,
+                   ready, empty, BH0, NQ, NB, KT, ND, H, BLOCK_N, D, SLOTS, ORDER, TILE_COUNTS, REORDER, HAS_VALID,
                    HAS_DENSE)),
     ], [4, 1], [_CONSUMER_REGS, _LOADER_REGS])
 
 
-def stages(d: int, block: int) -> int:
-    """Ring stages that fit: the two query halves, per stage a K and a V tile (the tail: centroids
-    and value means; at the end the first-order matrix, which so takes no buffer of its own)."""
+def ring_slots(d: int) -> int:
+    """Ring slots that fit: the two query halves, per slot 64 rows of K and of V (the tail:
+    centroids and value means; at the end the first-order matrix, which so takes no buffer of its
+    own).  Even (a step reads two, never wrapping), at least four (the next step's copies run while
+    the consumers compute)."""
     fixed = 2 * HALF_TILE * d * 2 + SMEM_SCRATCH
-    return max(1, min(MAX_STAGES, (SMEM_BYTES - fixed) // (2 * block * d * 2)))
+    return max(4, min(MAX_SLOTS, (SMEM_BYTES - fixed) // (2 * SLOT * d * 2)) // 2 * 2)
 
 
 def _kv_3d(t: torch.Tensor) -> tuple[list[int], list[int]] | None:
@@ -453,7 +497,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     eff_order = order if not sel.all_blocks else -1
     if valid is not None and sel.counts is None:
         raise ValueError("a call with kv_valid needs the selection's counts (route with block kinds)")
-    box = [1, block, d]
+    box = [1, SLOT, d]
     (ks, kst), (vs, vst) = _kv_3d(k), _kv_3d(v)
     k_desc, v_desc = _desc(k, ks, kst, box), _desc(v, vs, vst, box)
     cshape, cstride = [b * h, nb, d], [nb * d, d, 1]
@@ -463,7 +507,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
     if eff_order == 1:
         total = stats.blen.sum(-1).clamp_min(1.0).repeat_interleave(h)  # valid keys of each row's batch element
         hm = (stats.hsum * (scale / total).view(-1, 1, 1)).to(q.dtype).reshape(b * h * d, d)
-        hm_desc = _desc(hm, [b * h * d, d], [d, 1], [block, d])
+        hm_desc = _desc(hm, [b * h * d, d], [d, 1], [SLOT, d])
     else:
         hm_desc = kb_desc
     qkv_bytes = 3 * q.numel() * q.element_size()
@@ -480,7 +524,7 @@ def attend(q, k, v, out, *, valid, stats: PooledStats, sel: Selection, scale: fl
             bias, tord, valid if valid is not None else ph, *text, k_desc, v_desc, kb_desc, vm_desc, hm_desc,
             q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
             valid.stride(0) if valid is not None else 0, s, n, nb, nq, h, sel.count, n_dense, scale * LOG2E,
-            BLOCK_N=block, D=d, STAGES=stages(d, block), ORDER=eff_order, HAS_PERM=perm is not None,
+            BLOCK_N=block, D=d, SLOTS=ring_slots(d), ORDER=eff_order, HAS_PERM=perm is not None,
             TILE_COUNTS=sel.tile_count is not None, REORDER=reorder, HAS_VALID=valid is not None,
             HAS_DENSE=dense is not None, num_warps=4, maxnreg=MAX_REGS)
     return out

@@ -1,7 +1,7 @@
 """Compile the forward kernel for GPUs this machine does not have (no driver needed), and report the
 first launch configuration of the fallback chain whose shared memory fits each target.  With
 ``--hopper``: compile the Gluon Hopper kernel (pisa_kernels.hopper_kernel) for sm90 in the
-configurations the node uses, and report its shared memory against what ``hopper_kernel.stages``
+configurations the node uses, and report its shared memory against what ``hopper_kernel.ring_slots``
 planned for.
 
 Run as a script in its own process (``python offline_compile.py``): the tests' process runs Triton's
@@ -117,13 +117,13 @@ def hopper_compile(dtype: str, d: int, order: int, perm: bool, counts: bool, tex
 
     from pisa_kernels import hopper_kernel as hk
 
-    t = torch.zeros(1, block, d, dtype=getattr(torch, dtype))
-    box = hk._desc(t, [1, block, d], [block * d, d, 1], [1, block, d])
-    hm = hk._desc(torch.zeros(d, d, dtype=t.dtype), [d, d], [d, 1], [block, d]) if order == 1 else box
+    t = torch.zeros(1, hk.SLOT, d, dtype=getattr(torch, dtype))
+    box = hk._desc(t, [1, hk.SLOT, d], [hk.SLOT * d, d, 1], [1, hk.SLOT, d])
+    hm = hk._desc(torch.zeros(d, d, dtype=t.dtype), [d, d], [d, 1], [hk.SLOT, d]) if order == 1 else box
     fn = hk._pisa_fwd_hopper
     ptr = dict(Q=_TRITON_TYPE[dtype], O=_TRITON_TYPE[dtype], PERM="i64", IDX="i32", CNT="i32", TB="fp16", TORD="i32",
                VALID="i8", DROWS="i64", DFLAG="i8", DIDX="i32", DCNT="i32")
-    consts = dict(BLOCK_N=block, D=d, STAGES=hk.stages(d, block), ORDER=order, HAS_PERM=perm,
+    consts = dict(BLOCK_N=block, D=d, SLOTS=hk.ring_slots(d), ORDER=order, HAS_PERM=perm,
                   TILE_COUNTS=counts, REORDER=counts, HAS_VALID=text, HAS_DENSE=text)
     sig = {}
     for name in fn.arg_names:
@@ -139,7 +139,7 @@ def hopper_compile(dtype: str, d: int, order: int, perm: bool, counts: bool, tex
             sig[name] = "i32"
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=hk.MAX_REGS))
-    return dict(case=[dtype, d, order, perm, counts, text, block], stages=consts["STAGES"],
+    return dict(case=[dtype, d, order, perm, counts, text, block], slots=consts["SLOTS"],
                 shared=compiled.metadata.shared, limit=SMEM_LIMIT[90])
 
 

@@ -69,12 +69,13 @@ def test_only_sm90_with_a_validated_triton():
 
 
 def test_every_configuration_has_a_ring():
-    """At least three stages everywhere (the offline compile below checks that they fit), deeper
-    where the shared memory allows: the first-order matrix rides in the ring, so order 1 at head
-    dim 128 keeps the five stages keep-or-drop has."""
-    depths = {d: hk.stages(d, 64) for d in hk.HEAD_DIMS}
-    assert all(3 <= n <= hk.MAX_STAGES for n in depths.values()), depths
-    assert depths[128] == 5 and depths[64] == hk.MAX_STAGES, depths
+    """At least two steps of two slots everywhere (the offline compile below checks that they fit),
+    so the loader fills the next step's while the consumers compute; deeper where the shared memory
+    allows: the first-order matrix rides in the ring, so order 1 at head dim 128 keeps the four
+    slots keep-or-drop has."""
+    depths = {d: hk.ring_slots(d) for d in hk.HEAD_DIMS}
+    assert all(4 <= n <= hk.MAX_SLOTS and n % 2 == 0 for n in depths.values()), depths
+    assert depths[128] == 4 and depths[64] == hk.MAX_SLOTS, depths
 
 
 def test_the_hopper_kernel_compiles_for_sm90_offline():
