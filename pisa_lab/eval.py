@@ -32,19 +32,17 @@ Outputs in ``--out``: ``fidelity.md`` (concentration, error tables, bars) and ``
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from . import workloads
+from . import measure, workloads
 from pisa_kernels import pisa_attention
 from pisa_kernels.capture_format import read_capture
 from pisa_kernels.limits import ROUTINGS as ROUTINGS_API
@@ -587,13 +585,9 @@ def plot(rows: list[dict], cases: list[Case], path: str) -> None:
 
 
 def environment(device: torch.device, backend: str, seed: int, sol_note: str) -> dict:
-    import triton
-
-    env = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, triton=triton.__version__,
-               python=platform.python_version(),
-               device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-               backend=backend, seed=seed, sol=sol_note)
-    return env
+    """:func:`pisa_lab.measure.environment` with the run's device under ``device`` and its settings."""
+    env = measure.environment(device)
+    return dict(env, device=env["gpu"], backend=backend, seed=seed, sol=sol_note)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -69,9 +70,18 @@ def peak_extra_mb(fn) -> float:
     return peak / 2**20
 
 
-def environment() -> dict:
+def device_name(device: torch.device | None = None) -> str:
+    """The GPU's name (``device`` None: the first GPU), or the CPU's core count off a GPU."""
+    if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda"):
+        return torch.cuda.get_device_name(device if device is not None else 0)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """What a number was measured with: date, the device (:func:`device_name`) and the versions."""
     import triton
 
-    return dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(0),
+    return dict(date=datetime.date.today().isoformat(), gpu=device_name(device),
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                cudnn=torch.backends.cudnn.version(), python=platform.python_version())
+                cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+                python=platform.python_version())

@@ -16,9 +16,11 @@ from collections import defaultdict
 
 import torch
 
-#: (group, pattern on the kernel name), first match wins.
+from ..breakdown import library_kernel
+
+#: (group, pattern on the kernel name), first match wins; PISA's kernels are the library's
+#: (:func:`pisa_lab.breakdown.library_kernel`: the Triton and the Hopper kernels, every routing's).
 GROUPS = (
-    ("PISA kernels", re.compile(r"_pisa_fwd_kernel|_pool_k_kernel|_pool_q_kernel|_top_blocks_kernel")),
     ("dense attention", re.compile(r"flash|fmha|cudnn|attention|sdpa|cutlass.*Attention", re.I)),
     ("GEMM", re.compile(r"gemm|nvjet|sm90_xmma|cutlass|wgmma|cublas", re.I)),
     ("copies and layout", re.compile(r"copy|memcpy|memset|gather|scatter|index|cat_|CatArray|transpose|"
@@ -27,6 +29,8 @@ GROUPS = (
 
 
 def group_of(name: str) -> str:
+    if library_kernel(name):
+        return "PISA kernels"
     for group, pattern in GROUPS:
         if pattern.search(name):
             return group

@@ -10,6 +10,9 @@ from pisa_lab.e2e.step_profile import group_of
     ("_pisa_fwd_kernel", "PISA kernels"),
     ("_pool_k_kernel", "PISA kernels"),
     ("_top_blocks_kernel", "PISA kernels"),
+    ("_pisa_fwd_hopper", "PISA kernels"),  # the Hopper kernel (it was "other" before)
+    ("_radix_kernel", "PISA kernels"),  # adaptive routing's selection
+    ("_tail_bias_kernel", "PISA kernels"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0",
      "dense attention"),
     ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false>>", "dense attention"),
