@@ -12,7 +12,8 @@ profiled over ``--calls`` calls after a warm-up one (:mod:`torch.profiler`).  Ea
 time is summed over the calls and divided by their number; the kernels are grouped into the
 library's phases by their names (:data:`PHASES`), PyTorch's own kernels (GEMMs, element-wise ops,
 copies) into "torch".  On the CPU the rows are the operators' self CPU times: a smoke run (the
-reference backend is an oracle, not a speed path).
+reference backend is an oracle, not a speed path; not under ``TRITON_INTERPRET=1``, where every
+interpreted line of a kernel would become a profiler event: tens of GB for the small set).
 """
 
 from __future__ import annotations

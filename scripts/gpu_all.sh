@@ -47,7 +47,7 @@ bench() {  # name, timeout, args...
 }
 bench bench_random "${BENCH_TIMEOUT:-170}" --sparsities 0.875 --tails plain lognormal --routings topk adaptive \
   --kernels triton gluon
-bench bench_dit "${BENCH_DIT_TIMEOUT:-110}" --data dit --shapes wan720 hunyuan720 --sparsities 0.875 \
+bench bench_dit "${BENCH_DIT_TIMEOUT:-150}" --data dit --shapes wan720 hunyuan720 wan480 flux1024 --sparsities 0.875 \
   --tails lognormal --routings topk adaptive --kernels triton gluon
 timeout "${NODE_CALLS_TIMEOUT:-120}" python3 -m pisa_lab.bench_node_calls --kernels auto triton --json "$OUT/node_calls.json" \
   > "$OUT/node_calls.log" 2>&1
