@@ -53,7 +53,8 @@ def run_call(state, call: AttentionCall, dense, shape_output):
         if not isinstance(outcome, str):
             out, stats = outcome
             density = stats.density + (stats.dense_rows / call.n) * (1.0 - stats.density)
-            state.record(call, density=density, reason=None, timing=stop_timer(timer))
+            state.record(call, density=density, reason=None, timing=stop_timer(timer), tile_counts=stats.tile_counts,
+                         blocks=stats.blocks)
             return shape_output(out)
         decision, timer = outcome, start_timer(call.q.device)
     out = dense()

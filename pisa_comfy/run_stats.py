@@ -1,9 +1,11 @@
 """What happened during one sampling run: attention calls, how many ran PISA, why the others ran
-dense, the effective density and the time spent in attention.
+dense, the effective density, the time spent in attention and, with adaptive routing, how the
+exact blocks were spread over query tiles.
 
 Effective density weighs every call by its attention work (``B * H * Nq * Nk``): 1.0 means all
 attention was computed exactly, 0.2 means a fifth of it was.  Time on CUDA is measured with events
 (read once at the end of the run, so no call waits for the GPU); elsewhere with the wall clock.
+The per-tile spread is summed on the calls' device in the same way (:class:`TileSpread`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,39 @@ DOES_NOT_FIT = "kernel does not fit"
 RUNTIME_REASONS = frozenset({OUT_OF_MEMORY, DOES_NOT_FIT})
 
 
+class TileSpread:
+    """The per-tile density (exact blocks / blocks) of a run's adaptive-routing calls: mean, spread
+    and range over every query tile of every such call (issue 17: the budget goes where attention
+    needs it, the mean stays the widget's).  Summed on the calls' device (a few tiny launches per
+    call, no synchronisation); :meth:`read` waits for them once, at the run's end."""
+
+    def __init__(self):
+        self.tiles = 0
+        self._acc: torch.Tensor | None = None  # [sum, sum of squares, min, max]
+
+    def add(self, tile_counts: torch.Tensor, blocks: int) -> None:
+        # float32: every device has it (MPS has no float64); a run's sums stay far inside its precision
+        d = tile_counts.flatten().float() / blocks
+        if d.numel() == 0:
+            return
+        part = torch.stack((d.sum(), d.square().sum(), d.min(), d.max()))
+        if self._acc is not None:
+            acc = self._acc.to(part.device)
+            part = torch.stack((acc[0] + part[0], acc[1] + part[1], torch.minimum(acc[2], part[2]),
+                                torch.maximum(acc[3], part[3])))
+        self._acc = part
+        self.tiles += d.numel()
+
+    def read(self) -> dict | None:
+        """``{mean, std, min, max}`` over the tiles, or None when no adaptive call recorded any."""
+        if self._acc is None or self.tiles == 0:
+            return None
+        total, squares, low, high = self._acc.tolist()
+        mean = total / self.tiles
+        std = max(0.0, squares / self.tiles - mean * mean) ** 0.5
+        return {"mean": round(mean, 4), "std": round(std, 4), "min": round(low, 4), "max": round(high, 4)}
+
+
 class RunStats:
     """Counters of one sampling run.  Not thread-safe by itself; the owner serialises updates."""
 
@@ -41,9 +76,14 @@ class RunStats:
         self._exact_work = 0.0
         self._seconds = 0.0
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.tile_spread = TileSpread()
 
-    def record(self, *, work: float, density: float, reason: str | None, timing) -> None:
-        """One call: ``reason`` None for PISA, else why it ran dense (density 1)."""
+    def record(self, *, work: float, density: float, reason: str | None, timing,
+               tile_counts: torch.Tensor | None = None, blocks: int = 0) -> None:
+        """One call: ``reason`` None for PISA, else why it ran dense (density 1); ``tile_counts``:
+        an adaptive call's exact blocks per query tile (``PisaStats.tile_counts``, of ``blocks``)."""
+        if tile_counts is not None and blocks > 0:
+            self.tile_spread.add(tile_counts, blocks)
         self.calls += 1
         if reason is None:
             self.pisa_calls += 1
@@ -79,8 +119,14 @@ class RunStats:
         text = (f"PISA: {self.pisa_calls}/{self.calls} attention calls sparse"
                 f"{f' (dense: {reasons})' if reasons else ''}, effective density {self.density:.3f}, "
                 f"attention {ms / 1000.0:.2f} s{f' on {backend}' if backend else ''}")
-        return {"text": text, "calls": self.calls, "pisa_calls": self.pisa_calls,
-                "dense_calls": self.dense_calls, "density": round(self.density, 4), "attn_ms": round(ms, 1)}
+        payload = {"text": text, "calls": self.calls, "pisa_calls": self.pisa_calls,
+                   "dense_calls": self.dense_calls, "density": round(self.density, 4), "attn_ms": round(ms, 1)}
+        spread = self.tile_spread.read()
+        if spread is not None:
+            payload["tile_density"] = spread
+            payload["text"] += (f"; adaptive routing: per-tile density {spread['mean']:.3f} ± {spread['std']:.3f} "
+                                f"({spread['min']:.3f}–{spread['max']:.3f})")
+        return payload
 
 
 def start_timer(device: torch.device):

@@ -17,7 +17,8 @@ const TOOLTIPS = {
             + "HunyuanVideo or FLUX. dense_steps becomes a share of the connected sampler's steps. "
             + "The preset choice itself is not saved; the widget values it sets are.",
   [STATS]: "What PISA did in this node's last run: attention calls that ran sparse out of all calls, "
-           + "the effective density and the attention time (the log has the same line). Read-only; "
+           + "the effective density and the attention time, with adaptive routing also the per-tile "
+           + "density's mean, spread and range (the log has the same line). Read-only; "
            + "not saved with the workflow.",
 };
 

@@ -187,4 +187,10 @@ def test_adaptive_routing_from_the_widget(tiny, sample, patch, call_log):
         stats = state.last_summary
         assert stats["pisa_calls"] > 0, stats["text"]
         density[routing] = stats["density"]
+        spread = stats.get("tile_density")
+        if routing == "topk":
+            assert spread is None and "per-tile" not in stats["text"], stats
+        else:  # the stats show the spread of the per-tile budget around its mean (issue 17)
+            assert 0.0 < spread["min"] <= spread["mean"] <= spread["max"] <= 1.0 and spread["std"] >= 0.0, spread
+            assert "adaptive routing: per-tile density" in stats["text"], stats["text"]
     assert density["adaptive"] < 1.0 and abs(density["adaptive"] - density["topk"]) < 0.1, density

@@ -163,3 +163,25 @@ def test_a_gpu_call_lets_the_library_pick_its_forward_kernel(pc, monkeypatch, se
     plan = pc.dispatch.decide(state, call)
     assert not isinstance(plan, str), plan
     assert plan.kwargs["backend"] == asked
+
+
+# ---- run stats ---------------------------------------------------------------------------------
+
+def test_tile_spread_over_a_runs_adaptive_calls(pc):
+    """Adaptive routing's per-tile density (issue 17): mean, spread and range over every tile of
+    every adaptive call of the run, in the summary; a run without adaptive calls has none."""
+    run = pc.run_stats.RunStats(0, None)
+    run.record(work=1.0, density=0.2, reason=None, timing=0.001)  # top-k: no tile counts
+    assert "tile_density" not in run.summary(None)
+    first, second = torch.tensor([[1, 3], [2, 2]], dtype=torch.int32), torch.tensor([[8]], dtype=torch.int32)
+    run.record(work=1.0, density=0.2, reason=None, timing=0.001, tile_counts=first, blocks=10)
+    run.record(work=1.0, density=0.8, reason=None, timing=0.001, tile_counts=second, blocks=10)
+    run.record(work=1.0, density=1.0, reason="dense step", timing=0.001)
+    d = torch.tensor([0.1, 0.3, 0.2, 0.2, 0.8], dtype=torch.float64)
+    payload = run.summary("reference")
+    spread = payload["tile_density"]
+    assert spread["mean"] == pytest.approx(float(d.mean()), abs=1e-4)
+    assert spread["std"] == pytest.approx(float(d.std(unbiased=False)), abs=1e-4)
+    assert (spread["min"], spread["max"]) == (pytest.approx(0.1), pytest.approx(0.8))
+    assert "adaptive routing: per-tile density 0.320 ± 0.248 (0.100–0.800)" in payload["text"]
+    assert payload["text"].startswith("PISA: 3/4 attention calls sparse (dense: 1 dense step), effective density")
