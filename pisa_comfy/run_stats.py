@@ -33,34 +33,48 @@ RUNTIME_REASONS = frozenset({OUT_OF_MEMORY, DOES_NOT_FIT})
 class TileSpread:
     """The per-tile density (exact blocks / blocks) of a run's adaptive-routing calls: mean, spread
     and range over every query tile of every such call (issue 17: the budget goes where attention
-    needs it, the mean stays the widget's).  Summed on the calls' device (a few tiny launches per
-    call, no synchronisation); :meth:`read` waits for them once, at the run's end."""
+    needs it, the mean stays the widget's).  Kept on the calls' device as ``[mean, M2, min, max]``
+    (M2: the sum of squared deviations, merged call by call with Chan et al.'s pairwise rule, so a
+    narrow spread keeps its digits in float32): a few tiny launches per call, no synchronisation;
+    :meth:`read` waits for them once, at the run's end."""
 
     def __init__(self):
-        self.tiles = 0
-        self._acc: torch.Tensor | None = None  # [sum, sum of squares, min, max]
+        #: (``[mean, M2, min, max]`` float32 tensor, tiles), replaced as one object (a late call's
+        #: add never pairs new sums with an old count)
+        self._state: tuple[torch.Tensor, int] | None = None
 
     def add(self, tile_counts: torch.Tensor, blocks: int) -> None:
-        # float32: every device has it (MPS has no float64); a run's sums stay far inside its precision
+        # float32: every device has it (MPS has no float64)
         d = tile_counts.flatten().float() / blocks
-        if d.numel() == 0:
+        n = d.numel()
+        if n == 0:
             return
-        part = torch.stack((d.sum(), d.square().sum(), d.min(), d.max()))
-        if self._acc is not None:
-            acc = self._acc.to(part.device)
-            part = torch.stack((acc[0] + part[0], acc[1] + part[1], torch.minimum(acc[2], part[2]),
-                                torch.maximum(acc[3], part[3])))
-        self._acc = part
-        self.tiles += d.numel()
+        mean = d.mean()
+        part = torch.stack((mean, (d - mean).square().sum(), d.min(), d.max()))
+        if self._state is not None:
+            acc, seen = self._state
+            acc = acc.to(part.device)
+            total = seen + n
+            delta = part[0] - acc[0]
+            part = torch.stack((acc[0] + delta * (n / total), acc[1] + part[1] + delta.square() * (seen * n / total),
+                                torch.minimum(acc[2], part[2]), torch.maximum(acc[3], part[3])))
+            n = total
+        self._state = (part, n)
 
     def read(self) -> dict | None:
         """``{mean, std, min, max}`` over the tiles, or None when no adaptive call recorded any."""
-        if self._acc is None or self.tiles == 0:
+        if self._state is None:
             return None
-        total, squares, low, high = self._acc.tolist()
-        mean = total / self.tiles
-        std = max(0.0, squares / self.tiles - mean * mean) ** 0.5
-        return {"mean": round(mean, 4), "std": round(std, 4), "min": round(low, 4), "max": round(high, 4)}
+        acc, tiles = self._state
+        mean, m2, low, high = acc.tolist()
+        return {"mean": round(mean, 4), "std": round(max(0.0, m2 / tiles) ** 0.5, 4), "min": round(low, 4),
+                "max": round(high, 4)}
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s stream (then the spread's small
+    launches would be captured too, and replays would not count)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class RunStats:
@@ -82,7 +96,7 @@ class RunStats:
                tile_counts: torch.Tensor | None = None, blocks: int = 0) -> None:
         """One call: ``reason`` None for PISA, else why it ran dense (density 1); ``tile_counts``:
         an adaptive call's exact blocks per query tile (``PisaStats.tile_counts``, of ``blocks``)."""
-        if tile_counts is not None and blocks > 0:
+        if tile_counts is not None and blocks > 0 and not _capturing(tile_counts.device):
             self.tile_spread.add(tile_counts, blocks)
         self.calls += 1
         if reason is None:

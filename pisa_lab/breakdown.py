@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 
@@ -31,10 +32,11 @@ from .bench_node_calls import FAMILIES, node_call, small
 from .measure import environment, make_inputs
 
 #: The library's phases, in call order: the name fragments of their Triton kernels (how a kernel
-#: without a known caller is placed), and the places that start them (a module of pisa_kernels, or
-#: a function of one): a kernel or operator belongs to the outermost such place on its Python stack
-#: below the API, i.e. to the step of the call that the API took (the tail bias's GEMM, run by
-#: triton_kernels.tail_bias from routing.mass_bias, is the tail bias's).
+#: without a known caller is placed), and the places that start them, functions of pisa_kernels'
+#: modules (``"file.py: function"``) or whole modules (``"file.py"``).  A kernel or operator belongs
+#: to the innermost function on its Python stack that a phase names (the tail bias's GEMM runs in
+#: routing.mass_bias, called by triton_kernels.tail_bias, called by hopper_kernel.attend: it is
+#: the tail bias's), else to the outermost module below the API that a phase names.
 PHASES = (
     ("token order", (), ("tiling.py",)),
     ("pre-scan", ("_pool_k_kernel", "_pool_q_kernel"), ("triton_kernels.py: pool",)),
@@ -50,25 +52,34 @@ API_PLACES = ("api.py", "graphs.py", "backend.py")
 OTHER = "torch"
 
 
+def _place(frame: str) -> tuple[str, str] | None:
+    """``(file, function)`` of a frame of pisa_kernels (``"…/pisa_kernels/routing.py(412): route"``,
+    either path separator), else None."""
+    path, _, func = frame.rpartition(": ")
+    parts = re.split(r"[\\/]", path)
+    if len(parts) < 2 or parts[-2] != "pisa_kernels":
+        return None
+    return parts[-1].split("(", 1)[0], func
+
+
 def phase_of(name: str, frames=()) -> str:
     """The phase of a kernel (or, on the CPU, operator) ``name`` launched under the Python frames
-    ``frames`` (innermost first, as ``"path/file.py(line): function"``): the outermost frame of
-    ``pisa_kernels`` below the API that a phase claims (:data:`PHASES`); else "api" when the API is
-    on the stack; else the phase whose Triton kernel the name is; else :data:`OTHER`."""
-    in_api = False
-    for frame in reversed(frames):
-        path, _, func = frame.rpartition(": ")
-        if "pisa_kernels" not in path:
-            continue
-        here = path.rsplit("/", 1)[-1].split("(", 1)[0]
+    ``frames`` (innermost first): the innermost function a phase names, else the outermost module
+    below the API a phase names (:data:`PHASES`); else "api" when the API is on the stack; else the
+    phase whose Triton kernel the name is; else :data:`OTHER`."""
+    places = [p for p in map(_place, frames) if p is not None]
+    for here, func in places:  # innermost first
+        for phase, _, claimed in PHASES:
+            if f"{here}: {func}" in claimed:
+                return phase
+    for here, _ in reversed(places):  # outermost first
         if here in API_PLACES:
-            in_api = True
             continue
-        for phase, _, places in PHASES:
-            if here in places or f"{here}: {func}" in places:
+        for phase, _, claimed in PHASES:
+            if here in claimed:
                 return phase
     by_name = next((phase for phase, names, _ in PHASES if any(n in name for n in names)), None)
-    return by_name or ("api" if in_api else OTHER)
+    return by_name or ("api" if any(here in API_PLACES for here, _ in places) else OTHER)
 
 
 def library_kernel(name: str) -> bool:
@@ -85,43 +96,45 @@ def _frames(evt) -> list[str]:
     return out
 
 
+#: The CUDA runtime calls that launch kernels and copies (their ids are the launches' correlation
+#: ids, which the device events carry as theirs): cudaLaunchKernel, cuLaunchKernelEx (Triton), ...
+_RUNTIME_PREFIXES = ("cuda", "cu")
+
+
 def kernel_rows(prof, calls: int, device: torch.device) -> list[dict]:
-    """``{name, phase, launches, ms}`` per (kernel, phase) per call, slowest first: on CUDA the
-    device time of every kernel an operator or a launch of the profile started, on the CPU every
-    operator's self CPU time."""
+    """``{name, phase, launches, ms}`` per (kernel, phase) per call, slowest first.  On CUDA every
+    device event once, placed by the Python frames above the runtime call that launched it (the
+    CPU event of the same correlation id; an event without one is placed by its name); on the CPU
+    every operator's self CPU time."""
     acc: dict[tuple[str, str], list] = {}
 
-    def add(name, frames, us, n=1):
+    def add(name, frames, us):
         entry = acc.setdefault((name, phase_of(name, frames)), [0, 0.0])
-        entry[0] += n
+        entry[0] += 1
         entry[1] += us
 
-    unplaced: dict[str, list] = {}  # [launches, us] of every kernel less those placed by their launch
-    for evt in prof.events():
-        kind = getattr(evt, "device_type", None)
-        if kind == torch.autograd.DeviceType.CUDA:
-            entry = unplaced.setdefault(evt.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += evt.time_range.elapsed_us()
-        elif kind != torch.autograd.DeviceType.CPU:
-            continue
-        elif device.type == "cuda":
-            kernels = getattr(evt, "kernels", None) or ()
-            if kernels:
-                frames = _frames(evt)
-                for k in (k for k in kernels if k.name != evt.name):  # (not an op's own legacy entry)
-                    add(k.name, frames, float(k.duration))
-                    entry = unplaced.setdefault(k.name, [0, 0.0])
-                    entry[0] -= 1
-                    entry[1] -= float(k.duration)
-        elif evt.name.startswith("aten::") and evt.self_cpu_time_total > 0:
-            add(evt.name, _frames(evt), float(evt.self_cpu_time_total))
-    for name, (n, us) in unplaced.items():  # kernels no launch was linked to: placed by their names
-        if n > 0:
-            add(name, (), us, n)
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    events = list(prof.events())
+    if device.type == "cuda":
+        # (an operator's id may equal a launch's correlation id: only runtime calls are launches)
+        launches = {e.id: e for e in events if e.device_type == cpu and e.name.startswith(_RUNTIME_PREFIXES)}
+        for e in events:
+            if e.device_type == cuda:
+                launch = launches.get(e.id)
+                add(e.name, _frames(launch) if launch is not None else (), float(e.time_range.elapsed_us()))
+    else:
+        for e in events:
+            if e.device_type == cpu and e.name.startswith("aten::") and e.self_cpu_time_total > 0:
+                add(e.name, _frames(e), float(e.self_cpu_time_total))
     rows = [dict(name=name, phase=phase, launches=n / calls, ms=us / 1000.0 / calls)
             for (name, phase), (n, us) in acc.items()]
     return sorted(rows, key=lambda r: -r["ms"])
+
+
+def has_frames(prof) -> bool:
+    """Whether the profile holds Python frames (``with_stack``; some torch releases give none, and
+    then every kernel is placed by its name alone)."""
+    return any(".py(" in e.name for e in prof.events())
 
 
 def phase_totals(rows: list[dict]) -> dict[str, float]:
@@ -132,7 +145,8 @@ def phase_totals(rows: list[dict]) -> dict[str, float]:
     return totals
 
 
-def profile_call(fn, calls: int, device: torch.device) -> list[dict]:
+def profile_call(fn, calls: int, device: torch.device) -> tuple[list[dict], bool]:
+    """:func:`kernel_rows` of ``calls`` calls of ``fn`` after a warm-up one, and :func:`has_frames`."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # compiles and plans outside the profile
@@ -144,7 +158,7 @@ def profile_call(fn, calls: int, device: torch.device) -> list[dict]:
             fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    return kernel_rows(prof, calls, device)
+    return kernel_rows(prof, calls, device), has_frames(prof)
 
 
 def report(rows: list[dict], title: str, top: int = 25) -> str:
@@ -185,15 +199,17 @@ def main(argv=None) -> int:
     kw = dict(call.kwargs, **{k: v for k, v in overrides.items() if v is not None})
     if device.type == "cuda":
         kw["cuda_graph"] = False  # (a replayed graph would show as one launch)
-    rows = profile_call(lambda: pisa_attention(call.q, call.k, call.v, **kw), args.calls, device)
+    rows, framed = profile_call(lambda: pisa_attention(call.q, call.k, call.v, **kw), args.calls, device)
     shown = {k: v for k, v in kw.items() if k in ("sparsity", "order", "tail", "routing", "block_size", "backend")}
     title = (f"{args.family}{' (small)' if args.small else ''}, B = {fam.batch}, {fam.tokens} tokens x {fam.heads} "
              f"heads, d = {fam.head_dim}, {args.data} inputs, {shown}, on {device}")
+    if not framed:
+        title += " (this torch's profiler gave no Python frames: kernels are placed by their names only)"
     print(report(rows, title))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(environment=environment(device), title=title, kwargs={k: str(v) for k, v in shown.items()},
-                           phases=phase_totals(rows), kernels=rows), f, indent=1)
+                           python_frames=framed, phases=phase_totals(rows), kernels=rows), f, indent=1)
     return 0
 
 

@@ -16,7 +16,12 @@ API = "pisa_kernels/api.py(410): pisa_attention"
 @pytest.mark.parametrize(("name", "frames", "phase"), [
     # the outermost library frame below the API decides: the tail bias's GEMM runs in routing.mass_bias
     ("sm90_xmma_gemm_f32", ["pisa_kernels/routing.py(455): mass_bias", "pisa_kernels/triton_kernels.py(330): tail_bias",
-                            API, "bench.py(3): <module>"], "tail bias"),
+                            "pisa_kernels/hopper_kernel.py(520): attend", API, "bench.py(3): <module>"], "tail bias"),
+    ("sm90_xmma_gemm_f32", [r"C:\x\pisa_kernels\routing.py(455): mass_bias",
+                            r"C:\x\pisa_kernels\triton_kernels.py(330): tail_bias"], "tail bias"),  # Windows paths
+    ("_pisa_fwd_kernel", ["pisa_kernels/triton_kernels.py(900): _launch", "pisa_kernels/triton_kernels.py(1040): attend",
+                          API], "forward"),
+    ("x", ["other_pkg/pisa_kernels_fork.py(1): f"], "torch"),  # not the library's folder
     ("void at::native::reduce_kernel<LogSumExp>", ["pisa_kernels/routing.py(260): block_log_mass",
                                                     "pisa_kernels/routing.py(412): adaptive_route", API], "routing"),
     ("_radix_kernel", ["pisa_kernels/triton_kernels.py(900): _launch", "pisa_kernels/triton_kernels.py(585): finish",
@@ -34,27 +39,31 @@ def test_phase_of(name, frames, phase):
     assert B.phase_of(name, frames) == phase
 
 
-def _event(name, device_type, parent=None, kernels=(), us=0.0):
-    return SimpleNamespace(name=name, device_type=device_type, cpu_parent=parent, self_cpu_time_total=us,
-                           kernels=[SimpleNamespace(name=n, duration=d) for n, d in kernels],
+def _event(name, device_type, parent=None, us=0.0, eid=0):
+    return SimpleNamespace(name=name, device_type=device_type, cpu_parent=parent, self_cpu_time_total=us, id=eid,
                            time_range=SimpleNamespace(elapsed_us=lambda us=us: us))
 
 
 def test_cuda_profile_attribution_counts_every_kernel_once():
+    """Each device event once, placed by the runtime call of its correlation id; an operator whose
+    id collides with a correlation id (as torch's do) is no launch; a kernel without a launch goes
+    by its name."""
     cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
     api = _event(API, cpu)
     route = _event("pisa_kernels/routing.py(412): adaptive_route", cpu, api)
     pool = _event("pisa_kernels/triton_kernels.py(960): pool", cpu, api)
+    gemm_op = _event("aten::baddbmm", cpu, route, eid=7)
     events = [
-        api, route, pool,
-        _event("aten::baddbmm", cpu, route, kernels=[("gemm_a", 300.0)]),  # two calls of the same GEMM
-        _event("aten::baddbmm", cpu, route, kernels=[("gemm_a", 300.0)]),
-        _event("cuLaunchKernelEx", cpu, pool, kernels=[("_pool_k_kernel", 500.0)]),
-        _event("aten::add_", cpu, route, kernels=[("aten::add_", 99.0)]),  # a legacy self-entry: not a kernel
-        _event("gemm_a", cuda, us=300.0), _event("gemm_a", cuda, us=300.0), _event("_pool_k_kernel", cuda, us=500.0),
-        _event("_pisa_fwd_hopper", cuda, us=4000.0),  # no launch linked to it: placed by its name
+        api, route, pool, gemm_op,
+        _event("cudaLaunchKernel", cpu, gemm_op, eid=101), _event("cudaLaunchKernel", cpu, gemm_op, eid=102),
+        _event("cuLaunchKernelEx", cpu, pool, eid=103),
+        _event("aten::fill_", cpu, api, eid=103),  # an operator's id equal to a correlation id: no launch
+        _event("gemm_a", cuda, us=300.0, eid=101), _event("gemm_a", cuda, us=300.0, eid=102),
+        _event("_pool_k_kernel", cuda, us=500.0, eid=103),
+        _event("_pisa_fwd_hopper", cuda, us=4000.0, eid=999),  # no launch recorded: placed by its name
     ]
-    rows = B.kernel_rows(SimpleNamespace(events=lambda: events), calls=2, device=torch.device("cuda"))
+    prof = SimpleNamespace(events=lambda: events)
+    rows = B.kernel_rows(prof, calls=2, device=torch.device("cuda"))
     got = {(r["name"], r["phase"]): (r["launches"], r["ms"]) for r in rows}
     assert got == {("gemm_a", "routing"): (1.0, 0.3), ("_pool_k_kernel", "pre-scan"): (0.5, 0.25),
                    ("_pisa_fwd_hopper", "forward"): (0.5, 2.0)}
@@ -62,6 +71,8 @@ def test_cuda_profile_attribution_counts_every_kernel_once():
     totals = B.phase_totals(rows)
     assert list(totals) == ["token order", "pre-scan", "routing", "tail bias", "forward", "api", "torch"]
     assert totals["routing"] == pytest.approx(0.3) and totals["forward"] == pytest.approx(2.0)
+    assert B.has_frames(prof)
+    assert not B.has_frames(SimpleNamespace(events=lambda: [e for e in events if ".py(" not in e.name]))
 
 
 def test_cli_on_the_cpu(tmp_path, capsys):
