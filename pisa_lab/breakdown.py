@@ -9,11 +9,15 @@ adaptive routing, whose selection costs more than top-k's and was never split in
 The call is the node's (:func:`pisa_lab.bench_node_calls.node_call`: its token order, sinks, dense
 rows and key padding), with the overrides given, run without CUDA graphs so each launch shows, and
 profiled over ``--calls`` calls after a warm-up one (:mod:`torch.profiler`).  Each kernel's device
-time is summed over the calls and divided by their number; the kernels are grouped into the
-library's phases by their names (:data:`PHASES`), PyTorch's own kernels (GEMMs, element-wise ops,
-copies) into "torch".  On the CPU the rows are the operators' self CPU times: a smoke run (the
-reference backend is an oracle, not a speed path; not under ``TRITON_INTERPRET=1``, where every
-interpreted line of a kernel would become a profiler event: tens of GB for the small set).
+time is summed over the calls and divided by their number, and the kernel is placed in the phase
+of the call that launched it (:data:`PHASES`): by the Python frames above its launch, so that
+PyTorch's own kernels in the routing (its GEMMs, the normalisation's reductions) count as routing;
+without frames by its name (the library's kernels; PyTorch's then count as "torch").  The frames
+come from ``with_stack``: torch 2.14 records them as events; a review on the H200's torch 2.11
+found none, so there only the names place kernels (the table says so).  On the CPU the rows are the
+operators' self CPU times: a smoke run (the reference backend is an oracle, not a speed path; not
+under ``TRITON_INTERPRET=1``, where every interpreted line of a kernel would become a profiler
+event: tens of GB for the small set).
 """
 
 from __future__ import annotations
