@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     fam = small(fam) if args.small else fam
     call = node_call(fam, *make_inputs(args.data, fam.batch, fam.heads, fam.tokens, fam.head_dim, 0, device),
                      backend=args.backend, sparsity=args.sparsity)
-    order = {"drop": "drop"}.get(args.order, None if args.order is None else int(args.order))
+    order = args.order if args.order in (None, "drop") else int(args.order)
     overrides = dict(routing=args.routing, order=order, tail=args.tail, block_size=args.block_size)
     kw = dict(call.kwargs, **{k: v for k, v in overrides.items() if v is not None})
     if device.type == "cuda":

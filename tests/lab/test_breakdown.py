@@ -86,3 +86,12 @@ def test_cli_on_the_cpu(tmp_path, capsys):
     assert sum(report["phases"].values()) == pytest.approx(sum(k["ms"] for k in report["kernels"]))
     assert all(k["name"].startswith("aten::") for k in report["kernels"])
     assert "| phase | ms per call | share |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("order", ["drop", "0"])
+def test_cli_order_override(order, tmp_path):
+    # gpu_diag.sh's keep-or-drop row failed on the H200: "drop" went through int()
+    out = tmp_path / "b.json"
+    assert B.main(["--small", "--device", "cpu", "--backend", "reference", "--calls", "1", "--order", order,
+                   "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["kwargs"]["order"] == order
