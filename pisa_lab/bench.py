@@ -101,14 +101,16 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
     add("dense-cudnn", 0.0, time_ms(lambda: sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)), ref, None)
     out = sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)
     add("dense-flash", 0.0, time_ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION)), out, ref)
+    qkv_mb = 3 * q.numel() * q.element_size() / 2**20
     runs = [(order, "plain") for order in orders] + [(1, t) for t in tails if t != "plain" and 1 in orders]
     for sp in sparsities:
         prescan = {}  # (routing, tail) -> ms, measured once per sparsity
 
-        def prescan_ms(routing, tail, sp=sp):
+        def bar_extras(fn, routing, tail, sp=sp):
+            """The bars' figures of one PISA row: its extra memory and the (shared) pre-scan + routing."""
             if (routing, tail) not in prescan:
                 prescan[routing, tail] = prescan_routing_ms(q, k, v, sp, block, tail == "lognormal", routing)
-            return prescan[routing, tail]
+            return dict(extra_mem_mb=peak_extra_mb(fn), qkv_mb=qkv_mb, prescan_routing_ms=prescan[routing, tail])
 
         for kernel in kernels:
             suffix = "" if kernel == "triton" else f"/{kernel}"
@@ -118,8 +120,7 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
                 out = fn()
                 extra = {}
                 if order == 1 and sp == 0.875:  # (each kernel's memory: the Hopper one adds the tail's bias)
-                    extra = dict(extra_mem_mb=peak_extra_mb(fn), qkv_mb=3 * q.numel() * q.element_size() / 2**20,
-                                 prescan_routing_ms=prescan_ms("topk", tail))
+                    extra = bar_extras(fn, "topk", tail)
                 add(f"pisa-o{order}" + ("+ln" if tail == "lognormal" else "") + suffix, sp, time_ms(fn), out, ref,
                     **extra)
             for routing in (r for r in routings if r != "topk"):
@@ -131,8 +132,7 @@ def bench_shape(name: str, n: int, h: int, *, data: str, b: int = 1, d: int = 12
                     label = "pisa-o1" + ("+ln" if tail == "lognormal" else "") + f"@{routing}" + suffix
                     extra = {}
                     if sp == 0.875:
-                        extra = dict(prescan_routing_ms=prescan_ms(routing, tail), extra_mem_mb=peak_extra_mb(fn),
-                                     qkv_mb=3 * q.numel() * q.element_size() / 2**20)
+                        extra = bar_extras(fn, routing, tail)
                     add(label, sp, time_ms(fn), out, ref, **extra)
     sol = _sol_attn() if d == 128 else None  # (its fused kernels take head dim 128 only)
     if sol is not None:
