@@ -449,6 +449,14 @@ def _kinds(plan: _Plan, stats, valid):
     return block_kinds(stats.blen, plan.tokens, plan.block, plan.forced)
 
 
+def _call_bytes(plan: _Plan, qh) -> int:
+    """The bytes of the whole call's q, k, v, from one head group's q (``qh``: ``[B, H', N, D]``).
+    Scratch is sized by the call, not by the group a long token order splits it into: the groups
+    run one after another, so the call's budget is free for each, and a group's share (one head's
+    scores at Wan 720p) made the routing 40 small launches a call (docs/kernels.md, item 11)."""
+    return 3 * qh.numel() // qh.shape[1] * plan.heads * qh.element_size()
+
+
 def _route(plan: _Plan, stats, kinds, heads: int, chunk: int, select, adaptive_select=None):
     # The reference reads the log-normal mass correction from the routing; the Triton kernel
     # computes it per tile from the pooled second moments.
@@ -472,7 +480,7 @@ def _attend_heads_triton(plan: _Plan, qh, kh, vh, out_h, valid):
     stats = tk.pool(qh, kh, vh, valid=valid8, block=plan.block, first_order=plan.order == 1, cov=plan.cov,
                     lognormal=plan.moments, perm=plan.perm, kv_out=kv if plan.perm is not None else None)
     kinds = _kinds(plan, stats, valid)
-    sel = _route(plan, stats, kinds, qh.shape[1], routing_chunk_bytes(3 * qh.numel() * qh.element_size()),
+    sel = _route(plan, stats, kinds, qh.shape[1], routing_chunk_bytes(_call_bytes(plan, qh)),
                  tk.top_blocks, tk.adaptive_blocks)
     dense = None
     if plan.dense_idx is not None:
@@ -508,7 +516,7 @@ def _hopper_attend(plan: _Plan, qh, kv, out_h, valid8, stats, sel, dense) -> boo
     try:
         hk.attend(qh, *kv, out_h, valid=valid8, stats=stats, sel=sel, scale=plan.scale, block=plan.block,
                   order=plan.order, perm=plan.perm, dense=dense,
-                  call_bytes=3 * qh.numel() * qh.element_size() * plan.heads // qh.shape[1])
+                  call_bytes=_call_bytes(plan, qh))
     except Exception as exc:  # a Gluon that compiles this kernel differently: the portable kernel runs
         if plan.forward == "gluon":
             raise
@@ -524,7 +532,7 @@ def _attend_heads_reference(plan: _Plan, qh, kh, vh, out_h, valid):
     scattered back; ``valid`` in the processing order.  Returns the selection."""
     perm = plan.perm
     qp, kp, vp = (t if perm is None else t.index_select(2, perm) for t in (qh, kh, vh))
-    chunk = routing_chunk_bytes(3 * qh.numel() * qh.element_size())
+    chunk = routing_chunk_bytes(_call_bytes(plan, qh))
 
     chosen = []
 

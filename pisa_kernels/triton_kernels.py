@@ -67,8 +67,11 @@ TAIL_GROUP = 64
 TAIL_STAGES = 3
 
 #: Programs of the pooling kernel per (batch x head), for parallelism at small batch x heads;
-#: each adds its first-order partial into the head's ``D x D`` fp32 tile with atomics.
-POOL_CHUNKS = 16
+#: each adds its first-order partial into the head's ``D x D`` fp32 tile with atomics.  64: a long
+#: token order pools a quarter of the heads a launch (6-10 at the 720p shapes), and 16 chunks left
+#: such a launch at 96-160 programs on 132 SMs; 64 measured 10-40 % faster there (H200, docs/kernels.md
+#: item 9).
+POOL_CHUNKS = 64
 #: ... but at least this many blocks per program, so the atomics stay a small share of the work.
 POOL_MIN_BLOCKS = 8
 #: Programs per chunk for head dim 128 with the first-order moment, each owning half the value

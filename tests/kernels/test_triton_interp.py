@@ -65,7 +65,7 @@ def compare(q, k, v, device, *, replay=False, **kw):
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("nb,kt", [(72, 10), (1182, 147), (5, 1), (17, 16), (100, 99)])
+@pytest.mark.parametrize("nb,kt", [(72, 10), (1182, 147), (5, 1), (17, 16), (100, 99), (100, 0), (8000, 7999)])
 def test_top_blocks_kernel_selects_what_the_sort_selects(nb, kt, triton_device):
     """The routing's top-k kernel against routing.top_blocks: random, heavily tied, and special
     scores (+-inf, NaN, -0.0); every index and mask byte written."""
