@@ -9,6 +9,9 @@
   it when a kernel is decorated), so the Triton kernels run on CPU tensors in the interpreter.
   An explicit ``TRITON_INTERPRET`` in the environment is left alone.
 * Tests marked ``gpu`` are skipped, with the reason, where CUDA is not available.
+* ``triton_device``: where the Triton kernels run in this session: ``"cuda"`` with a GPU, else
+  ``"cpu"`` under the interpreter; where Triton cannot run at all, the tests that need it are
+  skipped with the reason (fail under ``CI=true``).
 """
 
 import os
@@ -23,7 +26,7 @@ for path in (ROOT, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from prerequisites import strict
+from prerequisites import missing, strict
 
 
 class RootIsADirectory:
@@ -81,3 +84,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def triton_device():
+    import torch
+
+    from pisa_kernels.backend import triton_unavailable_reason
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    reason = triton_unavailable_reason(dev)
+    if reason is not None:
+        missing(f"Triton kernels cannot run here: {reason}")
+    return dev

@@ -7,9 +7,7 @@
 * Every kernel test runs with one intra-op CPU thread (restored afterwards): the tensors are tiny,
   and on a loaded 2-core CI machine the OpenMP threads' spin-waiting made the float64 oracle and the
   reference ~20x more expensive in CPU time.
-* ``triton_device``: where the Triton kernels run in this session: ``"cuda"`` with a GPU, else
-  ``"cpu"`` under the interpreter (``TRITON_INTERPRET=1``, set by tests/conftest.py); where Triton
-  cannot run at all, the tests that need it are skipped with the reason (fail under ``CI=true``).
+* ``triton_device`` (tests/conftest.py, shared with the lab's tests).
 """
 
 import collections
@@ -17,7 +15,6 @@ import os
 import sys
 
 import pytest
-from prerequisites import missing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -49,19 +46,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{name}: {n} generated cases")
     terminalreporter.write_line(f"total: {sum(_COUNTS.values())} cases")
 
-
-def triton_device_or_reason():
-    import torch
-
-    from pisa_kernels.backend import triton_unavailable_reason
-
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return dev, triton_unavailable_reason(dev)
-
-
-@pytest.fixture(scope="session")
-def triton_device():
-    dev, reason = triton_device_or_reason()
-    if reason is not None:
-        missing(f"Triton kernels cannot run here: {reason}")
-    return dev
