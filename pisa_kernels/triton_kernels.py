@@ -66,14 +66,17 @@ _PARTIAL, _EMPTY, _FORCED = tl.constexpr(PARTIAL), tl.constexpr(EMPTY), tl.const
 TAIL_GROUP = 64
 TAIL_STAGES = 3
 
-#: Programs of the pooling kernel per (batch x head), for parallelism at small batch x heads;
-#: each adds its first-order partial into the head's ``D x D`` fp32 tile with atomics.  64: a long
-#: token order pools a quarter of the heads a launch (6-10 at the 720p shapes), and 16 chunks left
-#: such a launch at 96-160 programs on 132 SMs; 64 measured 10-40 % faster there (H200, docs/kernels.md
-#: item 9).
-POOL_CHUNKS = 64
+#: Programs of the pooling kernel a launch aims at, per SM: each (batch x head) is cut into chunks
+#: of key blocks until the launch has about this many programs (two fit an SM, so 2.5 waves); each
+#: adds its first-order partial into the head's ``D x D`` fp32 tile with atomics.  A fixed 16 chunks
+#: a head left the head groups of a long token order (6-10 heads at the 720p shapes) at 96-160
+#: programs on an H200's 132 SMs; 64 chunks there (640 programs at Wan 720p) measured 10-40 % faster,
+#: and one launch of 40 heads already had 640 (H200, docs/kernels.md, Hopper section, item 9).
+POOL_PROGRAMS_PER_SM = 5
 #: ... but at least this many blocks per program, so the atomics stay a small share of the work.
 POOL_MIN_BLOCKS = 8
+#: SMs assumed where the device has none to ask (the CPU interpreter).
+_DEFAULT_SMS = 132
 #: Programs per chunk for head dim 128 with the first-order moment, each owning half the value
 #: columns: the 128 x 128 fp32 accumulator of one program spills (255 registers and 416 bytes of
 #: local memory a thread, Triton 3.6), half of it does not; 17-22 % faster at Wan / HunyuanVideo 720p.  Not with the
@@ -933,6 +936,15 @@ class DenseRows:
     counts: torch.Tensor  # int32 [B, 2]: the full and the non-empty blocks of ``idx``
 
 
+def pool_chunks(nb: int, bh: int, device: torch.device) -> tuple[int, int]:
+    """(key blocks per program, programs per batch x head) of the pooling kernel's launch: about
+    ``POOL_PROGRAMS_PER_SM`` programs an SM in all, at least ``POOL_MIN_BLOCKS`` blocks each."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _DEFAULT_SMS
+    want = -(-POOL_PROGRAMS_PER_SM * sms // bh)
+    bpp = max(POOL_MIN_BLOCKS, -(-nb // want))
+    return bpp, -(-nb // bpp)
+
+
 def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal: bool = False,
          perm: torch.Tensor | None = None, kv_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> PooledStats:
     """Pooled statistics with the Triton pre-scan.  q, k, v: ``[B, H, N, D]`` views (unit stride on D)
@@ -951,8 +963,7 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
     # The key variances feed only the forward kernel's tail: stored in its (16-bit) input dtype.
     kvar = torch.empty(b * h, nb, d, dtype=q.dtype if lp else torch.float32, device=dev) if lognormal else kbar
     blen = torch.empty(b, nb, dtype=torch.float32, device=dev)
-    bpp = max(POOL_MIN_BLOCKS, -(-nb // POOL_CHUNKS))
-    chunks = -(-nb // bpp)
+    bpp, chunks = pool_chunks(nb, b * h, dev)
     hsum = torch.zeros(b * h, d, d, dtype=torch.float32, device=dev) if first_order else kbar
     covn = torch.empty(b * h, nb, dtype=torch.float32, device=dev) if cov else kbar
     kbar_lp = torch.empty(b * h, nb, d, dtype=q.dtype, device=dev) if lp else kbar

@@ -4,7 +4,7 @@ or with one of its constants changed; outputs compared first, then times taken i
 
     git show main:pisa_kernels/triton_kernels.py > out/ab/main_tk.py      # here: the GPU machine has no git
     python -m pisa_lab.ab --variant main:triton_kernels=out/ab/main_tk.py \\
-        --variant pool16:triton_kernels.POOL_CHUNKS=16 --json out/ab.json
+        --variant pool-fewer:triton_kernels.POOL_PROGRAMS_PER_SM=2 --json out/ab.json
 
 A variant is ``LABEL:SPEC[,SPEC...]``; a SPEC is ``MODULE=PATH`` (``pisa_kernels.MODULE`` replaced by
 the file at PATH, loaded inside the package so that its relative imports bind to this library's

@@ -106,3 +106,19 @@ def test_the_kernel_fits_sm80_to_sm90_offline():
     assert len(results) >= 5
     for r in results:
         assert r["fits"] is not None, f"no configuration fits {r['case']}: {r['tried']}"
+
+
+@pytest.mark.parametrize("nb,bh", [(1182, 10), (1182, 40), (1861, 6), (512, 80), (72, 24), (5, 1), (20000, 1)])
+def test_pool_launch_aims_at_the_programs_per_sm(nb, bh):
+    """The pre-scan's chunks cover every key block, take at least POOL_MIN_BLOCKS each (or all of a
+    shorter head), and give the launch about POOL_PROGRAMS_PER_SM programs an SM where the heads
+    have enough blocks for it: never more than that target plus one chunk a head."""
+    cpu = torch.device("cpu")
+    bpp, chunks = tk.pool_chunks(nb, bh, cpu)
+    target = tk.POOL_PROGRAMS_PER_SM * tk._DEFAULT_SMS
+    assert (chunks - 1) * bpp < nb <= chunks * bpp
+    assert bpp >= min(nb, tk.POOL_MIN_BLOCKS) or chunks == 1
+    assert chunks * bh <= target + bh
+    want = -(-target // bh)
+    if nb >= tk.POOL_MIN_BLOCKS * want:  # enough blocks: the target is met, up to rounding of the chunks
+        assert chunks >= 0.85 * want

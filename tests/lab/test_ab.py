@@ -17,15 +17,15 @@ KERNELS = Path(triton_kernels.__file__)
 
 
 def test_parse_variant():
-    v = ab.parse_variant("main:triton_kernels=out/tk.py,triton_kernels.POOL_CHUNKS=16")
-    assert v == ab.Variant("main", (("triton_kernels", "out/tk.py"),), (("triton_kernels", "POOL_CHUNKS", 16),))
+    v = ab.parse_variant("main:triton_kernels=out/tk.py,triton_kernels.POOL_PROGRAMS_PER_SM=2")
+    assert v == ab.Variant("main", (("triton_kernels", "out/tk.py"),), (("triton_kernels", "POOL_PROGRAMS_PER_SM", 2),))
     for bad in ("main", "current:triton_kernels.X=1", "x:triton_kernels", "x:triton_kernels.X=not a literal", ":a=b"):
         with pytest.raises(ValueError):
             ab.parse_variant(bad)
 
 
 def test_applied_swaps_and_restores():
-    before = sys.modules["pisa_kernels.triton_kernels"], triton_kernels.POOL_CHUNKS
+    before = sys.modules["pisa_kernels.triton_kernels"], triton_kernels.POOL_PROGRAMS_PER_SM
     var = ab.Variant("x", (("triton_kernels", str(KERNELS)),), (("routing", "ROUTING_CHUNK_BYTES", 123),))
     import pisa_kernels
     from pisa_kernels import routing
@@ -51,7 +51,7 @@ def test_the_swapped_file_is_what_runs(tmp_path, monkeypatch, triton_device):
     assert "_LOG2E_IN_KERNEL = tl.constexpr(LOG2E)" in text
     changed.write_text(text.replace("_LOG2E_IN_KERNEL = tl.constexpr(LOG2E)", "_LOG2E_IN_KERNEL = tl.constexpr(LOG2E * 1.5)"))
     variants = [ab.Variant("same", (("triton_kernels", str(same)),)), ab.Variant("changed", (("triton_kernels", str(changed)),)),
-                ab.Variant("chunks", (), (("triton_kernels", "POOL_CHUNKS", 1),))]
+                ab.Variant("chunks", (), (("triton_kernels", "POOL_PROGRAMS_PER_SM", 1),))]
     row = ab.ab_case("wan720", "adaptive", variants, fam=small(FAMILIES["wan720"]), reps=1, device=triton_device,
                      backend="triton", dtype=torch.float16)  # (Triton 3.8's interpreter gets bf16 dots wrong)
     assert row["err"]["current"] == 0.0
@@ -64,5 +64,5 @@ def test_the_swapped_file_is_what_runs(tmp_path, monkeypatch, triton_device):
 
 def test_cli_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert ab.main(["--variant", "x:triton_kernels.POOL_CHUNKS=8"]) == 2
+    assert ab.main(["--variant", "x:triton_kernels.POOL_PROGRAMS_PER_SM=8"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
