@@ -16,6 +16,8 @@ blocks.  Inputs with tied scores (structured ones) replay the reference's select
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pisa_kernels import pisa_attention
 from pisa_kernels import reference as ref_mod
@@ -86,6 +88,36 @@ def test_top_blocks_kernel_selects_what_the_sort_selects(nb, kt, triton_device):
         routing.top_blocks(score, kt, want_idx, want_mask)
         assert torch.equal(got_mask.cpu(), want_mask.cpu())
         assert torch.equal(got_idx.sort(-1).values.cpu(), want_idx.sort(-1).values.cpu())
+
+
+#: Score values the generated rows draw from: few distinct ones (ties), both zeros, the infinities,
+#: NaN, the extremes of float32 and its subnormals (their int keys sit at the ends of each sign).
+_SPECIAL = [0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan"), 3.4028235e38, -3.4028235e38,
+            1e-45, -1e-45, 1.17549435e-38]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(nb=st.integers(1, 300), data=st.data())
+def test_top_blocks_kernel_is_the_sort_on_generated_rows(nb, data, triton_device):
+    """The top-k kernel's search for the k-th largest key (every pass of it) against the sort, on
+    generated rows: any k from 0 to the row's length, values drawn from random floats and from the
+    special ones (ties, signed zeros, infinities, NaN, extremes)."""
+    from pisa_kernels import triton_kernels as tk
+
+    kt = data.draw(st.integers(0, nb), label="kt")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randn(2, 1, nb, generator=g) * 10.0 ** torch.randint(-30, 30, (1,), generator=g).item()
+    special = torch.tensor(_SPECIAL)[torch.randint(0, len(_SPECIAL), (nb,), generator=g)]
+    score[1, 0] = torch.where(torch.rand(nb, generator=g) < 0.7, special, score[1, 0])
+    score = score.to(triton_device)
+    got_idx = torch.full((2, 1, kt), -1, dtype=torch.int32, device=triton_device)
+    got_mask = torch.full((2, 1, nb), 7, dtype=torch.int8, device=triton_device)
+    want_idx, want_mask = torch.empty_like(got_idx), torch.empty_like(got_mask)
+    tk.top_blocks(score, kt, got_idx, got_mask)
+    routing.top_blocks(score, kt, want_idx, want_mask)
+    assert torch.equal(got_mask.cpu(), want_mask.cpu())
+    assert torch.equal(got_idx.sort(-1).values.cpu(), want_idx.sort(-1).values.cpu())
 
 
 @pytest.mark.parametrize("nb,kt", [(72, 10), (17, 16), (9, 9)])
