@@ -71,8 +71,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def test_top_blocks_kernel_selects_what_the_sort_selects(nb, kt, triton_device):
     """The routing's top-k kernel against routing.top_blocks: random, heavily tied, and special
     scores (+-inf, NaN, -0.0); every index and mask byte written."""
-    from pisa_kernels import triton_kernels as tk
-
     g = torch.Generator().manual_seed(nb * 1000 + kt)
     special = torch.randint(-2, 2, (2, 3, nb), generator=g).float()
     special[0, 0, :3] = float("inf")
@@ -80,14 +78,20 @@ def test_top_blocks_kernel_selects_what_the_sort_selects(nb, kt, triton_device):
     special[1, 2, ::4] = float("nan")
     special[1, 1, ::2] = -0.0
     for score in (torch.randn(2, 3, nb, generator=g), torch.randint(-3, 3, (2, 3, nb), generator=g).float(), special):
-        score = score.to(triton_device)
-        got_idx = torch.full((2, 3, kt), -1, dtype=torch.int32, device=triton_device)
-        got_mask = torch.full((2, 3, nb), 7, dtype=torch.int8, device=triton_device)
-        want_idx, want_mask = torch.empty_like(got_idx), torch.empty_like(got_mask)
-        tk.top_blocks(score, kt, got_idx, got_mask)
-        routing.top_blocks(score, kt, want_idx, want_mask)
-        assert torch.equal(got_mask.cpu(), want_mask.cpu())
-        assert torch.equal(got_idx.sort(-1).values.cpu(), want_idx.sort(-1).values.cpu())
+        assert_top_blocks_is_the_sort(score.to(triton_device), kt)
+
+
+def assert_top_blocks_is_the_sort(score, kt):
+    """The top-k kernel on ``score [R, NQ, NB]`` writes the sort's mask, and its blocks, every byte."""
+    from pisa_kernels import triton_kernels as tk
+
+    got_idx = torch.full((*score.shape[:2], kt), -1, dtype=torch.int32, device=score.device)
+    got_mask = torch.full(score.shape, 7, dtype=torch.int8, device=score.device)
+    want_idx, want_mask = torch.empty_like(got_idx), torch.empty_like(got_mask)
+    tk.top_blocks(score, kt, got_idx, got_mask)
+    routing.top_blocks(score, kt, want_idx, want_mask)
+    assert torch.equal(got_mask.cpu(), want_mask.cpu())
+    assert torch.equal(got_idx.sort(-1).values.cpu(), want_idx.sort(-1).values.cpu())
 
 
 #: Score values the generated rows draw from: few distinct ones (ties), both zeros, the infinities,
@@ -102,22 +106,13 @@ def test_top_blocks_kernel_is_the_sort_on_generated_rows(nb, data, triton_device
     """The top-k kernel's search for the k-th largest key (every pass of it) against the sort, on
     generated rows: any k from 0 to the row's length, values drawn from random floats and from the
     special ones (ties, signed zeros, infinities, NaN, extremes)."""
-    from pisa_kernels import triton_kernels as tk
-
     kt = data.draw(st.integers(0, nb), label="kt")
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     g = torch.Generator().manual_seed(seed)
     score = torch.randn(2, 1, nb, generator=g) * 10.0 ** torch.randint(-30, 30, (1,), generator=g).item()
     special = torch.tensor(_SPECIAL)[torch.randint(0, len(_SPECIAL), (nb,), generator=g)]
     score[1, 0] = torch.where(torch.rand(nb, generator=g) < 0.7, special, score[1, 0])
-    score = score.to(triton_device)
-    got_idx = torch.full((2, 1, kt), -1, dtype=torch.int32, device=triton_device)
-    got_mask = torch.full((2, 1, nb), 7, dtype=torch.int8, device=triton_device)
-    want_idx, want_mask = torch.empty_like(got_idx), torch.empty_like(got_mask)
-    tk.top_blocks(score, kt, got_idx, got_mask)
-    routing.top_blocks(score, kt, want_idx, want_mask)
-    assert torch.equal(got_mask.cpu(), want_mask.cpu())
-    assert torch.equal(got_idx.sort(-1).values.cpu(), want_idx.sort(-1).values.cpu())
+    assert_top_blocks_is_the_sort(score.to(triton_device), kt)
 
 
 @pytest.mark.parametrize("nb,kt", [(72, 10), (17, 16), (9, 9)])
