@@ -2,7 +2,8 @@
 first launch configuration of the fallback chain whose shared memory fits each target.  With
 ``--hopper``: compile the Gluon Hopper kernel (pisa_kernels.hopper_kernel) for sm90 in the
 configurations the node uses, and report its shared memory against what ``hopper_kernel.ring_slots``
-planned for.
+planned for.  With ``--aux``: compile the pre-scan's and the routing's kernels for sm80, sm90 and
+sm120 as the library launches them, with their shared memory.
 
 Run as a script in its own process (``python offline_compile.py``): the tests' process runs Triton's
 interpreter, which replaces ``@triton.jit`` functions and cannot compile.  Prints one JSON list, or
@@ -143,11 +144,71 @@ def hopper_compile(dtype: str, d: int, order: int, perm: bool, counts: bool, tex
                 shared=compiled.metadata.shared, limit=SMEM_LIMIT[90])
 
 
+#: Pointer types of the pre-scan's and the routing's kernels, by argument name (bf16 inputs: the
+#: node's; ``TB``-like outputs as the library allocates them).
+_AUX_POINTERS = dict(
+    _pool_k_kernel=dict(K="bf16", V="bf16", VALID="i8", PERM="i64", KP="bf16", VP="bf16", KBAR="fp32", VSUM="fp32",
+                        KBAR_LP="bf16", VMEAN_LP="bf16", BLEN="fp32", HSUM="fp32", COVN="fp32", KVAR="bf16"),
+    _pool_q_kernel=dict(Q="bf16", PERM="i64", QBAR="fp32", Q2="fp32"),
+    _top_blocks_kernel=dict(S="fp32", IDX="i32", MASK="i8", KIND="i8", CNT="i32"),
+    _tail_bias_kernel=dict(C="fp32", MASK="i8", BLEN="fp32", OUT="fp16"),
+    _adaptive_rank_kernel=dict(S="fp32", CKEY="i32", BITS="i32", KIND="i8"),
+    _radix_kernel=dict(CKEY="i32", HIST="i32"),
+    _tie_span_kernel=dict(CKEY="i32", HIST="i32", AE="i32"),
+    _tie_cut_kernel=dict(AE="i32", CUT="i32"),
+    _adaptive_pick_kernel=dict(CKEY="i32", BITS="i32", AE="i32", CUT="i32", MASK="i8", KIND="i8", CNT="i32",
+                               TCOUNT="i32"),
+)
+
+
+def aux_cases() -> list:
+    """(kernel name, constexprs, launch options) of the pre-scan and the routing as the library
+    launches them: the node's pre-scan (log-normal statistics, token order, key padding), the split
+    moment of the plain tail, covariance routing; the top-k kernel at the 720p row width with block
+    kinds and at the widest; the Hopper kernel's tail bias; adaptive routing's five kernels."""
+    w720 = 2048
+    pool = dict(BLOCK=64, BLOCK_D=128, HAS_VALID=True, HAS_PERM=True, MOMENT=True, COV=False, WRITE_LP=True,
+                SECOND=True, KVAR_MAX=65504.0, EXACT_DOT=False, DSPLIT=1)
+    pool_opts = dict(num_warps=4, num_stages=3)
+    return [
+        ("_pool_k_kernel", pool, pool_opts),
+        ("_pool_k_kernel", dict(pool, HAS_VALID=False, HAS_PERM=False, SECOND=False, DSPLIT=tk.POOL_DSPLIT), pool_opts),
+        ("_pool_k_kernel", dict(pool, BLOCK_D=64, SECOND=False, COV=True, MOMENT=False), pool_opts),
+        ("_pool_q_kernel", dict(BLOCK_M=tk.QUERY_TILE, BLOCK_D=128, SECOND=True, HAS_PERM=True), dict(num_warps=4)),
+        ("_top_blocks_kernel", dict(BLOCK=w720, HAS_KIND=True), dict(num_warps=tk._warps(w720))),
+        ("_top_blocks_kernel", dict(BLOCK=tk.TOP_BLOCKS_WIDTHS[-1], HAS_KIND=False),
+         dict(num_warps=tk._warps(tk.TOP_BLOCKS_WIDTHS[-1]))),
+        ("_tail_bias_kernel", dict(BLOCK=tk.TAIL_BIAS_BLOCK, LOGNORMAL=True), dict(num_warps=4)),
+        ("_adaptive_rank_kernel", dict(BLOCK=w720, HAS_KIND=True), dict(num_warps=tk._warps(w720))),
+        ("_radix_kernel", dict(LEVEL=1, BLOCK=tk.RADIX_BLOCK), dict(num_warps=4)),
+        ("_tie_span_kernel", dict(BLOCK=512), dict(num_warps=tk._warps(512))),
+        ("_tie_cut_kernel", dict(BLOCK=tk.CUT_BLOCK), dict(num_warps=4)),
+        ("_adaptive_pick_kernel", dict(BLOCK=w720, HAS_KIND=True), dict(num_warps=tk._warps(w720))),
+    ]
+
+
+def aux_compile(cap: int, name: str, consts: dict, options: dict) -> dict:
+    """Compile one pre-scan or routing kernel for ``cap``; its shared memory against the GPU's."""
+    fn = getattr(tk, name)
+    ptr = _AUX_POINTERS[name]
+    sig = {arg: "constexpr" if arg in consts else ("*" + ptr[arg] if arg in ptr else "i32") for arg in fn.arg_names}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
+    return dict(case=[cap, name, consts], shared=compiled.metadata.shared, limit=SMEM_LIMIT[cap])
+
+
+#: The capabilities the pre-scan and routing kernels are compiled for: Ampere, Hopper, and RTX 50
+#: (sm86 / sm89 compile as sm80 does; their shared memory is sm120's, far above these kernels').
+AUX_CAPS = (80, 90, 120)
+
+
 if __name__ == "__main__":
     missing = ptxas_missing()
     if missing:
         print(json.dumps({"skip": missing}))
     elif "--hopper" in sys.argv:
         print(json.dumps([hopper_compile(*case) for case in HOPPER_CASES]))
+    elif "--aux" in sys.argv:
+        print(json.dumps([aux_compile(cap, *case) for cap in AUX_CAPS for case in aux_cases()]))
     else:
         print(json.dumps([first_fit(*case) for case in CASES]))

@@ -6,7 +6,9 @@
 * The kernel compiled offline (no GPU needed: Triton's bundled ptxas) for sm80, sm86, sm89, sm90 and
   sm120 (RTX 50; with tensor descriptors, as on sm90) finds a configuration within each GPU's shared
   memory for the largest 16-bit tiles (head dim 128, blocks of 64 and 128, key padding) and fp32 of
-  head dim 64, so the "sm80 and newer" claim is checked on GPUs this project has no access to.
+  head dim 64, so the "sm80 and newer" claim is checked on GPUs this project has no access to; the
+  pre-scan's and the routing's kernels compile for sm80, sm90 and sm120 too.
+* The pre-scan's launch aims at a number of programs an SM (``pool_chunks``).
 """
 
 import json
@@ -106,6 +108,23 @@ def test_the_kernel_fits_sm80_to_sm90_offline():
     assert len(results) >= 5
     for r in results:
         assert r["fits"] is not None, f"no configuration fits {r['case']}: {r['tried']}"
+
+
+def test_the_prescan_and_routing_kernels_compile_offline():
+    """The pre-scan's and the routing's kernels, as the library launches them, compile for sm80,
+    sm90 and sm120 within each GPU's shared memory (tests/kernels/offline_compile.py --aux): CI
+    has no GPU, and these kernels have no fallback configuration of their own."""
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "offline_compile.py"), "--aux"], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    if isinstance(results, dict):
+        missing(results["skip"])
+    kernels = {r["case"][1] for r in results}
+    assert {"_pool_k_kernel", "_top_blocks_kernel", "_adaptive_rank_kernel", "_adaptive_pick_kernel"} <= kernels
+    for r in results:
+        assert r["shared"] <= r["limit"], f"{r['case']} needs {r['shared']} bytes of shared memory"
 
 
 @pytest.mark.parametrize("nb,bh", [(1182, 10), (1182, 40), (1861, 6), (512, 80), (72, 24), (5, 1), (20000, 1)])
