@@ -77,6 +77,8 @@ POOL_PROGRAMS_PER_SM = 5
 POOL_MIN_BLOCKS = 8
 #: SMs assumed where the device has none to ask (the CPU interpreter).
 _DEFAULT_SMS = 132
+#: The pooling kernel's launch configurations, the first that fits first (:func:`_launch`).
+POOL_CONFIGS = [dict(num_warps=4, num_stages=s) for s in (3, 2, 1)]
 #: Programs per chunk for head dim 128 with the first-order moment, each owning half the value
 #: columns: the 128 x 128 fp32 accumulator of one program spills (255 registers and 416 bytes of
 #: local memory a thread, Triton 3.6), half of it does not; 17-22 % faster at Wan / HunyuanVideo 720p.  Not with the
@@ -976,7 +978,7 @@ def pool(q, k, v, *, valid, block: int, first_order: bool, cov: bool, lognormal:
     key = ("pool", torch.cuda.get_device_capability(dev) if dev.type == "cuda" else "cpu", k.dtype, block, d,
            first_order, cov, valid is not None, lognormal)
     dsplit = POOL_DSPLIT if first_order and not cov and not lognormal and bd >= 128 else 1
-    _launch(_pool_k_kernel, (chunks * dsplit, b * h), key, [dict(num_warps=4, num_stages=s) for s in (3, 2, 1)],
+    _launch(_pool_k_kernel, (chunks * dsplit, b * h), key, POOL_CONFIGS,
             k, v, valid_t, perm_t, kp, vp, kbar, vsum, kbar_lp, vmean_lp, blen, hsum, covn, kvar,
             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             valid.stride(0) if valid is not None else 0,

@@ -169,7 +169,9 @@ def aux_cases() -> list:
     w720 = 2048
     pool = dict(BLOCK=64, BLOCK_D=128, HAS_VALID=True, HAS_PERM=True, MOMENT=True, COV=False, WRITE_LP=True,
                 SECOND=True, KVAR_MAX=65504.0, EXACT_DOT=False, DSPLIT=1)
-    pool_opts = dict(num_warps=4, num_stages=3)
+    first = dict(tk.POOL_CONFIGS[0])  # its launch options, and any constexpr the configuration sets
+    pool_opts = dict(num_warps=first.pop("num_warps"), num_stages=first.pop("num_stages"))
+    pool.update(first)
     return [
         ("_pool_k_kernel", pool, pool_opts),
         ("_pool_k_kernel", dict(pool, HAS_VALID=False, HAS_PERM=False, SECOND=False, DSPLIT=tk.POOL_DSPLIT), pool_opts),
