@@ -420,3 +420,24 @@ def test_dense_rows_accurate_under_comfyuis_reduced_precision_sdpa():
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(before)
     expect, _ = naive_pisa(q, k, v, **kw)
     assert max_err(out[:, :, :8], expect[:, :, :8]) <= 1e-3
+
+
+def test_a_full_plan_cache_drops_the_least_recently_used(monkeypatch):
+    """A plan in use survives a stream of other settings (a CUDA graph is keyed by its plan: a plan
+    dropped and rebuilt is a graph captured again); the cache stays at its size."""
+    from pisa_kernels import api
+
+    monkeypatch.setattr(api, "_PLAN_CACHE", {})
+    monkeypatch.setattr(api, "_PLAN_CACHE_SIZE", 4)
+    q = torch.randn(1, 2, 128, 16)
+
+    def plan(sparsity):
+        return api._plan(q, sparsity=sparsity, block_size=64, order=1, scale=None, layout="BHND", sink_kv=None,
+                         dense_q=None, token_perm=None, routing="topk", tail="plain", backend="reference")
+
+    hot, first_cold = plan(0.5), plan(0.1)
+    for i in range(10):
+        plan(0.2 + 0.01 * i)
+        assert plan(0.5) is hot
+    assert len(api._PLAN_CACHE) == 4
+    assert plan(0.1) is not first_cold  # long unused: dropped
