@@ -20,6 +20,7 @@ from . import reference
 from .backend import hopper_unavailable_reason, resolve_backend
 from .errors import KernelDoesNotFit
 from .limits import BLOCK_SIZES, ROUTINGS, SUPPORTED_DTYPES, TAILS, TRITON_MAX_HEAD_DIM, check_sparsity
+from .lru import lookup, remember
 from .routing import (QUERY_TILE, adaptive_budget, block_kinds, exact_order, forced_blocks_from_tokens, num_blocks,
                       route, routing_chunk_bytes, top_blocks, topk_count)
 
@@ -113,22 +114,6 @@ _PERM_CACHE: dict[int, tuple] = {}
 _PERM_CACHE_SIZE = 32
 
 
-def _lookup(cache: dict, key):
-    """``cache[key]`` (None where absent), marked as the most recently used entry."""
-    hit = cache.pop(key, None)
-    if hit is not None:
-        cache[key] = hit
-    return hit
-
-
-def _remember(cache: dict, key, value, size: int) -> None:
-    """Store ``value``, dropping the least recently used entries of a full cache, not all of them:
-    a plan dropped is a CUDA graph captured again at its next call (graphs key on the plan)."""
-    while len(cache) >= size:
-        cache.pop(next(iter(cache)), None)
-    cache[key] = value
-
-
 def _version_of(t: torch.Tensor) -> int | None:
     """In-place version counter; None for inference tensors, which have none.  ComfyUI runs every
     node under ``torch.inference_mode()``, so permutations made during sampling are inference tensors
@@ -152,7 +137,7 @@ def _check_perm(perm, n: int, device: torch.device) -> tuple[torch.Tensor, torch
     if not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.numel() != n or perm.is_floating_point() \
             or perm.dtype == torch.bool:
         raise ValueError(f"token_perm must be an integer tensor of {n} entries")
-    hit = _lookup(_PERM_CACHE, id(perm))
+    hit = lookup(_PERM_CACHE, id(perm))
     if hit is not None and hit[0]() is perm and hit[1] == _version_of(perm) and _unchanged(perm, hit[2]):
         perm_cpu = hit[2]
     else:
@@ -160,7 +145,7 @@ def _check_perm(perm, n: int, device: torch.device) -> tuple[torch.Tensor, torch
         if bool((perm_cpu < 0).any()) or bool((perm_cpu >= n).any()) or \
                 not bool((torch.bincount(perm_cpu, minlength=n) == 1).all()):
             raise ValueError("token_perm must be a permutation of range(N)")
-        _remember(_PERM_CACHE, id(perm), (weakref.ref(perm), _version_of(perm), perm_cpu), _PERM_CACHE_SIZE)
+        remember(_PERM_CACHE, id(perm), (weakref.ref(perm), _version_of(perm), perm_cpu), _PERM_CACHE_SIZE)
     perm_dev = perm if (perm.device == device and perm.dtype == torch.int64) else perm.to(device, torch.int64)
     return perm_dev, perm_cpu
 
@@ -265,7 +250,7 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
     if sink_key is not None and dense_key is not None:
         key = (tuple(q.shape), q.dtype, q.device, layout, float(sparsity), block_size, order_i, scale, routing,
                tail, backend, sink_key, dense_key, perm_key)
-        hit = _lookup(_PLAN_CACHE, key)
+        hit = lookup(_PLAN_CACHE, key)
         if hit is not None and (token_perm is None or (hit[1]() is token_perm
                                                        and _unchanged(token_perm, hit[2]))):
             return hit[0]
@@ -273,7 +258,7 @@ def _plan(q, *, sparsity, block_size, order, scale, layout, sink_kv, dense_q, to
                        layout=layout, sink_kv=sink_kv, dense_q=dense_q, token_perm=token_perm,
                        routing=routing, tail=tail, backend=backend)
     if key is not None:
-        _remember(_PLAN_CACHE, key, (plan, weakref.ref(token_perm), _PERM_CACHE[id(token_perm)][2])
+        remember(_PLAN_CACHE, key, (plan, weakref.ref(token_perm), _PERM_CACHE[id(token_perm)][2])
                   if token_perm is not None else (plan, None, None), _PLAN_CACHE_SIZE)
     return plan
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .lru import lookup, remember
+
 #: Largest q (bytes) replayed as a graph; beyond it launches are a negligible share of the call.
 MAX_GRAPH_BYTES = 48 << 20
 #: Graphs kept per process (each holds 4 input-sized buffers plus its private memory pool).
@@ -92,12 +94,11 @@ def replay(fn, plan, q, k, v) -> torch.Tensor:
     returned clone is made in the caller's mode, like the eager call's output."""
     key = _key(plan, q, k, v)
     with _GRAPHS_LOCK:
-        entry = _GRAPHS.get(key)
+        entry = lookup(_GRAPHS, key)
         if entry is None:
-            if len(_GRAPHS) >= MAX_GRAPHS:
-                _GRAPHS.clear()
             with torch.inference_mode():
-                entry = _GRAPHS[key] = _capture(fn, plan, q, k, v)
+                entry = _capture(fn, plan, q, k, v)
+            remember(_GRAPHS, key, entry, MAX_GRAPHS)
     with entry.lock:
         with torch.inference_mode():
             for dst, src in zip(entry.inputs, (q, k, v)):

@@ -122,6 +122,19 @@ def test_replays_read_the_new_values(fake_graphs):
     assert len(fake_graphs) == 1
 
 
+def test_a_full_graph_cache_keeps_the_graphs_in_use(fake_graphs, monkeypatch):
+    """With room for two graphs, a graph replayed between two new settings is never captured again;
+    the least recently used one is."""
+    monkeypatch.setattr(graphs, "MAX_GRAPHS", 2)
+    q, k, v = _qkv(seed=6)
+    for sparsity in (0.25, 0.5, 0.625, 0.75):
+        _both(q, k, v, sparsity=sparsity)
+        _both(q, k, v)  # the hot setting
+    assert len(fake_graphs) == 5 and len(graphs._GRAPHS) == 2
+    _both(q, k, v, sparsity=0.5)  # long unused: dropped, captured again
+    assert len(fake_graphs) == 6
+
+
 def test_a_token_order_edited_in_place_is_another_graph(fake_graphs):
     q, k, v = _qkv(seed=5)
     perm = PERM_A.clone()
