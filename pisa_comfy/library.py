@@ -1,5 +1,5 @@
-"""The one place the node layer reaches into the library, ``pisa_kernels``: its API, its limits
-and its errors.
+"""The one place the node layer reaches into the library, ``pisa_kernels``: its API, its limits,
+its errors and its bounded caches.
 
 ComfyUI imports the repository as a package named after its folder, so ``pisa_kernels`` is a
 sibling package reached relatively; tests and tools may also import ``pisa_comfy`` top-level next
@@ -16,6 +16,7 @@ try:
     from ..pisa_kernels.capture_format import Capture, write_capture
     from ..pisa_kernels.errors import KernelDoesNotFit
     from ..pisa_kernels.limits import BLOCK_SIZES, KERNEL_DTYPES, MEASURED_HEAD_DIMS, check_sparsity
+    from ..pisa_kernels.lru import lookup, remember
     from ..pisa_kernels.tiling import tile_permutation
 except ImportError:  # pisa_comfy imported as a top-level package
     from pisa_kernels import backend as _backend
@@ -23,10 +24,11 @@ except ImportError:  # pisa_comfy imported as a top-level package
     from pisa_kernels.capture_format import Capture, write_capture
     from pisa_kernels.errors import KernelDoesNotFit
     from pisa_kernels.limits import BLOCK_SIZES, KERNEL_DTYPES, MEASURED_HEAD_DIMS, check_sparsity
+    from pisa_kernels.lru import lookup, remember
     from pisa_kernels.tiling import tile_permutation
 
 __all__ = ["run_pisa", "backend_choice", "tile_permutation", "Capture", "write_capture", "KernelDoesNotFit",
-           "BLOCK_SIZES", "KERNEL_DTYPES", "MEASURED_HEAD_DIMS", "check_sparsity"]
+           "BLOCK_SIZES", "KERNEL_DTYPES", "MEASURED_HEAD_DIMS", "check_sparsity", "lookup", "remember"]
 
 
 def run_pisa(q, k, v, **kwargs):

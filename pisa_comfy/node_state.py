@@ -24,7 +24,7 @@ import threading
 
 from . import token_layout
 from .forward_context import FORWARD_KEY, ForwardContext
-from .library import tile_permutation
+from .library import lookup, remember, tile_permutation
 from .override import OVERRIDE_KEY, chain_contains, compiler_disabled, describe_override
 from .run_stats import RunStats, send_to_ui
 from .steps import ScheduleTracker, current_sigma, schedule_of, step_in_schedule
@@ -32,7 +32,8 @@ from .steps import ScheduleTracker, current_sigma, schedule_of, step_in_schedule
 log = logging.getLogger("pisa")
 
 
-#: Token orders kept per state (one per sequence shape and device; a workflow uses a handful).
+#: Token orders kept per state (one per sequence shape and device; a workflow uses a handful; the
+#: least recently used goes first: a new order is a new plan and graph in the library).
 _ORDER_CACHE_SIZE = 32
 
 
@@ -82,13 +83,11 @@ class NodeState:
     def token_order(self, n: int, grids, device):
         key = (n, grids, self.block_size, str(device))
         with self._lock:
-            order = self._orders.get(key)
+            order = lookup(self._orders, key)
         if order is None:
             order = token_layout.tiled_order(n, grids, self.block_size, tile_permutation).to(device)
             with self._lock:
-                if len(self._orders) >= _ORDER_CACHE_SIZE:
-                    self._orders.pop(next(iter(self._orders)))
-                self._orders[key] = order
+                remember(self._orders, key, order, _ORDER_CACHE_SIZE)
         return order
 
     def context_without_wrapper(self, transformer_options: dict) -> ForwardContext:
