@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lru import lookup, remember
+from .lru import lookup, make_room
 
 #: Largest q (bytes) replayed as a graph; beyond it launches are a negligible share of the call.
 MAX_GRAPH_BYTES = 48 << 20
@@ -96,9 +96,9 @@ def replay(fn, plan, q, k, v) -> torch.Tensor:
     with _GRAPHS_LOCK:
         entry = lookup(_GRAPHS, key)
         if entry is None:
+            make_room(_GRAPHS, MAX_GRAPHS)  # (the dropped graph's buffers go before the new one's come)
             with torch.inference_mode():
-                entry = _capture(fn, plan, q, k, v)
-            remember(_GRAPHS, key, entry, MAX_GRAPHS)
+                entry = _GRAPHS[key] = _capture(fn, plan, q, k, v)
     with entry.lock:
         with torch.inference_mode():
             for dst, src in zip(entry.inputs, (q, k, v)):

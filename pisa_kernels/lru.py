@@ -17,8 +17,14 @@ def lookup(cache: dict, key):
     return hit
 
 
-def remember(cache: dict, key, value, size: int) -> None:
-    """Store ``value`` under ``key``, first dropping the least recently used entries of a full cache."""
+def make_room(cache: dict, size: int) -> None:
+    """Drop the least recently used entries until one more fits in ``size`` (before building an entry
+    that holds memory, so that the dropped ones are freed first)."""
     while len(cache) >= size:
         cache.pop(next(iter(cache)), None)
+
+
+def remember(cache: dict, key, value, size: int) -> None:
+    """Store ``value`` under ``key``, first dropping the least recently used entries of a full cache."""
+    make_room(cache, size)
     cache[key] = value
